@@ -1,0 +1,345 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+
+class ModelSpec(_message.Message):
+    __slots__ = ("name", "num_layers", "num_kv_heads", "head_dim", "dtype", "rope_json", "max_position")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ROPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_POSITION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: DType
+    rope_json: str
+    max_position: int
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., rope_json: _Optional[str] = ..., max_position: _Optional[int] = ...) -> None: ...
+
+class KVChunk(_message.Message):
+    __slots__ = ("layer", "token_start", "num_tokens", "dtype", "keys", "values", "bias")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_START_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    token_start: int
+    num_tokens: int
+    dtype: DType
+    keys: bytes
+    values: bytes
+    bias: bytes
+    def __init__(self, layer: _Optional[int] = ..., token_start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., keys: _Optional[bytes] = ..., values: _Optional[bytes] = ..., bias: _Optional[bytes] = ...) -> None: ...
+
+class KVChunks(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[KVChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[KVChunk, _Mapping]]] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("tenant", "session_id", "model", "num_tokens", "logical_length", "has_bias", "created_at_ms", "updated_at_ms", "expires_at_ms", "kv_bytes", "parent_session_id", "fork_offset", "version")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGICAL_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HAS_BIAS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARENT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FORK_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    model: ModelSpec
+    num_tokens: int
+    logical_length: int
+    has_bias: bool
+    created_at_ms: int
+    updated_at_ms: int
+    expires_at_ms: int
+    kv_bytes: int
+    parent_session_id: str
+    fork_offset: int
+    version: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., num_tokens: _Optional[int] = ..., logical_length: _Optional[int] = ..., has_bias: _Optional[bool] = ..., created_at_ms: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., parent_session_id: _Optional[str] = ..., fork_offset: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+
+class SaveHeader(_message.Message):
+    __slots__ = ("tenant", "session_id", "model", "token_ids", "positions", "logical_length", "has_bias", "ttl_seconds", "overwrite", "reuse_prefix_tokens")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    LOGICAL_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HAS_BIAS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    REUSE_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    model: ModelSpec
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    logical_length: int
+    has_bias: bool
+    ttl_seconds: int
+    overwrite: bool
+    reuse_prefix_tokens: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., logical_length: _Optional[int] = ..., has_bias: _Optional[bool] = ..., ttl_seconds: _Optional[int] = ..., overwrite: _Optional[bool] = ..., reuse_prefix_tokens: _Optional[int] = ...) -> None: ...
+
+class Commit(_message.Message):
+    __slots__ = ("num_chunks",)
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    num_chunks: int
+    def __init__(self, num_chunks: _Optional[int] = ...) -> None: ...
+
+class SaveSessionRequest(_message.Message):
+    __slots__ = ("header", "chunks", "commit")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    header: SaveHeader
+    chunks: KVChunks
+    commit: Commit
+    def __init__(self, header: _Optional[_Union[SaveHeader, _Mapping]] = ..., chunks: _Optional[_Union[KVChunks, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ...) -> None: ...
+
+class SaveSessionResponse(_message.Message):
+    __slots__ = ("session", "deduplicated_tokens", "bytes_written")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    DEDUPLICATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    deduplicated_tokens: int
+    bytes_written: int
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., deduplicated_tokens: _Optional[int] = ..., bytes_written: _Optional[int] = ...) -> None: ...
+
+class RestoreSessionRequest(_message.Message):
+    __slots__ = ("tenant", "session_id", "model", "token_start", "token_end", "lookup_token_ids")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_START_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_END_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    model: ModelSpec
+    token_start: int
+    token_end: int
+    lookup_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., lookup_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RestoreHeader(_message.Message):
+    __slots__ = ("session", "token_start", "token_end", "token_ids", "positions", "num_chunks")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_START_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_END_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    token_start: int
+    token_end: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    num_chunks: int
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+
+class RestoreSessionResponse(_message.Message):
+    __slots__ = ("header", "chunks")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    header: RestoreHeader
+    chunks: KVChunks
+    def __init__(self, header: _Optional[_Union[RestoreHeader, _Mapping]] = ..., chunks: _Optional[_Union[KVChunks, _Mapping]] = ...) -> None: ...
+
+class AppendHeader(_message.Message):
+    __slots__ = ("tenant", "session_id", "model", "token_ids", "expected_num_tokens", "ttl_seconds")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    model: ModelSpec
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    expected_num_tokens: int
+    ttl_seconds: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., expected_num_tokens: _Optional[int] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class AppendSessionRequest(_message.Message):
+    __slots__ = ("header", "chunks", "commit")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    header: AppendHeader
+    chunks: KVChunks
+    commit: Commit
+    def __init__(self, header: _Optional[_Union[AppendHeader, _Mapping]] = ..., chunks: _Optional[_Union[KVChunks, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ...) -> None: ...
+
+class AppendSessionResponse(_message.Message):
+    __slots__ = ("session", "bytes_written")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    bytes_written: int
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., bytes_written: _Optional[int] = ...) -> None: ...
+
+class ForkSessionRequest(_message.Message):
+    __slots__ = ("tenant", "source_session_id", "target_session_id", "at_token", "ttl_seconds", "overwrite")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    source_session_id: str
+    target_session_id: str
+    at_token: int
+    ttl_seconds: int
+    overwrite: bool
+    def __init__(self, tenant: _Optional[str] = ..., source_session_id: _Optional[str] = ..., target_session_id: _Optional[str] = ..., at_token: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+
+class ForkSessionResponse(_message.Message):
+    __slots__ = ("session", "shared_tokens", "copied_tokens")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    SHARED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COPIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    shared_tokens: int
+    copied_tokens: int
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., shared_tokens: _Optional[int] = ..., copied_tokens: _Optional[int] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("tenant", "model", "token_ids")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    model: ModelSpec
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("matched_tokens", "chunk_tokens")
+    MATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    matched_tokens: int
+    chunk_tokens: int
+    def __init__(self, matched_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("tenant", "session_id")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("tenant", "page_size", "page_token")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    page_size: int
+    page_token: str
+    def __init__(self, tenant: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "next_page_token")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    next_page_token: str
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionRequest(_message.Message):
+    __slots__ = ("tenant", "session_id")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class DeleteSessionResponse(_message.Message):
+    __slots__ = ("bytes_freed",)
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    bytes_freed: int
+    def __init__(self, bytes_freed: _Optional[int] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TierStats(_message.Message):
+    __slots__ = ("name", "bytes_used", "capacity_bytes", "entries", "hits", "misses", "hit_rate", "promotions", "evictions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    PROMOTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    bytes_used: int
+    capacity_bytes: int
+    entries: int
+    hits: int
+    misses: int
+    hit_rate: float
+    promotions: int
+    evictions: int
+    def __init__(self, name: _Optional[str] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., promotions: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("tiers", "sessions", "chunks", "logical_bytes", "stored_bytes", "lmdb_map_bytes", "lmdb_used_bytes", "chunk_tokens")
+    TIERS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    LOGICAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LMDB_MAP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LMDB_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
+    sessions: int
+    chunks: int
+    logical_bytes: int
+    stored_bytes: int
+    lmdb_map_bytes: int
+    lmdb_used_bytes: int
+    chunk_tokens: int
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., chunks: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., lmdb_map_bytes: _Optional[int] = ..., lmdb_used_bytes: _Optional[int] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...

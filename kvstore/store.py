@@ -1,0 +1,660 @@
+"""SessionStore: sessions made of deduplicated, checksummed KV blocks in tiers over LMDB.
+
+A session is an ordered list of chunk references (BlockRef) plus its token ids and metadata. Plain
+sessions use prefix-chain keys, so identical prefixes are one set of blocks with a reference
+count; a block is freed when no session refers to it. Every operation that changes anything
+(save, append, fork, delete, expiry) is a single LMDB write transaction.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import lmdb
+import numpy as np
+
+from kvstore.chunking import ROOT_KEY, block_storage_key, chain_key, chain_keys, chunk_ranges, private_key
+from kvstore.codec import Block, decode_session, encode_block, encode_session, require_little_endian
+from kvstore.errors import AlreadyExists, CapacityExceeded, Conflict, InvalidRequest, NotFound
+from kvstore.lmdb_backend import LmdbBackend, LmdbConfig
+from kvstore.pieces import KVPieces
+from kvstore.records import BlockRef, SessionRecord
+from kvstore.spec import DTYPE_CODES, ModelSpec
+from kvstore.tiered import TieredBlockStore
+from kvstore.tiers import MemoryTier
+
+log = logging.getLogger("kvmem.store")
+_REF = struct.Struct("<IIQ")  # refcount, layers, record bytes of all layers
+_COUNTER_KEYS = ("sessions", "chunks", "stored_bytes", "logical_bytes")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    data_dir: Path = Path("data")
+    chunk_tokens: int = 256  # tokens per deduplicated chunk
+    cpu_tier_bytes: int = 2 << 30  # CPU memory tier capacity
+    gpu_tier_bytes: int = 1 << 30  # GPU memory tier capacity, used only when CUDA is available
+    lmdb_map_bytes: int = 1 << 30  # initial LMDB map; doubles when full
+    lmdb_max_map_bytes: int = 64 << 30  # hard ceiling on the LMDB map
+    durable: bool = True  # fsync every commit before a write returns
+    default_ttl_seconds: int = 0  # 0 = sessions never expire unless a request sets a TTL
+    max_session_tokens: int = 1 << 20
+    max_id_bytes: int = 256
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_tokens <= 65536:
+            raise ValueError(f"store.chunk_tokens must be in 1..65536, got {self.chunk_tokens}")
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    record: SessionRecord
+    deduplicated_tokens: int = 0
+    bytes_written: int = 0
+    shared_tokens: int = 0
+    copied_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class KVPiece:
+    """One (layer, token range) of restored KV as raw bytes: keys/values [H, n, D], bias [H, n]."""
+
+    layer: int
+    token_start: int
+    num_tokens: int
+    keys: memoryview
+    values: memoryview
+    bias: memoryview | None
+
+
+@dataclass
+class RestorePlan:
+    """What a restore returns: metadata now, KV pieces streamed lazily by ``pieces()``."""
+
+    record: SessionRecord
+    start: int
+    end: int
+    refs: list[BlockRef]
+    num_pieces: int
+    _load: Callable[[BlockRef], list[Block]] = field(repr=False)
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        return self.record.token_ids[self.start : self.end]
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self.record.positions_or_default()[self.start : self.end]
+
+    def pieces(self) -> Iterator[KVPiece]:
+        for ref in self.refs:
+            lo, hi = max(self.start, ref.start), min(self.end, ref.end)
+            for block in self._load(ref):
+                if lo == ref.start and hi == ref.end:
+                    yield KVPiece(block.layer, lo, hi - lo, block.keys_bytes(), block.values_bytes(), block.bias_bytes() if block.has_bias else None)
+                    continue
+                keys, values, bias = block.raw_arrays()
+                a, b = lo - ref.start, hi - ref.start
+                sliced = [None if x is None else memoryview(np.ascontiguousarray(x[:, a:b])).cast("B") for x in (keys, values, bias)]
+                yield KVPiece(block.layer, lo, hi - lo, *sliced)
+
+
+def validate_id(value: str, what: str, max_bytes: int) -> None:
+    encoded = value.encode("utf-8")
+    if not encoded:
+        raise InvalidRequest(f"{what} is empty; give a non-empty id of at most {max_bytes} bytes")
+    if len(encoded) > max_bytes:
+        raise InvalidRequest(f"{what} is {len(encoded)} bytes; the limit is {max_bytes}")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise InvalidRequest(f"{what} contains control characters; use printable text")
+
+
+class _Txn:
+    """Helpers bound to one write transaction: refcounts, counters, session records."""
+
+    def __init__(self, backend: LmdbBackend, txn: lmdb.Transaction):
+        self.txn = txn
+        self.db = backend.db
+        raw = txn.get(b"counters", db=self.db["meta"])
+        self.counters = dict.fromkeys(_COUNTER_KEYS, 0) | (json.loads(bytes(raw)) if raw is not None else {})
+        self.freed: list[bytes] = []  # storage keys of blocks deleted in this transaction
+        self.written: list[Block] = []
+
+    def has_chunk(self, key: bytes) -> bool:
+        return self.txn.get(key, db=self.db["refs"]) is not None
+
+    def incref(self, key: bytes) -> bool:
+        """Add a reference to a stored chunk; False if it is not stored."""
+        raw = self.txn.get(key, db=self.db["refs"])
+        if raw is None:
+            return False
+        count, layers, nbytes = _REF.unpack(raw)
+        self.txn.put(key, _REF.pack(count + 1, layers, nbytes), db=self.db["refs"])
+        return True
+
+    def put_chunk(self, key: bytes, blocks: list[Block]) -> int:
+        """Store a new chunk (all layers) with one reference; returns bytes written."""
+        nbytes = 0
+        for block in blocks:
+            self.txn.put(block.key, block.data, db=self.db["blocks"])
+            nbytes += block.nbytes
+        self.txn.put(key, _REF.pack(1, len(blocks), nbytes), db=self.db["refs"])
+        self.counters["chunks"] += 1
+        self.counters["stored_bytes"] += nbytes
+        self.written.extend(blocks)
+        return nbytes
+
+    def decref(self, key: bytes) -> int:
+        """Drop a reference; frees the chunk when it was the last. Returns bytes freed."""
+        raw = self.txn.get(key, db=self.db["refs"])
+        if raw is None:
+            return 0
+        count, layers, nbytes = _REF.unpack(raw)
+        if count > 1:
+            self.txn.put(key, _REF.pack(count - 1, layers, nbytes), db=self.db["refs"])
+            return 0
+        self.txn.delete(key, db=self.db["refs"])
+        for layer in range(layers):
+            storage_key = block_storage_key(key, layer)
+            self.txn.delete(storage_key, db=self.db["blocks"])
+            self.freed.append(storage_key)
+        self.counters["chunks"] -= 1
+        self.counters["stored_bytes"] -= nbytes
+        return nbytes
+
+    def get_session(self, skey: bytes) -> SessionRecord | None:
+        raw = self.txn.get(skey, db=self.db["sessions"])
+        return None if raw is None else decode_session(skey, raw)
+
+    def put_session(self, skey: bytes, record: SessionRecord, previous: SessionRecord | None) -> None:
+        if previous is not None:
+            self._unindex(skey, previous)
+        else:
+            self.counters["sessions"] += 1
+        self.txn.put(skey, encode_session(skey, record), db=self.db["sessions"])
+        self.counters["logical_bytes"] += record.kv_bytes
+        if record.expires_at_ms:
+            self.txn.put(_ttl_key(record.expires_at_ms, skey), b"", db=self.db["ttl"])
+
+    def delete_session(self, skey: bytes, record: SessionRecord) -> int:
+        freed = sum(self.decref(ref.key) for ref in record.blocks)
+        self._unindex(skey, record)
+        self.txn.delete(skey, db=self.db["sessions"])
+        self.counters["sessions"] -= 1
+        return freed
+
+    def _unindex(self, skey: bytes, record: SessionRecord) -> None:
+        self.counters["logical_bytes"] -= record.kv_bytes
+        if record.expires_at_ms:
+            self.txn.delete(_ttl_key(record.expires_at_ms, skey), db=self.db["ttl"])
+
+    def save_counters(self) -> None:
+        self.txn.put(b"counters", json.dumps(self.counters).encode(), db=self.db["meta"])
+
+
+def _ttl_key(expires_at_ms: int, skey: bytes) -> bytes:
+    return struct.pack(">Q", expires_at_ms) + skey
+
+
+def session_key(tenant: str, session_id: str) -> bytes:
+    return tenant.encode() + b"\x00" + session_id.encode()
+
+
+class SessionStore:
+    """The domain API of kvmem's storage: save, restore, append, fork, lookup, delete, list."""
+
+    def __init__(self, config: StoreConfig, backend: LmdbBackend, blocks: TieredBlockStore, clock: Callable[[], float] = time.time):
+        require_little_endian()
+        self.config = config
+        self.backend = backend
+        self.blocks = blocks
+        self.clock = clock
+
+    @classmethod
+    def open(cls, config: StoreConfig, clock: Callable[[], float] = time.time, cuda_available: bool | None = None) -> "SessionStore":
+        """Open (or create) the store under config.data_dir with tiers sized by config."""
+        import torch
+
+        backend = LmdbBackend(LmdbConfig(Path(config.data_dir) / "lmdb", config.lmdb_map_bytes, config.lmdb_max_map_bytes, config.durable))
+        tiers = []
+        use_cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+        if use_cuda and config.gpu_tier_bytes > 0:
+            tiers.append(MemoryTier("gpu", config.gpu_tier_bytes, device="cuda"))
+        if config.cpu_tier_bytes > 0:
+            tiers.append(MemoryTier("cpu", config.cpu_tier_bytes))
+        return cls(config, backend, TieredBlockStore(backend, tiers), clock)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # ----------------------------------------------------------------- helpers
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _expiry(self, ttl_seconds: int, now_ms: int) -> int:
+        ttl = ttl_seconds or self.config.default_ttl_seconds
+        return now_ms + ttl * 1000 if ttl > 0 else 0
+
+    def _validate_ids(self, tenant: str, session_id: str) -> None:
+        validate_id(tenant, "tenant", self.config.max_id_bytes)
+        validate_id(session_id, "session id", self.config.max_id_bytes)
+
+    def new_pieces(self, spec: ModelSpec, start: int, end: int, has_bias: bool = False) -> KVPieces:
+        """A KVPieces collector for tokens [start, end), after checking the session size limit."""
+        if end - start > self.config.max_session_tokens or end > self.config.max_session_tokens:
+            raise CapacityExceeded(f"session of {end} tokens exceeds store.max_session_tokens={self.config.max_session_tokens}; split or compact it")
+        return KVPieces(spec, start, end, has_bias)
+
+    def _encode_chunk(self, key: bytes, spec: ModelSpec, pieces: KVPieces, start: int, count: int) -> list[Block]:
+        code = DTYPE_CODES[spec.torch_dtype]
+        blocks = []
+        for layer in range(spec.num_layers):
+            keys, values, bias = pieces.block(layer, start, count)
+            blocks.append(encode_block(block_storage_key(key, layer), layer, (spec.num_kv_heads, count, spec.head_dim), code, keys, values, bias))
+        return blocks
+
+    def _missing_chunks(self, keys: list[bytes]) -> set[bytes]:
+        with self.backend.read() as txn:
+            return {key for key in keys if txn.get(key, db=self.backend.db["refs"]) is None}
+
+    def _write(self, fn: Callable[[_Txn], WriteResult | int]):
+        def run(txn: lmdb.Transaction):
+            helper = _Txn(self.backend, txn)
+            result = fn(helper)
+            helper.save_counters()
+            return result, helper
+
+        result, helper = self.backend.write(run)
+        self.blocks.forget(helper.freed)
+        self.blocks.cache(helper.written)
+        return result
+
+    def _read_record(self, tenant: str, session_id: str) -> SessionRecord:
+        self._validate_ids(tenant, session_id)
+        skey = session_key(tenant, session_id)
+        with self.backend.read() as txn:
+            raw = txn.get(skey, db=self.backend.db["sessions"])
+            record = None if raw is None else decode_session(skey, raw)
+        if record is None or record.is_expired(self._now_ms()):
+            raise NotFound(f"session {session_id!r} of tenant {tenant!r} does not exist (never saved, deleted or expired)")
+        return record
+
+    # ----------------------------------------------------------------- save
+    def save(
+        self,
+        tenant: str,
+        session_id: str,
+        spec: ModelSpec,
+        token_ids: np.ndarray,
+        pieces: KVPieces,
+        *,
+        positions: np.ndarray | None = None,
+        logical_length: int = 0,
+        ttl_seconds: int = 0,
+        overwrite: bool = False,
+        reuse_prefix_tokens: int = 0,
+    ) -> WriteResult:
+        """Store a session atomically. ``pieces`` covers tokens [reuse_prefix_tokens, T).
+
+        token_ids: uint32 [T]; positions: int64 [T] or None (0..T-1).
+        """
+        self._validate_ids(tenant, session_id)
+        token_ids = np.asarray(token_ids, dtype=np.uint32)
+        total = len(token_ids)
+        if total == 0:
+            raise InvalidRequest("a session needs at least one token")
+        if positions is not None:
+            positions = np.asarray(positions, dtype=np.int64)
+            if positions.shape != (total,):
+                raise InvalidRequest(f"{len(positions)} positions given for {total} tokens")
+            if np.array_equal(positions, np.arange(total)):
+                positions = None
+        has_bias = pieces.has_bias
+        chained = positions is None and not has_bias
+        logical_length = logical_length or (int(positions.max()) + 1 if positions is not None else total)
+        if positions is not None and logical_length <= int(positions.max()):
+            raise InvalidRequest(f"logical_length {logical_length} must exceed the largest position {int(positions.max())}")
+        if pieces.start != reuse_prefix_tokens or pieces.end != total:
+            raise InvalidRequest(f"KV covers tokens [{pieces.start}, {pieces.end}) but the session needs [{reuse_prefix_tokens}, {total})")
+        chunk = self.config.chunk_tokens
+        if reuse_prefix_tokens:
+            if not chained:
+                raise InvalidRequest("reuse_prefix_tokens only applies to plain sessions (no positions, no bias)")
+            if reuse_prefix_tokens > total or (reuse_prefix_tokens % chunk and reuse_prefix_tokens != total):
+                raise InvalidRequest(f"reuse_prefix_tokens={reuse_prefix_tokens} must be a multiple of the chunk size {chunk} and at most {total}")
+        pieces.check_complete()
+
+        ranges = chunk_ranges(0, total, chunk)
+        keys = chain_keys(tenant, spec.digest(), token_ids, chunk) if chained else [private_key() for _ in ranges]
+        missing = self._missing_chunks(keys)
+        encoded = {
+            key: self._encode_chunk(key, spec, pieces, start, count)
+            for key, (start, count) in zip(keys, ranges)
+            if key in missing and start >= reuse_prefix_tokens
+        }
+        now = self._now_ms()
+        record = SessionRecord(
+            tenant, session_id, spec, token_ids, [BlockRef(k, s, c) for k, (s, c) in zip(keys, ranges)],
+            positions=positions, logical_length=logical_length, has_bias=has_bias, chained=chained,
+            created_at_ms=now, updated_at_ms=now, expires_at_ms=self._expiry(ttl_seconds, now),
+        )
+        skey = session_key(tenant, session_id)
+
+        def apply(tx: _Txn) -> WriteResult:
+            previous = tx.get_session(skey)
+            if previous is not None and not overwrite and not previous.is_expired(now):
+                raise AlreadyExists(f"session {session_id!r} already exists; pass overwrite=true to replace it, or delete it first")
+            dedup = written = 0
+            for ref in record.blocks:
+                if tx.incref(ref.key):
+                    dedup += ref.count
+                elif ref.start < reuse_prefix_tokens:
+                    raise Conflict(f"the prefix chunk at token {ref.start} is no longer stored; send the save again without reuse_prefix_tokens")
+                else:
+                    blocks = encoded.get(ref.key) or self._encode_chunk(ref.key, spec, pieces, ref.start, ref.count)
+                    written += tx.put_chunk(ref.key, blocks)
+            if previous is not None:
+                for old in previous.blocks:
+                    tx.decref(old.key)
+            tx.put_session(skey, record, previous)
+            return WriteResult(record, deduplicated_tokens=dedup, bytes_written=written)
+
+        result = self._write(apply)
+        log.info("session saved", extra={"fields": {"tenant": tenant, "session": session_id, "tokens": total, "dedup_tokens": result.deduplicated_tokens, "bytes_written": result.bytes_written}})
+        return result
+
+    # ----------------------------------------------------------------- restore
+    def get(self, tenant: str, session_id: str) -> SessionRecord:
+        return self._read_record(tenant, session_id)
+
+    def restore(self, tenant: str, session_id: str, expected_spec: ModelSpec | None = None, start: int = 0, end: int = 0) -> RestorePlan:
+        """Plan a restore of tokens [start, end) (end 0 = all); KV streams from ``plan.pieces()``."""
+        record = self._read_record(tenant, session_id)
+        if expected_spec is not None:
+            record.spec.require_same(expected_spec, f"session {session_id!r}")
+        return self._plan(record, start, end)
+
+    def _plan(self, record: SessionRecord, start: int, end: int) -> RestorePlan:
+        total = record.num_tokens
+        end = end or total
+        if not 0 <= start < end <= total:
+            raise InvalidRequest(f"token range [{start}, {end}) is not inside the session's [0, {total})")
+        refs = [ref for ref in record.blocks if ref.end > start and ref.start < end]
+        layers = record.spec.num_layers
+        return RestorePlan(record, start, end, refs, len(refs) * layers, lambda ref: self.blocks.get_chunk(ref.key, layers))
+
+    def restore_prefix(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray) -> RestorePlan:
+        """Restore the longest stored prefix of token_ids (no session needed: blocks are content-addressed)."""
+        validate_id(tenant, "tenant", self.config.max_id_bytes)
+        token_ids = np.asarray(token_ids, dtype=np.uint32)
+        matched, keys = self._match_prefix(tenant, spec, token_ids)
+        if matched == 0:
+            raise NotFound("no stored prefix of these tokens for this tenant and model; prefill and save them first")
+        chunk = self.config.chunk_tokens
+        refs = [BlockRef(key, i * chunk, min(chunk, matched - i * chunk)) for i, key in enumerate(keys)]
+        record = SessionRecord(tenant, "", spec, token_ids[:matched], refs, logical_length=matched)
+        return self._plan(record, 0, matched)
+
+    # ----------------------------------------------------------------- lookup
+    def lookup(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray) -> int:
+        """Number of leading token_ids whose KV is stored for this tenant and model."""
+        validate_id(tenant, "tenant", self.config.max_id_bytes)
+        return self._match_prefix(tenant, spec, np.asarray(token_ids, dtype=np.uint32))[0]
+
+    def _match_prefix(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray) -> tuple[int, list[bytes]]:
+        chunk, digest, refs_db = self.config.chunk_tokens, spec.digest(), self.backend.db["refs"]
+        matched, previous, keys = 0, ROOT_KEY, []
+        with self.backend.read() as txn:
+            while matched + chunk <= len(token_ids):
+                key = chain_key(tenant, digest, previous, token_ids[matched : matched + chunk])
+                if txn.get(key, db=refs_db) is None:
+                    break
+                keys.append(key)
+                matched, previous = matched + chunk, key
+            # a partial chunk is stored only where some session ends inside it: longest first
+            for count in range(min(chunk - 1, len(token_ids) - matched), 0, -1):
+                key = chain_key(tenant, digest, previous, token_ids[matched : matched + count])
+                if txn.get(key, db=refs_db) is not None:
+                    return matched + count, keys + [key]
+        return matched, keys
+
+    # ----------------------------------------------------------------- append
+    def append(
+        self,
+        tenant: str,
+        session_id: str,
+        spec: ModelSpec,
+        new_token_ids: np.ndarray,
+        pieces: KVPieces,
+        *,
+        expected_num_tokens: int | None = None,
+        ttl_seconds: int = 0,
+    ) -> WriteResult:
+        """Add the KV of new tokens; ``pieces`` covers [T_old, T_old + n). Atomic."""
+        record = self._read_record(tenant, session_id)
+        record.spec.require_same(spec, f"session {session_id!r}")
+        new_token_ids = np.asarray(new_token_ids, dtype=np.uint32)
+        old_total, added = record.num_tokens, len(new_token_ids)
+        if added == 0:
+            raise InvalidRequest("append needs at least one new token")
+        if expected_num_tokens is not None and expected_num_tokens != old_total:
+            raise Conflict(f"session {session_id!r} holds {old_total} tokens, not the expected {expected_num_tokens}; restore it and retry")
+        if pieces.start != old_total or pieces.end != old_total + added:
+            raise InvalidRequest(f"KV covers tokens [{pieces.start}, {pieces.end}) but the new tokens are [{old_total}, {old_total + added})")
+        if pieces.has_bias != record.has_bias:
+            raise InvalidRequest(f"session has_bias={record.has_bias} but the appended KV has_bias={pieces.has_bias}")
+        pieces.check_complete()
+        chunk = self.config.chunk_tokens
+        tokens = np.concatenate([record.token_ids, new_token_ids])
+        kept = list(record.blocks)
+        replaced: list[BlockRef] = []
+        if record.chained and kept and kept[-1].count < chunk:
+            replaced = [kept.pop()]  # the partial tail chunk is rebuilt with the new tokens
+            pieces = self._merge_tail(record, replaced[0], pieces)
+        first = replaced[0].start if replaced else old_total
+        ranges = chunk_ranges(first, len(tokens), chunk)
+        if record.chained:
+            previous = kept[-1].key if kept else ROOT_KEY
+            keys = chain_keys(tenant, spec.digest(), tokens, chunk, previous=previous, start=first)
+        else:
+            keys = [private_key() for _ in ranges]
+        missing = self._missing_chunks(keys)
+        encoded = {key: self._encode_chunk(key, spec, pieces, s, c) for key, (s, c) in zip(keys, ranges) if key in missing}
+        positions = record.positions
+        logical = record.logical_length + added
+        if positions is not None:
+            positions = np.concatenate([positions, np.arange(record.logical_length, logical, dtype=np.int64)])
+        now = self._now_ms()
+        skey = session_key(tenant, session_id)
+
+        def apply(tx: _Txn) -> WriteResult:
+            current = tx.get_session(skey)
+            if current is None or current.version != record.version or current.is_expired(now):
+                raise Conflict(f"session {session_id!r} changed or vanished during the append; restore it and retry")
+            written = 0
+            new_refs = [BlockRef(k, s, c) for k, (s, c) in zip(keys, ranges)]
+            for ref in new_refs:
+                if not tx.incref(ref.key):
+                    blocks = encoded.get(ref.key) or self._encode_chunk(ref.key, spec, pieces, ref.start, ref.count)
+                    written += tx.put_chunk(ref.key, blocks)
+            for ref in replaced:
+                tx.decref(ref.key)
+            updated = SessionRecord(
+                tenant, session_id, record.spec, tokens, kept + new_refs, positions=positions, logical_length=logical,
+                has_bias=record.has_bias, chained=record.chained, created_at_ms=record.created_at_ms, updated_at_ms=now,
+                expires_at_ms=self._expiry(ttl_seconds, now) if ttl_seconds else record.expires_at_ms,
+                parent_session_id=record.parent_session_id, fork_offset=record.fork_offset, version=record.version + 1,
+                labels=record.labels,
+            )
+            tx.put_session(skey, updated, current)
+            return WriteResult(updated, bytes_written=written)
+
+        return self._write(apply)
+
+    def _merge_tail(self, record: SessionRecord, tail: BlockRef, pieces: KVPieces) -> KVPieces:
+        """KVPieces over [tail.start, end): the stored tail chunk followed by the new pieces."""
+        merged = KVPieces(record.spec, tail.start, pieces.end, pieces.has_bias)
+        for block in self.blocks.get_chunk(tail.key, record.spec.num_layers):
+            merged.add(block.layer, tail.start, tail.count, block.dtype_code, block.keys_bytes(), block.values_bytes(), block.bias_bytes() if block.has_bias else None)
+        for layer in range(record.spec.num_layers):
+            keys, values, bias = pieces.block(layer, pieces.start, pieces.end - pieces.start)
+            merged.add(layer, pieces.start, pieces.end - pieces.start, merged.dtype_code, keys, values, bias)
+        merged.check_complete()
+        return merged
+
+    # ----------------------------------------------------------------- fork
+    def fork(self, tenant: str, source_id: str, target_id: str, at_token: int | None = None, *, ttl_seconds: int = 0, overwrite: bool = False) -> WriteResult:
+        """Copy-on-write branch: the target shares the source's chunks before ``at_token``."""
+        self._validate_ids(tenant, target_id)
+        source = self._read_record(tenant, source_id)
+        total = source.num_tokens
+        at = total if at_token is None else at_token
+        if not 1 <= at <= total:
+            raise InvalidRequest(f"fork offset {at} must be in 1..{total} (the source's token count)")
+        shared = [ref for ref in source.blocks if ref.end <= at]
+        boundary = next((ref for ref in source.blocks if ref.start < at < ref.end), None)
+        new_blocks: list[Block] = []
+        new_ref = None
+        if boundary is not None:
+            count = at - boundary.start
+            if source.chained:
+                previous = shared[-1].key if shared else ROOT_KEY
+                key = chain_key(tenant, source.spec.digest(), previous, source.token_ids[boundary.start : at])
+            else:
+                key = private_key()
+            pieces = KVPieces(source.spec, boundary.start, at, source.has_bias)
+            for block in self.blocks.get_chunk(boundary.key, source.spec.num_layers):
+                keys, values, bias = block.raw_arrays()
+                pieces.add(block.layer, boundary.start, count, block.dtype_code, *(None if x is None else memoryview(np.ascontiguousarray(x[:, :count])).cast("B") for x in (keys, values, bias)))
+            new_blocks = self._encode_chunk(key, source.spec, pieces, boundary.start, count)
+            new_ref = BlockRef(key, boundary.start, count)
+        positions = None if source.positions is None else source.positions[:at].copy()
+        logical = at if source.positions is None else (source.logical_length if at == total else int(source.positions[at]))
+        now = self._now_ms()
+        target = SessionRecord(
+            tenant, target_id, source.spec, source.token_ids[:at].copy(), shared + ([new_ref] if new_ref else []),
+            positions=positions, logical_length=logical, has_bias=source.has_bias, chained=source.chained,
+            created_at_ms=now, updated_at_ms=now, expires_at_ms=self._expiry(ttl_seconds, now),
+            parent_session_id=source_id, fork_offset=at,
+        )
+        source_key, target_key = session_key(tenant, source_id), session_key(tenant, target_id)
+
+        def apply(tx: _Txn) -> WriteResult:
+            current = tx.get_session(source_key)
+            if current is None or current.version != source.version:
+                raise Conflict(f"session {source_id!r} changed or vanished during the fork; retry")
+            previous = tx.get_session(target_key)
+            if previous is not None and not overwrite and not previous.is_expired(now):
+                raise AlreadyExists(f"session {target_id!r} already exists; pass overwrite=true to replace it")
+            for ref in shared:
+                if not tx.incref(ref.key):
+                    raise Conflict(f"a chunk of {source_id!r} vanished during the fork; retry")
+            if new_ref is not None and not tx.incref(new_ref.key):
+                tx.put_chunk(new_ref.key, new_blocks)
+            if previous is not None:
+                for old in previous.blocks:
+                    tx.decref(old.key)
+            tx.put_session(target_key, target, previous)
+            copied = new_ref.count if new_ref else 0
+            return WriteResult(target, shared_tokens=at - copied, copied_tokens=copied)
+
+        return self._write(apply)
+
+    # ----------------------------------------------------------------- delete / list / ttl
+    def delete(self, tenant: str, session_id: str) -> int:
+        """Delete a session; returns bytes freed (chunks no other session used)."""
+        self._validate_ids(tenant, session_id)
+        skey = session_key(tenant, session_id)
+
+        def apply(tx: _Txn) -> int:
+            record = tx.get_session(skey)
+            if record is None:
+                raise NotFound(f"session {session_id!r} of tenant {tenant!r} does not exist")
+            return tx.delete_session(skey, record)
+
+        return self._write(apply)
+
+    def list(self, tenant: str, page_size: int = 100, page_token: str = "") -> tuple[list[SessionRecord], str]:
+        """Sessions of a tenant in id order; returns (page, next_page_token or "")."""
+        validate_id(tenant, "tenant", self.config.max_id_bytes)
+        page_size = min(max(page_size or 100, 1), 1000)
+        prefix = tenant.encode() + b"\x00"
+        try:
+            start = base64.urlsafe_b64decode(page_token.encode()) if page_token else prefix
+        except ValueError:
+            raise InvalidRequest("page_token is not one this server issued; start again with an empty token") from None
+        if not start.startswith(prefix):
+            raise InvalidRequest("page_token belongs to another tenant or is malformed; start again with an empty token")
+        now, page, next_token = self._now_ms(), [], ""
+        with self.backend.read() as txn:
+            cursor = txn.cursor(db=self.backend.db["sessions"])
+            if cursor.set_range(start):
+                for key, raw in cursor:
+                    key = bytes(key)
+                    if not key.startswith(prefix):
+                        break
+                    if len(page) == page_size:
+                        next_token = base64.urlsafe_b64encode(key).decode()
+                        break
+                    record = decode_session(key, raw)
+                    if not record.is_expired(now):
+                        page.append(record)
+        return page, next_token
+
+    def collect_expired(self) -> int:
+        """Delete every session whose TTL has passed; returns how many."""
+        now = self._now_ms()
+        bound = struct.pack(">Q", now + 1)
+
+        def apply(tx: _Txn) -> int:
+            cursor = tx.txn.cursor(db=tx.db["ttl"])
+            due = []
+            if cursor.first():
+                for key, _ in cursor:
+                    key = bytes(key)
+                    if key[:8] >= bound:
+                        break
+                    due.append(key)
+            removed = 0
+            for index_key in due:
+                skey = index_key[8:]
+                record = tx.get_session(skey)
+                if record is not None and record.is_expired(now):
+                    tx.delete_session(skey, record)
+                    removed += 1
+                else:  # stale index entry: the session was refreshed or replaced
+                    tx.txn.delete(index_key, db=tx.db["ttl"])
+            return removed
+
+        removed = self._write(apply)
+        if removed:
+            log.info("expired sessions collected", extra={"fields": {"count": removed}})
+        return removed
+
+    # ----------------------------------------------------------------- stats
+    def stats(self) -> dict:
+        with self.backend.read() as txn:
+            raw = txn.get(b"counters", db=self.backend.db["meta"])
+            counters = dict.fromkeys(_COUNTER_KEYS, 0) | (json.loads(bytes(raw)) if raw is not None else {})
+        tiers = [
+            {"name": tier.name, "bytes_used": tier.bytes_used(), "capacity_bytes": tier.capacity(), "entries": len(tier), **vars(tier.counters)}
+            for tier in self.blocks.tiers
+        ]
+        lmdb_counters = self.blocks.lmdb_counters
+        tiers.append({
+            "name": "lmdb", "bytes_used": self.backend.used_bytes(), "capacity_bytes": self.config.lmdb_max_map_bytes,
+            "entries": counters["chunks"], **vars(lmdb_counters),
+        })
+        return {
+            **counters,
+            "tiers": tiers,
+            "lmdb_map_bytes": self.backend.map_bytes,
+            "lmdb_used_bytes": self.backend.used_bytes(),
+            "chunk_tokens": self.config.chunk_tokens,
+        }
