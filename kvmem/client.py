@@ -1,0 +1,313 @@
+"""Python client for kvmem, for inference workers and agent frameworks.
+
+    from kvmem.client import Client
+    from kvstore.spec import ModelSpec
+
+    client = Client("127.0.0.1:50051", spec=ModelSpec.from_model(model))
+    client.save("chat-42", out.past_key_values, input_ids[0])
+    restored = client.restore("chat-42", config=model.config)
+    model.generate(ids, past_key_values=restored.cache, ...)
+
+Errors arrive as kvmem exceptions (kvstore.errors: NotFound, InvalidRequest, ModelMismatch, ...)
+carrying the server's message and the gRPC ``code``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import grpc
+import numpy as np
+import torch
+
+from kvmem import convert
+from kvmem.status import from_rpc_error
+from kvmem.v1 import kvmem_pb2 as pb
+from kvmem.v1 import kvmem_pb2_grpc as pb_grpc
+from kvstore.errors import Conflict, InvalidRequest
+from kvstore.pieces import tensor_raw_view
+from kvstore.spec import ModelSpec
+
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+
+
+@dataclass
+class RestoredSession:
+    """A restored session: ``cache`` goes straight into ``model(...)`` or ``model.generate``.
+
+    token_ids: int64 [T]; positions: int64 [T]; layers: per layer (keys, values) [H_kv, T, D];
+    bias: per layer float32 [H_kv, T] for compacted sessions, else None.
+    """
+
+    info: pb.SessionInfo
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    bias: list[torch.Tensor] | None
+    cache: Any
+
+    @property
+    def spec(self) -> ModelSpec:
+        return convert.spec_from_pb(self.info.model)
+
+    @property
+    def logical_length(self) -> int:
+        return int(self.info.logical_length)
+
+
+def _translate_errors(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    return wrapper
+
+
+def _token_list(token_ids: Any) -> list[int]:
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dim() == 2:
+            if token_ids.shape[0] != 1:
+                raise InvalidRequest(f"token_ids has batch size {token_ids.shape[0]}; kvmem stores one sequence per session")
+            token_ids = token_ids[0]
+        return token_ids.tolist()
+    return [int(t) for t in token_ids]
+
+
+def _iter_chunks(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, end: int, offset: int, chunk_tokens: int, bias: Sequence[torch.Tensor] | None) -> Iterator[pb.KVChunk]:
+    """KVChunk per (aligned token chunk, layer) for session tokens [start, end).
+
+    layers hold session tokens [offset, offset + T_layer); chunks align to multiples of chunk_tokens.
+    """
+    dtype = convert.DTYPE_TO_PB[{torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[layers[0][0].dtype]]
+    raw = [(tensor_raw_view(k), tensor_raw_view(v)) for k, v in layers]
+    raw_bias = [b.detach().to("cpu", torch.float32).contiguous().numpy() for b in bias] if bias is not None else None
+    chunk_start = start
+    while chunk_start < end:
+        chunk_end = min(end, (chunk_start // chunk_tokens + 1) * chunk_tokens)
+        lo, hi = chunk_start - offset, chunk_end - offset
+        for layer, (keys, values) in enumerate(raw):
+            yield pb.KVChunk(
+                layer=layer, token_start=chunk_start, num_tokens=chunk_end - chunk_start, dtype=dtype,
+                keys=keys[:, lo:hi].tobytes(), values=values[:, lo:hi].tobytes(),
+                bias=raw_bias[layer][:, lo:hi].tobytes() if raw_bias is not None else b"",
+            )
+        chunk_start = chunk_end
+
+
+def _stream(header_message: Any, chunks: Iterator[pb.KVChunk], request_cls: Any) -> Iterator[Any]:
+    yield header_message
+    count = 0
+    for batch in convert.batch_chunks(chunks):
+        count += len(batch.chunks)
+        yield request_cls(chunks=batch)
+    yield request_cls(commit=pb.Commit(num_chunks=count))
+
+
+class Client:
+    """Blocking client. ``spec`` is the default model spec for calls that need one."""
+
+    def __init__(self, address: str, *, tenant: str = convert.DEFAULT_TENANT, spec: ModelSpec | None = None, timeout: float | None = 600.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        self.address = address
+        self.tenant = tenant
+        self.spec = spec
+        self.timeout = timeout
+        options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = pb_grpc.KVMemStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _spec(self, spec: ModelSpec | None) -> ModelSpec:
+        spec = spec or self.spec
+        if spec is None:
+            raise InvalidRequest("no model spec: pass spec=ModelSpec.from_model(model) to Client(...) or to this call")
+        return spec
+
+    # ------------------------------------------------------------------ writes
+    @_translate_errors
+    def save(
+        self,
+        session_id: str,
+        cache: Any,
+        token_ids: Any,
+        *,
+        spec: ModelSpec | None = None,
+        ttl_seconds: int = 0,
+        overwrite: bool = False,
+        reuse_prefix: bool = True,
+        positions: Sequence[int] | None = None,
+        logical_length: int = 0,
+        bias: Sequence[torch.Tensor] | None = None,
+    ) -> pb.SaveSessionResponse:
+        """Save a cache (DynamicCache or per-layer (keys, values)) for token_ids [T].
+
+        With ``reuse_prefix`` the client first asks which prefix is already stored and sends only
+        the rest (the server shares the stored chunks); if that prefix vanishes meanwhile it
+        falls back to sending everything.
+        """
+        from kvstore.hf_cache import cache_to_layers
+
+        spec = self._spec(spec)
+        layers = cache_to_layers(cache)
+        tokens = _token_list(token_ids)
+        total = len(tokens)
+        if layers[0][0].shape[1] != total:
+            raise InvalidRequest(f"cache holds {layers[0][0].shape[1]} tokens but {total} token ids were given")
+        plain = positions is None and bias is None
+        lookup = self._stub.Lookup(pb.LookupRequest(tenant=self.tenant, model=convert.spec_to_pb(spec), token_ids=tokens), timeout=self.timeout)
+        chunk_tokens = lookup.chunk_tokens
+        reuse = 0
+        if reuse_prefix and plain:
+            reuse = lookup.matched_tokens if lookup.matched_tokens == total else (lookup.matched_tokens // chunk_tokens) * chunk_tokens
+        header = pb.SaveHeader(
+            tenant=self.tenant, session_id=session_id, model=convert.spec_to_pb(spec), token_ids=tokens,
+            positions=list(positions) if positions is not None else [], logical_length=logical_length,
+            has_bias=bias is not None, ttl_seconds=ttl_seconds, overwrite=overwrite, reuse_prefix_tokens=reuse,
+        )
+
+        def send(reuse_tokens: int) -> pb.SaveSessionResponse:
+            header.reuse_prefix_tokens = reuse_tokens
+            chunks = _iter_chunks(layers, reuse_tokens, total, 0, chunk_tokens, bias)
+            return self._stub.SaveSession(_stream(pb.SaveSessionRequest(header=header), chunks, pb.SaveSessionRequest), timeout=self.timeout)
+
+        try:
+            return send(reuse)
+        except grpc.RpcError as exc:
+            if reuse and exc.code() == grpc.StatusCode.ABORTED:
+                return send(0)
+            raise
+
+    @_translate_errors
+    def append(self, session_id: str, cache: Any, new_token_ids: Any, *, spec: ModelSpec | None = None, ttl_seconds: int = 0, check_length: bool = True) -> pb.AppendSessionResponse:
+        """Append the last n tokens of ``cache`` (n = len(new_token_ids)) to a stored session.
+
+        The cache's earlier tokens are assumed to be the stored session; with ``check_length``
+        the server refuses (Conflict) if the session does not hold exactly that many tokens.
+        """
+        from kvstore.hf_cache import cache_to_layers
+
+        spec = self._spec(spec)
+        layers = cache_to_layers(cache)
+        tokens = _token_list(new_token_ids)
+        total = int(layers[0][0].shape[1])
+        old = total - len(tokens)
+        if old < 0 or not tokens:
+            raise InvalidRequest(f"cache holds {total} tokens; cannot append {len(tokens)} new ones from it")
+        info = self.get(session_id)
+        if check_length and info.num_tokens != old:
+            raise Conflict(f"session {session_id!r} holds {info.num_tokens} tokens but the cache implies {old}; restore it first")
+        header = pb.AppendHeader(tenant=self.tenant, session_id=session_id, model=convert.spec_to_pb(spec), token_ids=tokens, ttl_seconds=ttl_seconds)
+        if check_length:
+            header.expected_num_tokens = old
+        offset = info.num_tokens - old
+        chunks = _iter_chunks(layers, info.num_tokens, info.num_tokens + len(tokens), offset, 256, None)
+        return self._stub.AppendSession(_stream(pb.AppendSessionRequest(header=header), chunks, pb.AppendSessionRequest), timeout=self.timeout)
+
+    @_translate_errors
+    def fork(self, source_session_id: str, target_session_id: str, at_token: int | None = None, *, ttl_seconds: int = 0, overwrite: bool = False) -> pb.ForkSessionResponse:
+        request = pb.ForkSessionRequest(tenant=self.tenant, source_session_id=source_session_id, target_session_id=target_session_id, ttl_seconds=ttl_seconds, overwrite=overwrite)
+        if at_token is not None:
+            request.at_token = at_token
+        return self._stub.ForkSession(request, timeout=self.timeout)
+
+    @_translate_errors
+    def delete(self, session_id: str) -> int:
+        """Delete a session; returns bytes freed."""
+        return self._stub.DeleteSession(pb.DeleteSessionRequest(tenant=self.tenant, session_id=session_id), timeout=self.timeout).bytes_freed
+
+    # ------------------------------------------------------------------ reads
+    @_translate_errors
+    def restore(self, session_id: str, *, spec: ModelSpec | None = None, start: int = 0, end: int = 0, config: Any = None, device: str | torch.device = "cpu") -> RestoredSession:
+        """Restore tokens [start, end) of a session into a DynamicCache (``config``: the model's)."""
+        request = pb.RestoreSessionRequest(tenant=self.tenant, session_id=session_id, token_start=start, token_end=end)
+        if spec or self.spec:
+            request.model.CopyFrom(convert.spec_to_pb(self._spec(spec)))
+        return self._restore(request, config, device)
+
+    @_translate_errors
+    def restore_prefix(self, token_ids: Any, *, spec: ModelSpec | None = None, config: Any = None, device: str | torch.device = "cpu") -> RestoredSession:
+        """Restore the longest stored prefix of token_ids (NotFound if none is stored)."""
+        request = pb.RestoreSessionRequest(tenant=self.tenant, model=convert.spec_to_pb(self._spec(spec)), lookup_token_ids=_token_list(token_ids))
+        return self._restore(request, config, device)
+
+    def _restore(self, request: pb.RestoreSessionRequest, config: Any, device: str | torch.device) -> RestoredSession:
+        from kvstore.hf_cache import layers_to_cache
+
+        responses = self._stub.RestoreSession(request, timeout=self.timeout)
+        first = next(responses)
+        header = first.header
+        spec = convert.spec_from_pb(header.session.model)
+        count = header.token_end - header.token_start
+        shape = (spec.num_kv_heads, count, spec.head_dim)
+        layers = [(torch.empty(shape, dtype=spec.torch_dtype), torch.empty(shape, dtype=spec.torch_dtype)) for _ in range(spec.num_layers)]
+        raw = [(tensor_raw_view(k), tensor_raw_view(v)) for k, v in layers]  # writable views of the same memory
+        bias = [torch.empty(shape[:2], dtype=torch.float32) for _ in range(spec.num_layers)] if header.session.has_bias else None
+        received = 0
+        for response in responses:
+            for chunk in response.chunks.chunks:
+                lo = chunk.token_start - header.token_start
+                hi = lo + chunk.num_tokens
+                keys, values = raw[chunk.layer]
+                piece_shape = (shape[0], chunk.num_tokens, shape[2])
+                keys[:, lo:hi] = np.frombuffer(chunk.keys, dtype=keys.dtype).reshape(piece_shape)
+                values[:, lo:hi] = np.frombuffer(chunk.values, dtype=values.dtype).reshape(piece_shape)
+                if bias is not None:
+                    bias[chunk.layer][:, lo:hi] = torch.from_numpy(np.frombuffer(chunk.bias, dtype="<f4").reshape(shape[0], chunk.num_tokens).copy())
+                received += 1
+        if received != header.num_chunks:
+            raise InvalidRequest(f"restore stream ended after {received} of {header.num_chunks} chunks")
+        if torch.device(device).type != "cpu":
+            layers = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True)) for k, v in layers]
+            bias = [b.to(device) for b in bias] if bias is not None else None
+        return RestoredSession(
+            info=header.session,
+            token_ids=torch.tensor(list(header.token_ids), dtype=torch.long),
+            positions=torch.tensor(list(header.positions), dtype=torch.long),
+            layers=layers,
+            bias=bias,
+            cache=layers_to_cache(layers, config),
+        )
+
+    @_translate_errors
+    def lookup(self, token_ids: Any, *, spec: ModelSpec | None = None) -> int:
+        """How many leading tokens are already stored for this tenant and model."""
+        request = pb.LookupRequest(tenant=self.tenant, model=convert.spec_to_pb(self._spec(spec)), token_ids=_token_list(token_ids))
+        return self._stub.Lookup(request, timeout=self.timeout).matched_tokens
+
+    @_translate_errors
+    def get(self, session_id: str) -> pb.SessionInfo:
+        return self._stub.GetSession(pb.GetSessionRequest(tenant=self.tenant, session_id=session_id), timeout=self.timeout)
+
+    @_translate_errors
+    def list_page(self, page_size: int = 100, page_token: str = "") -> pb.ListSessionsResponse:
+        return self._stub.ListSessions(pb.ListSessionsRequest(tenant=self.tenant, page_size=page_size, page_token=page_token), timeout=self.timeout)
+
+    def list(self, page_size: int = 100) -> Iterator[pb.SessionInfo]:
+        """Every session of the tenant, fetching pages as needed."""
+        token = ""
+        while True:
+            page = self.list_page(page_size, token)
+            yield from page.sessions
+            token = page.next_page_token
+            if not token:
+                return
+
+    @_translate_errors
+    def stats(self) -> pb.GetStatsResponse:
+        return self._stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+
+    @_translate_errors
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server's channel is ready (raises on timeout)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)

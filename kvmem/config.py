@@ -1,0 +1,125 @@
+"""Service configuration: frozen dataclasses loaded once from TOML, KVMEM_* env and flags.
+
+Precedence: defaults < TOML file < environment (KVMEM_<SECTION>_<KEY>, e.g. KVMEM_SERVER_PORT)
+< command-line overrides (``section.key=value``). Unknown sections or keys anywhere stop
+start-up with an error that names them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from kvstore.store import StoreConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """Configuration that must stop start-up (unknown key, bad value)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = pick a free port (printed, and written to port_file if set)
+    port_file: str = ""  # write the bound port here once serving (for scripts and tests)
+    max_workers: int = 16  # gRPC handler threads
+    max_message_bytes: int = 16 << 20  # per message, both directions; KV streams use <= 2 MiB chunks
+    grace_seconds: float = 30.0  # on SIGTERM/SIGINT: stop accepting, let in-flight calls finish
+    maintenance_seconds: float = 30.0  # how often expired sessions are collected
+    log_level: str = "INFO"
+    log_format: str = "json"  # "json" (one object per line) or "text"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"  # bundled name, or a path to a transformers causal LM folder
+    cache_dir: str = "data/models"  # where the bundled GGUF is converted once
+    prepare: bool = True  # make the model available (convert the bundled GGUF) at start-up
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    if isinstance(kind, str):
+        kind = {"int": int, "bool": bool, "str": str, "float": float, "Path": Path}.get(kind, kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    try:
+        if kind is int and isinstance(value, str):
+            return int(value.replace("_", ""), 0)
+        if kind is int and isinstance(value, float):
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}") from None
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _apply(config: ServiceConfig, updates: Mapping[str, Mapping[str, Any]], source: str) -> ServiceConfig:
+    sections = _section_types(ServiceConfig)
+    for section, values in updates.items():
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section [{section}]; known: {', '.join(sorted(sections))}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        current = getattr(config, section)
+        types = _section_types(type(current))
+        changes = {}
+        for key, value in values.items():
+            if key not in types:
+                raise ConfigError(f"{source}: unknown key {section}.{key}; known: {', '.join(sorted(types))}")
+            changes[key] = _coerce(value, types[key], f"{source}: {section}.{key}")
+        try:
+            config = dataclasses.replace(config, **{section: dataclasses.replace(current, **changes)})
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None, overrides: list[str] | None = None) -> ServiceConfig:
+    """Build the service config. ``env`` is passed in (normally os.environ), never read here."""
+    config = ServiceConfig()
+    if path:
+        with open(path, "rb") as handle:
+            try:
+                config = _apply(config, tomllib.load(handle), str(path))
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+    env_updates: dict[str, dict[str, str]] = {}
+    for name, value in (env or {}).items():
+        if not name.startswith("KVMEM_") or name in ("KVMEM_CONFIG",):
+            continue
+        section, _, key = name[len("KVMEM_"):].lower().partition("_")
+        if not key:
+            raise ConfigError(f"environment: {name} is not KVMEM_<SECTION>_<KEY>")
+        env_updates.setdefault(section, {})[key] = value
+    config = _apply(config, env_updates, "environment")
+    flag_updates: dict[str, dict[str, str]] = {}
+    for item in overrides or []:
+        dotted, sep, value = item.partition("=")
+        section, dot, key = dotted.partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"flag --set {item!r}: expected section.key=value")
+        flag_updates.setdefault(section, {})[key] = value
+    return _apply(config, flag_updates, "flags")

@@ -1,0 +1,344 @@
+"""kvmem server: composition root (config -> store -> gRPC server), health, graceful shutdown.
+
+Servicer methods only translate protobuf <-> domain and map errors to status codes (one table,
+kvmem.status). Run ``python server.py --help``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+import uuid
+from concurrent import futures
+from pathlib import Path
+from typing import Callable, Iterator
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kvmem import convert
+from kvmem.config import ConfigError, ServiceConfig, load_config
+from kvmem.status import code_for
+from kvmem.v1 import kvmem_pb2 as pb
+from kvmem.v1 import kvmem_pb2_grpc as pb_grpc
+from kvstore.errors import InvalidRequest, KvmemError
+from kvstore.pieces import KVPieces
+from kvstore.store import RestorePlan, SessionStore
+
+log = logging.getLogger("kvmem.server")
+SERVICE_NAME = "kvmem.v1.KVMem"
+
+
+# ---------------------------------------------------------------------------- logging
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, plus the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **getattr(record, "fields", {}),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# ---------------------------------------------------------------------------- errors
+def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
+    if isinstance(exc, KvmemError):
+        code = code_for(exc)
+        log.info("request failed", extra={"fields": {"method": method, "code": code.name, "error": str(exc)}})
+        context.abort(code, str(exc))
+    request_id = uuid.uuid4().hex[:12]
+    log.error("internal error", extra={"fields": {"method": method, "request_id": request_id, "traceback": traceback.format_exc()}})
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details")
+
+
+def unary(method: Callable) -> Callable:
+    """Wrap a unary-response handler: kvmem errors -> status codes, anything else -> INTERNAL."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status, none is swallowed
+            if isinstance(exc, grpc.RpcError) and not context.is_active():
+                raise
+            _abort(context, method.__name__, exc)
+
+    return wrapper
+
+
+def streaming(method: Callable) -> Callable:
+    """Like ``unary`` for handlers that yield responses."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, method.__name__, exc)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------- servicer
+def _collect_pieces(messages: Iterator, pieces: KVPieces) -> None:
+    """Feed chunk messages into ``pieces`` until the Commit; raise if the stream ends first."""
+    received = 0
+    for message in messages:
+        part = message.WhichOneof("part")
+        if part == "chunks":
+            for chunk in message.chunks.chunks:
+                pieces.add(chunk.layer, chunk.token_start, chunk.num_tokens, chunk.dtype, chunk.keys, chunk.values, chunk.bias if chunk.bias else None)
+                received += 1
+        elif part == "commit":
+            if message.commit.num_chunks != received:
+                raise InvalidRequest(f"commit says {message.commit.num_chunks} chunks were sent but {received} arrived; nothing was stored")
+            return
+        else:
+            raise InvalidRequest(f"unexpected {part or 'empty'} message after the header; send chunks, then one commit")
+    raise InvalidRequest("the stream ended before its commit message; nothing was stored")
+
+
+def _first_header(messages: Iterator, what: str):
+    first = next(messages, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise InvalidRequest(f"the first message of {what} must be its header")
+    return first.header
+
+
+class KVMemServicer(pb_grpc.KVMemServicer):
+    def __init__(self, store: SessionStore):
+        self.store = store
+
+    @unary
+    def SaveSession(self, request_iterator, context):
+        messages = iter(request_iterator)
+        header = _first_header(messages, "SaveSession")
+        spec = convert.spec_from_pb(header.model)
+        tokens = np.asarray(header.token_ids, dtype=np.uint32)
+        pieces = self.store.new_pieces(spec, header.reuse_prefix_tokens, len(tokens), header.has_bias)
+        _collect_pieces(messages, pieces)
+        result = self.store.save(
+            header.tenant or convert.DEFAULT_TENANT, header.session_id, spec, tokens, pieces,
+            positions=np.asarray(header.positions, dtype=np.int64) if len(header.positions) else None,
+            logical_length=header.logical_length, ttl_seconds=header.ttl_seconds, overwrite=header.overwrite,
+            reuse_prefix_tokens=header.reuse_prefix_tokens,
+        )
+        return pb.SaveSessionResponse(session=convert.session_info(result.record), deduplicated_tokens=result.deduplicated_tokens, bytes_written=result.bytes_written)
+
+    @streaming
+    def RestoreSession(self, request, context):
+        tenant = request.tenant or convert.DEFAULT_TENANT
+        if request.session_id:
+            expected = convert.spec_from_pb(request.model) if request.HasField("model") else None
+            plan = self.store.restore(tenant, request.session_id, expected, request.token_start, request.token_end)
+        else:
+            if not request.HasField("model") or not len(request.lookup_token_ids):
+                raise InvalidRequest("give a session_id, or lookup_token_ids together with the model spec")
+            plan = self.store.restore_prefix(tenant, convert.spec_from_pb(request.model), convert.tokens_array(request.lookup_token_ids))
+        yield pb.RestoreSessionResponse(header=self._restore_header(plan))
+        for batch in convert.batch_chunks(self._chunks(plan)):
+            yield pb.RestoreSessionResponse(chunks=batch)
+
+    @staticmethod
+    def _restore_header(plan: RestorePlan) -> pb.RestoreHeader:
+        return pb.RestoreHeader(
+            session=convert.session_info(plan.record), token_start=plan.start, token_end=plan.end,
+            token_ids=plan.token_ids.tolist(), positions=plan.positions.tolist(), num_chunks=plan.num_pieces,
+        )
+
+    @staticmethod
+    def _chunks(plan: RestorePlan) -> Iterator[pb.KVChunk]:
+        dtype = convert.DTYPE_TO_PB[plan.record.spec.dtype]
+        for piece in plan.pieces():
+            yield pb.KVChunk(
+                layer=piece.layer, token_start=piece.token_start, num_tokens=piece.num_tokens, dtype=dtype,
+                keys=bytes(piece.keys), values=bytes(piece.values), bias=bytes(piece.bias) if piece.bias is not None else b"",
+            )
+
+    @unary
+    def AppendSession(self, request_iterator, context):
+        messages = iter(request_iterator)
+        header = _first_header(messages, "AppendSession")
+        tenant = header.tenant or convert.DEFAULT_TENANT
+        spec = convert.spec_from_pb(header.model)
+        current = self.store.get(tenant, header.session_id)
+        tokens = convert.tokens_array(header.token_ids)
+        pieces = self.store.new_pieces(spec, current.num_tokens, current.num_tokens + len(tokens), current.has_bias)
+        _collect_pieces(messages, pieces)
+        expected = header.expected_num_tokens if header.HasField("expected_num_tokens") else None
+        result = self.store.append(tenant, header.session_id, spec, tokens, pieces, expected_num_tokens=expected, ttl_seconds=header.ttl_seconds)
+        return pb.AppendSessionResponse(session=convert.session_info(result.record), bytes_written=result.bytes_written)
+
+    @unary
+    def ForkSession(self, request, context):
+        at = request.at_token if request.HasField("at_token") else None
+        result = self.store.fork(
+            request.tenant or convert.DEFAULT_TENANT, request.source_session_id, request.target_session_id, at,
+            ttl_seconds=request.ttl_seconds, overwrite=request.overwrite,
+        )
+        return pb.ForkSessionResponse(session=convert.session_info(result.record), shared_tokens=result.shared_tokens, copied_tokens=result.copied_tokens)
+
+    @unary
+    def Lookup(self, request, context):
+        matched = self.store.lookup(request.tenant or convert.DEFAULT_TENANT, convert.spec_from_pb(request.model), convert.tokens_array(request.token_ids))
+        return pb.LookupResponse(matched_tokens=matched, chunk_tokens=self.store.config.chunk_tokens)
+
+    @unary
+    def GetSession(self, request, context):
+        return convert.session_info(self.store.get(request.tenant or convert.DEFAULT_TENANT, request.session_id))
+
+    @unary
+    def ListSessions(self, request, context):
+        records, next_token = self.store.list(request.tenant or convert.DEFAULT_TENANT, request.page_size, request.page_token)
+        return pb.ListSessionsResponse(sessions=[convert.session_info(r) for r in records], next_page_token=next_token)
+
+    @unary
+    def DeleteSession(self, request, context):
+        return pb.DeleteSessionResponse(bytes_freed=self.store.delete(request.tenant or convert.DEFAULT_TENANT, request.session_id))
+
+    @unary
+    def GetStats(self, request, context):
+        stats = self.store.stats()
+        tiers = []
+        for tier in stats["tiers"]:
+            lookups = tier["hits"] + tier["misses"]
+            tiers.append(pb.TierStats(**tier, hit_rate=tier["hits"] / lookups if lookups else 0.0))
+        return pb.GetStatsResponse(
+            tiers=tiers, sessions=stats["sessions"], chunks=stats["chunks"], logical_bytes=stats["logical_bytes"],
+            stored_bytes=stats["stored_bytes"], lmdb_map_bytes=stats["lmdb_map_bytes"], lmdb_used_bytes=stats["lmdb_used_bytes"],
+            chunk_tokens=stats["chunk_tokens"],
+        )
+
+
+# ---------------------------------------------------------------------------- composition
+class Service:
+    """A running kvmem service: store, gRPC server, health, maintenance thread."""
+
+    def __init__(self, config: ServiceConfig, store: SessionStore, server: grpc.Server, port: int, health_servicer: health.HealthServicer):
+        self.config = config
+        self.store = store
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+        self._stop = threading.Event()
+        self._maintenance = threading.Thread(target=self._maintain, name="kvmem-maintenance", daemon=True)
+
+    def start(self) -> "Service":
+        self.server.start()
+        self._maintenance.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"fields": {"port": self.port, "data_dir": str(self.config.store.data_dir), "durable": self.config.store.durable}})
+        return self
+
+    def _maintain(self) -> None:
+        while not self._stop.wait(self.config.server.maintenance_seconds):
+            try:
+                self.store.collect_expired()
+                if not self.config.store.durable:
+                    self.store.backend.sync()
+            except Exception:  # noqa: BLE001 - keep the thread alive, but say what happened
+                log.exception("maintenance failed")
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish within ``grace``, close LMDB cleanly."""
+        grace = self.config.server.grace_seconds if grace is None else grace
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._stop.set()
+        self.server.stop(grace).wait()
+        self.store.close()
+        log.info("stopped", extra={"fields": {"port": self.port}})
+
+
+def create_service(config: ServiceConfig, store: SessionStore | None = None) -> Service:
+    """Open the store and bind the gRPC server (port 0 picks a free port). Not started yet."""
+    store = store or SessionStore.open(config.store)
+    limit = config.server.max_message_bytes
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="kvmem-rpc"),
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
+    )
+    pb_grpc.add_KVMemServicer_to_server(KVMemServicer(store), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    if port == 0:
+        store.close()
+        raise ConfigError(f"cannot bind {config.server.host}:{config.server.port} (in use?)")
+    return Service(config, store, server, port, health_servicer)
+
+
+def prepare_model(config: ServiceConfig) -> None:
+    """Make the configured model available (convert the bundled GGUF once) without loading it."""
+    from kvstore.models import BUNDLED_NAME, prepare_model as prepare
+
+    if config.model.prepare and config.model.name == BUNDLED_NAME:
+        started = time.perf_counter()
+        path = prepare(Path(config.model.cache_dir), BUNDLED_NAME)
+        log.info("model ready", extra={"fields": {"model": BUNDLED_NAME, "path": str(path), "seconds": round(time.perf_counter() - started, 2)}})
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kvmem-server", description="Run the kvmem gRPC service.")
+    parser.add_argument("--config", help="TOML config file (default: $KVMEM_CONFIG if set)")
+    parser.add_argument("--host", help="bind address (server.host)")
+    parser.add_argument("--port", type=int, help="port, 0 = any free port (server.port)")
+    parser.add_argument("--data-dir", help="data directory for LMDB and models (store.data_dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.set)
+    for flag, key in ((args.host, "server.host"), (args.port, "server.port"), (args.data_dir, "store.data_dir")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    try:
+        config = load_config(args.config or os.environ.get("KVMEM_CONFIG"), os.environ, overrides)
+    except (ConfigError, OSError) as exc:
+        print(f"kvmem-server: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.server.log_level, config.server.log_format)
+    prepare_model(config)
+    service = create_service(config).start()
+    if config.server.port_file:
+        Path(config.server.port_file).write_text(str(service.port))
+    stopping = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("shutdown requested", extra={"fields": {"signal": signal.Signals(signum).name}})
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stopping.wait()
+    service.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
