@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -33,9 +32,7 @@ def test_prepared_folder_contents(cache_dir: Path) -> None:
 
 
 def test_reload_and_greedy_decode(cache_dir: Path) -> None:
-    start = time.perf_counter()
     model, tokenizer = load_model(BUNDLED_NAME, cache_dir)
-    assert time.perf_counter() - start < 5.0
     assert not model.training
     assert model.config.name_or_path == BUNDLED_NAME
     assert tokenizer.chat_template
@@ -61,9 +58,7 @@ def test_config_shape(cache_dir: Path) -> None:
 def test_prepare_reuses_folder(cache_dir: Path) -> None:
     weights = cache_dir / BUNDLED_NAME / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    start = time.perf_counter()
     assert prepare_model(cache_dir) == cache_dir / BUNDLED_NAME
-    assert time.perf_counter() - start < 1.0
     assert weights.stat().st_mtime_ns == before
 
 

@@ -1,0 +1,144 @@
+"""Shared fixtures: the real model (loaded once per test session), temp stores, running servers."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvmem.client import Client
+from kvmem.config import ServerConfig, ServiceConfig
+from kvstore.spec import ModelSpec
+from kvstore.store import SessionStore, StoreConfig
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_CACHE = Path(os.environ.get("KVMEM_TEST_MODEL_CACHE", REPO / ".cache" / "models"))
+TOY_SPEC = ModelSpec("toy-model", num_layers=4, num_kv_heads=3, head_dim=8, dtype="float32")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; run on a machine with a GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the bundled SmolLM2-135M-Instruct, converted once into .cache/models."""
+    from kvstore.models import load_model
+
+    torch.manual_seed(0)
+    return load_model("smollm2-135m-instruct", cache_dir=MODEL_CACHE)
+
+
+@pytest.fixture(scope="session")
+def long_text() -> str:
+    """Natural English text (Debian's licence texts), several thousand tokens."""
+    folder = Path("/usr/share/common-licenses")
+    return "\n\n".join((folder / name).read_text() for name in ("GPL-3", "Apache-2.0", "MPL-2.0"))
+
+
+def random_layers(spec: ModelSpec, tokens: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (spec.num_kv_heads, tokens, spec.head_dim)
+    return [
+        (torch.randn(shape, generator=generator).to(spec.torch_dtype), torch.randn(shape, generator=generator).to(spec.torch_dtype))
+        for _ in range(spec.num_layers)
+    ]
+
+
+@pytest.fixture
+def store_config(tmp_path) -> StoreConfig:
+    return StoreConfig(data_dir=tmp_path / "data", chunk_tokens=16, cpu_tier_bytes=8 << 20, lmdb_map_bytes=8 << 20, lmdb_max_map_bytes=256 << 20)
+
+
+@pytest.fixture
+def store(store_config):
+    store = SessionStore.open(store_config)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def service(tmp_path):
+    """An in-process kvmem server on 127.0.0.1 (free port), small chunks, stopped afterwards."""
+    from server import create_service
+
+    config = ServiceConfig(
+        server=ServerConfig(port=0, log_format="text", max_message_bytes=8 << 20),
+        store=StoreConfig(data_dir=tmp_path / "svc", chunk_tokens=16, lmdb_map_bytes=16 << 20, lmdb_max_map_bytes=256 << 20),
+    )
+    running = create_service(config).start()
+    yield running
+    running.stop(grace=1)
+
+
+@pytest.fixture
+def client(service):
+    with Client(f"127.0.0.1:{service.port}", spec=TOY_SPEC) as c:
+        yield c
+
+
+@dataclass
+class ServerProcess:
+    """A kvmem server in its own process (for restarts and SIGKILL)."""
+
+    data_dir: Path
+    extra: list[str]
+    process: subprocess.Popen | None = None
+    port: int = 0
+
+    def start(self, timeout: float = 60.0) -> "ServerProcess":
+        port_file = self.data_dir.parent / f"port-{time.monotonic_ns()}"
+        command = [
+            sys.executable, str(REPO / "server.py"), "--port", "0", "--data-dir", str(self.data_dir),
+            "--set", f"server.port_file={port_file}", "--set", "model.prepare=false", "--set", "server.log_format=text",
+            "--set", "server.grace_seconds=5", *self.extra,
+        ]
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        while not port_file.exists() or not port_file.read_text():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.process.stdout.read()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError("server did not start")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    servers: list[ServerProcess] = []
+
+    def start(data_dir: Path | None = None, *extra: str) -> ServerProcess:
+        server = ServerProcess(data_dir or tmp_path / "proc-data", list(extra)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.kill()
