@@ -1,0 +1,109 @@
+"""Durability across process death: graceful restarts, SIGKILL during concurrent saves, in-flight calls on SIGTERM."""
+import random
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from kvmem.client import Client
+from kvstore import errors
+from tests.conftest import TOY_SPEC, random_layers
+
+
+def same(a, b):
+    return all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def test_data_survives_graceful_restart(server_process, tmp_path):
+    server = server_process(tmp_path / "d")
+    layers = random_layers(TOY_SPEC, 300, seed=11)
+    with Client(server.address, spec=TOY_SPEC) as client:
+        client.save("s", layers, list(range(300)), ttl_seconds=3600)
+        client.fork("s", "f", at_token=100)
+    assert server.terminate() == 0
+    output = server.process.stdout.read()
+    assert "stopped" in output
+    server = server_process(tmp_path / "d")
+    with Client(server.address, spec=TOY_SPEC) as client:
+        assert same(client.restore("s").layers, layers)
+        assert same(client.restore("f").layers, [(k[:, :100], v[:, :100]) for k, v in layers])
+        assert client.get("s").expires_at_ms > 0
+
+
+def test_sigkill_during_concurrent_saves_loses_no_acknowledged_save(server_process, tmp_path):
+    server = server_process(tmp_path / "d")
+    acknowledged: dict[str, int] = {}
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def writer(worker: int) -> None:
+        with Client(server.address, spec=TOY_SPEC, timeout=30) as client:
+            index = 0
+            while not stop.is_set():
+                session_id, seed = f"w{worker}-{index}", worker * 10_000 + index
+                tokens = 200 + (seed % 7) * 50
+                try:
+                    # distinct token ids per session: same tokens would (rightly) dedup to the same KV
+                    client.save(session_id, random_layers(TOY_SPEC, tokens, seed=seed), list(range(seed * 1000, seed * 1000 + tokens)), reuse_prefix=False)
+                except errors.KvmemError:
+                    return  # the server died mid-call: this save was never acknowledged
+                with lock:
+                    acknowledged[session_id] = seed
+                index += 1
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 12 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.process.kill()  # SIGKILL, saves in flight
+    server.process.wait(10)
+    stop.set()
+    for thread in threads:
+        thread.join(30)
+    assert len(acknowledged) >= 12
+
+    server = server_process(tmp_path / "d")
+    with Client(server.address, spec=TOY_SPEC) as client:
+        listed = {info.session_id: info for info in client.list()}
+        assert set(acknowledged) <= set(listed)  # every acknowledged save survived
+        for session_id, info in listed.items():  # and nothing partial is visible: every listed session is whole
+            worker, index = session_id[1:].split("-")
+            seed = int(worker) * 10_000 + int(index)
+            tokens = 200 + (seed % 7) * 50
+            assert info.num_tokens == tokens
+            assert same(client.restore(session_id).layers, random_layers(TOY_SPEC, tokens, seed=seed))
+        assert client.stats().sessions == len(listed)
+
+
+def test_sigterm_lets_an_in_flight_save_finish(server_process, tmp_path):
+    from kvmem.client import _iter_chunks, _stream
+    from kvmem.convert import spec_to_pb
+    from kvmem.v1 import kvmem_pb2 as pb
+    from kvmem.v1 import kvmem_pb2_grpc as pb_grpc
+
+    server = server_process(tmp_path / "d")
+    layers = random_layers(TOY_SPEC, 64, seed=21)
+    header = pb.SaveHeader(session_id="slow", model=spec_to_pb(TOY_SPEC), token_ids=list(range(64)))
+    sent_first = threading.Event()
+
+    def slow_stream():
+        for index, message in enumerate(_stream(pb.SaveSessionRequest(header=header), _iter_chunks(layers, 0, 64, 0, 16, None), pb.SaveSessionRequest)):
+            yield message
+            if index == 1:
+                sent_first.set()
+                time.sleep(1.5)  # SIGTERM arrives while this call is in flight
+
+    with grpc.insecure_channel(server.address) as channel:
+        future = pb_grpc.KVMemStub(channel).SaveSession.future(slow_stream())
+        assert sent_first.wait(10)
+        server.process.terminate()
+        response = future.result(timeout=20)
+    assert response.session.num_tokens == 64
+    assert server.process.wait(20) == 0
+    server = server_process(tmp_path / "d")
+    with Client(server.address, spec=TOY_SPEC) as client:
+        assert same(client.restore("slow").layers, layers)
