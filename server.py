@@ -297,7 +297,8 @@ def prepare_model(config: ServiceConfig) -> None:
 
     if config.model.prepare and config.model.name == BUNDLED_NAME:
         started = time.perf_counter()
-        path = prepare(Path(config.model.cache_dir), BUNDLED_NAME)
+        cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else Path(config.store.data_dir) / "models"
+        path = prepare(cache_dir, BUNDLED_NAME)
         log.info("model ready", extra={"fields": {"model": BUNDLED_NAME, "path": str(path), "seconds": round(time.perf_counter() - started, 2)}})
 
 

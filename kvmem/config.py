@@ -41,7 +41,7 @@ class ServerConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "smollm2-135m-instruct"  # bundled name, or a path to a transformers causal LM folder
-    cache_dir: str = "data/models"  # where the bundled GGUF is converted once
+    cache_dir: str = ""  # where the bundled GGUF is converted once; "" = <store.data_dir>/models
     prepare: bool = True  # make the model available (convert the bundled GGUF) at start-up
 
 

