@@ -11,6 +11,10 @@ random KV. Per size and repeat, side by side in one process:
     restore (cpu tier)      Client.restore right after the save: blocks come from the CPU tier
     restore (lmdb)          Client.restore from a server with cpu_tier_bytes=0: every block is read
                             from LMDB and checksum-verified (file pages are in the OS page cache)
+    grpc raw up / down      reference, not a goal: a bare gRPC server in the same process streaming
+                            the same bytes as 2 MiB raw messages (no protobuf, no kvmem), client to
+                            server and back, each side copying into a preallocated buffer. It shows
+                            how much of the gap to the socket is gRPC itself.
 
 Restores include building the DynamicCache. Sessions are deleted (untimed) between repeats.
 Goals (issue): restore >= 0.6x and durable save >= 0.4x of the socket figure.
@@ -47,7 +51,8 @@ from bench.common import (
 
 NAME = "throughput"
 GOALS = {"restore (cpu tier)": 0.6, "save (durable)": 0.4}
-PATHS = ["socket", "save (durable)", "save (non-durable)", "restore (cpu tier)", "restore (lmdb)"]
+PATHS = ["socket", "grpc raw up", "grpc raw down", "save (durable)", "save (non-durable)", "restore (cpu tier)", "restore (lmdb)"]
+RAW_MESSAGE_BYTES = 2 << 20  # the size kvmem batches its stream messages to (kvmem.convert.MAX_CHUNK_BYTES)
 
 
 def socket_transfer(payload: memoryview, sink: bytearray) -> float:
@@ -86,6 +91,69 @@ def socket_transfer(payload: memoryview, sink: bytearray) -> float:
     return elapsed
 
 
+class RawGrpc:
+    """A bare gRPC server (bytes in, bytes out) in this process: the floor under any gRPC service."""
+
+    def __init__(self):
+        import grpc
+        from concurrent import futures
+
+        self.payload: memoryview = memoryview(b"")
+        self.sink: bytearray = bytearray()
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        handlers = grpc.method_handlers_generic_handler("bench.Raw", {
+            "Upload": grpc.stream_unary_rpc_method_handler(self._upload),
+            "Download": grpc.unary_stream_rpc_method_handler(self._download),
+        })
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
+        self.server.add_generic_rpc_handlers((handlers,))
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        self.upload = self.channel.stream_unary("/bench.Raw/Upload")
+        self.download = self.channel.unary_stream("/bench.Raw/Download")
+
+    def _upload(self, request_iterator, context) -> bytes:
+        view, offset = memoryview(self.sink), 0
+        for message in request_iterator:
+            view[offset : offset + len(message)] = message
+            offset += len(message)
+        return offset.to_bytes(8, "little")
+
+    def _download(self, request, context):
+        for start in range(0, len(self.payload), RAW_MESSAGE_BYTES):
+            yield bytes(self.payload[start : start + RAW_MESSAGE_BYTES])
+
+    def time_upload(self, payload: memoryview, sink: bytearray) -> float:
+        self.sink = sink
+        messages = (bytes(payload[s : s + RAW_MESSAGE_BYTES]) for s in range(0, len(payload), RAW_MESSAGE_BYTES))
+        elapsed, reply = timed(lambda: self.upload(messages, timeout=600))
+        if int.from_bytes(reply, "little") != len(payload):
+            raise RuntimeError("raw gRPC upload lost bytes")
+        return elapsed
+
+    def time_download(self, payload: memoryview, sink: bytearray) -> float:
+        self.payload = payload
+        view = memoryview(sink)
+
+        def run() -> int:
+            offset = 0
+            for message in self.download(b"", timeout=600):
+                view[offset : offset + len(message)] = message
+                offset += len(message)
+            return offset
+
+        elapsed, received = timed(run)
+        if received != len(payload):
+            raise RuntimeError("raw gRPC download lost bytes")
+        return elapsed
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(1).wait()
+
+
 def check_restored(restored, layers) -> None:
     for index, ((k, v), (rk, rv)) in enumerate(zip(layers, restored.layers)):
         if not (torch.equal(k, rk) and torch.equal(v, rv)):
@@ -119,6 +187,7 @@ def main(argv=None) -> int:
         tiered_client = tiered.client(spec)
         lmdb_client = lmdb_only.client(spec)
         warm_up([tiered_client, lmdb_client], spec)
+        raw = RawGrpc()
         for size_index, tokens in enumerate(sizes):
             repeats = args.repeats or (1 if args.quick else (3 if tokens >= 32768 else 5))
             buffer, layers = random_kv(spec, tokens, seed=size_index)
@@ -133,6 +202,8 @@ def main(argv=None) -> int:
                 times["socket"].append(socket_transfer(payload, sink))
                 if rep == 0 and sink != payload:
                     raise RuntimeError("socket baseline corrupted the payload")
+                times["grpc raw up"].append(raw.time_upload(payload, sink))
+                times["grpc raw down"].append(raw.time_download(payload, sink))
 
                 sid = f"tp-{tokens}-{rep}"
                 elapsed, response = timed(lambda: tiered_client.save(sid, layers, ids, reuse_prefix=False, overwrite=True))
@@ -163,6 +234,7 @@ def main(argv=None) -> int:
         lmdb_stats = {t.name: {"hits": t.hits, "misses": t.misses} for t in lmdb_client.stats().tiers}
         tiered_client.close()
         lmdb_client.close()
+        raw.close()
 
     rows, results = [], []
     for tokens, times in samples.items():

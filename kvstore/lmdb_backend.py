@@ -32,6 +32,7 @@ from kvstore.errors import CapacityExceeded, Unavailable
 log = logging.getLogger("kvmem.lmdb")
 T = TypeVar("T")
 SCHEMA_VERSION = 1
+_DISK_FULL_TEXTS = ("No space left", "Input/output error")
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,14 @@ class LmdbBackend:
                             return fn(txn)
                 except lmdb.MapFullError:
                     self._grow()
-                except lmdb.DiskError as exc:
-                    raise CapacityExceeded(f"disk write failed ({exc}); free disk space under {self.config.path}") from exc
+                except lmdb.Error as exc:
+                    # A full disk surfaces as ENOSPC, or as EIO from the commit's page writes.
+                    if isinstance(exc, lmdb.DiskError) or any(text in str(exc) for text in _DISK_FULL_TEXTS):
+                        raise CapacityExceeded(
+                            f"disk write failed ({exc}): the disk under {self.config.path} is full or failing; "
+                            "nothing of this write was stored; free space or move the data directory"
+                        ) from exc
+                    raise
                 except OSError as exc:
                     if exc.errno == errno.ENOSPC:
                         raise CapacityExceeded(f"disk full under {self.config.path}; free space or move the data directory") from exc

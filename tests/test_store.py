@@ -203,3 +203,34 @@ def test_data_survives_reopen(tmp_path):
     _, out = restored(reopened, "s")
     assert same(out, layers) and reopened.blocks.lmdb_counters.hits > 0
     reopened.close()
+
+
+def test_disk_full_is_capacity_exceeded_and_the_store_keeps_working(tmp_path):
+    """A real full filesystem: a 3 MiB tmpfs (needs root to mount, as on the project machines)."""
+    import subprocess
+
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the LMDB-ceiling test covers the same path")
+    try:
+        config = StoreConfig(data_dir=mount_point, chunk_tokens=64, cpu_tier_bytes=0, lmdb_map_bytes=64 << 20, lmdb_max_map_bytes=256 << 20)
+        store = SessionStore.open(config)
+        first = random_layers(TOY_SPEC, 1000, seed=1)  # ~0.8 MB
+        save(store, "first", range(1000), first)
+        with pytest.raises(CapacityExceeded, match="full"):
+            save(store, "big", range(5000, 10000), random_layers(TOY_SPEC, 5000, seed=2))  # ~3.8 MB
+        assert store.stats()["sessions"] == 1
+        _, out = restored(store, "first")
+        assert same(out, first)
+        small = random_layers(TOY_SPEC, 50, seed=3)
+        save(store, "small", range(20000, 20050), small)  # still accepts what fits
+        _, out = restored(store, "small")
+        assert same(out, small)
+        store.close()
+        reopened = SessionStore.open(config)
+        assert sorted(r.session_id for r in reopened.list("t")[0]) == ["first", "small"]
+        reopened.close()
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)

@@ -1,0 +1,1 @@
+"""Retrieval (ActQKV KV-block retrieval, text chunks) and the planner: see issues #4, #5."""
