@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvmem import convert
+from kvmem import convert, wire
 from kvmem.config import ConfigError, ServiceConfig, load_config
 from kvmem.status import code_for
 from kvmem.v1 import kvmem_pb2 as pb
@@ -102,29 +102,31 @@ def streaming(method: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------------------- servicer
-def _collect_pieces(messages: Iterator, pieces: KVPieces) -> None:
+def _collect_pieces(parts: Iterator, pieces: KVPieces) -> None:
     """Feed chunk messages into ``pieces`` until the Commit; raise if the stream ends first."""
     received = 0
-    for message in messages:
-        part = message.WhichOneof("part")
-        if part == "chunks":
-            for chunk in message.chunks.chunks:
-                pieces.add(chunk.layer, chunk.token_start, chunk.num_tokens, chunk.dtype, chunk.keys, chunk.values, chunk.bias if chunk.bias else None)
+    for part in map(wire.as_part, parts):
+        if part.kind == "chunks":
+            for chunk in part.chunks:
+                pieces.add(chunk.layer, chunk.token_start, chunk.num_tokens, chunk.dtype, chunk.keys, chunk.values, chunk.bias if len(chunk.bias) else None)
                 received += 1
-        elif part == "commit":
-            if message.commit.num_chunks != received:
-                raise InvalidRequest(f"commit says {message.commit.num_chunks} chunks were sent but {received} arrived; nothing was stored")
+        elif part.kind == "commit":
+            if part.message.num_chunks != received:
+                raise InvalidRequest(f"commit says {part.message.num_chunks} chunks were sent but {received} arrived; nothing was stored")
             return
+        elif part.kind == "malformed":
+            raise InvalidRequest(f"malformed stream message ({part.message}); nothing was stored")
         else:
-            raise InvalidRequest(f"unexpected {part or 'empty'} message after the header; send chunks, then one commit")
+            raise InvalidRequest(f"unexpected {part.kind or 'empty'} message after the header; send chunks, then one commit")
     raise InvalidRequest("the stream ended before its commit message; nothing was stored")
 
 
-def _first_header(messages: Iterator, what: str):
-    first = next(messages, None)
-    if first is None or first.WhichOneof("part") != "header":
+def _first_header(parts: Iterator, what: str):
+    first = next(parts, None)
+    part = wire.as_part(first) if first is not None else None
+    if part is None or part.kind != "header":
         raise InvalidRequest(f"the first message of {what} must be its header")
-    return first.header
+    return part.message
 
 
 class KVMemServicer(pb_grpc.KVMemServicer):
@@ -158,8 +160,9 @@ class KVMemServicer(pb_grpc.KVMemServicer):
                 raise InvalidRequest("give a session_id, or lookup_token_ids together with the model spec")
             plan = self.store.restore_prefix(tenant, convert.spec_from_pb(request.model), convert.tokens_array(request.lookup_token_ids))
         yield pb.RestoreSessionResponse(header=self._restore_header(plan))
-        for batch in convert.batch_chunks(self._chunks(plan)):
-            yield pb.RestoreSessionResponse(chunks=batch)
+        dtype = convert.DTYPE_TO_PB[plan.record.spec.dtype]
+        pieces = ((p.layer, p.token_start, p.num_tokens, dtype, p.keys, p.values, p.bias) for p in plan.pieces())
+        yield from wire.encode_chunk_messages(pieces, convert.MAX_CHUNK_BYTES)  # pre-encoded: no extra copies
 
     @staticmethod
     def _restore_header(plan: RestorePlan) -> pb.RestoreHeader:
@@ -167,15 +170,6 @@ class KVMemServicer(pb_grpc.KVMemServicer):
             session=convert.session_info(plan.record), token_start=plan.start, token_end=plan.end,
             token_ids=plan.token_ids.tolist(), positions=plan.positions.tolist(), num_chunks=plan.num_pieces,
         )
-
-    @staticmethod
-    def _chunks(plan: RestorePlan) -> Iterator[pb.KVChunk]:
-        dtype = convert.DTYPE_TO_PB[plan.record.spec.dtype]
-        for piece in plan.pieces():
-            yield pb.KVChunk(
-                layer=piece.layer, token_start=piece.token_start, num_tokens=piece.num_tokens, dtype=dtype,
-                keys=bytes(piece.keys), values=bytes(piece.values), bias=bytes(piece.bias) if piece.bias is not None else b"",
-            )
 
     @unary
     def AppendSession(self, request_iterator, context):
@@ -232,6 +226,28 @@ class KVMemServicer(pb_grpc.KVMemServicer):
         )
 
 
+def method_handlers(servicer: KVMemServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The service's handlers: generated (de)serializers, except the zero-copy KV streams."""
+
+    def plain(method, request_cls, response_cls):
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)
+
+    return {
+        "SaveSession": grpc.stream_unary_rpc_method_handler(
+            servicer.SaveSession, request_deserializer=wire.deserializer(pb.SaveSessionRequest), response_serializer=pb.SaveSessionResponse.SerializeToString),
+        "RestoreSession": grpc.unary_stream_rpc_method_handler(
+            servicer.RestoreSession, request_deserializer=pb.RestoreSessionRequest.FromString, response_serializer=wire.serialize),
+        "AppendSession": grpc.stream_unary_rpc_method_handler(
+            servicer.AppendSession, request_deserializer=wire.deserializer(pb.AppendSessionRequest), response_serializer=pb.AppendSessionResponse.SerializeToString),
+        "ForkSession": plain(servicer.ForkSession, pb.ForkSessionRequest, pb.ForkSessionResponse),
+        "Lookup": plain(servicer.Lookup, pb.LookupRequest, pb.LookupResponse),
+        "GetSession": plain(servicer.GetSession, pb.GetSessionRequest, pb.SessionInfo),
+        "ListSessions": plain(servicer.ListSessions, pb.ListSessionsRequest, pb.ListSessionsResponse),
+        "DeleteSession": plain(servicer.DeleteSession, pb.DeleteSessionRequest, pb.DeleteSessionResponse),
+        "GetStats": plain(servicer.GetStats, pb.GetStatsRequest, pb.GetStatsResponse),
+    }
+
+
 # ---------------------------------------------------------------------------- composition
 class Service:
     """A running kvmem service: store, gRPC server, health, maintenance thread."""
@@ -281,7 +297,7 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
         futures.ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="kvmem-rpc"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
     )
-    pb_grpc.add_KVMemServicer_to_server(KVMemServicer(store), server)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(KVMemServicer(store))),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")

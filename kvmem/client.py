@@ -1,7 +1,7 @@
 """Python client for kvmem, for inference workers and agent frameworks.
 
     from kvmem.client import Client
-    from kvstore.spec import ModelSpec
+    from kvstore.spec import ModelSpec, dtype_name
 
     client = Client("127.0.0.1:50051", spec=ModelSpec.from_model(model))
     client.save("chat-42", out.past_key_values, input_ids[0])
@@ -21,13 +21,13 @@ import grpc
 import numpy as np
 import torch
 
-from kvmem import convert
+from kvmem import convert, wire
 from kvmem.status import from_rpc_error
 from kvmem.v1 import kvmem_pb2 as pb
 from kvmem.v1 import kvmem_pb2_grpc as pb_grpc
 from kvstore.errors import Conflict, InvalidRequest
 from kvstore.pieces import tensor_raw_view
-from kvstore.spec import ModelSpec
+from kvstore.spec import ModelSpec, dtype_name
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
@@ -77,33 +77,38 @@ def _token_list(token_ids: Any) -> list[int]:
     return [int(t) for t in token_ids]
 
 
-def _iter_chunks(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, end: int, offset: int, chunk_tokens: int, bias: Sequence[torch.Tensor] | None) -> Iterator[pb.KVChunk]:
-    """KVChunk per (aligned token chunk, layer) for session tokens [start, end).
+def _iter_chunks(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int, end: int, offset: int, chunk_tokens: int, bias: Sequence[torch.Tensor] | None) -> Iterator[tuple]:
+    """(layer, token_start, n, dtype, keys, values, bias) per (aligned token chunk, layer) of session tokens [start, end).
 
-    layers hold session tokens [offset, offset + T_layer); chunks align to multiples of chunk_tokens.
+    layers hold session tokens [offset, offset + T_layer); chunks align to multiples of chunk_tokens
+    so that the server can store each one as a block without re-slicing.
     """
-    dtype = convert.DTYPE_TO_PB[{torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[layers[0][0].dtype]]
+    dtype = convert.DTYPE_TO_PB[dtype_name(layers[0][0].dtype)]
     raw = [(tensor_raw_view(k), tensor_raw_view(v)) for k, v in layers]
     raw_bias = [b.detach().to("cpu", torch.float32).contiguous().numpy() for b in bias] if bias is not None else None
+    view = lambda array: memoryview(np.ascontiguousarray(array)).cast("B")  # noqa: E731
     chunk_start = start
     while chunk_start < end:
         chunk_end = min(end, (chunk_start // chunk_tokens + 1) * chunk_tokens)
         lo, hi = chunk_start - offset, chunk_end - offset
         for layer, (keys, values) in enumerate(raw):
-            yield pb.KVChunk(
-                layer=layer, token_start=chunk_start, num_tokens=chunk_end - chunk_start, dtype=dtype,
-                keys=keys[:, lo:hi].tobytes(), values=values[:, lo:hi].tobytes(),
-                bias=raw_bias[layer][:, lo:hi].tobytes() if raw_bias is not None else b"",
-            )
+            layer_bias = view(raw_bias[layer][:, lo:hi]) if raw_bias is not None else None
+            yield layer, chunk_start, chunk_end - chunk_start, dtype, view(keys[:, lo:hi]), view(values[:, lo:hi]), layer_bias
         chunk_start = chunk_end
 
 
-def _stream(header_message: Any, chunks: Iterator[pb.KVChunk], request_cls: Any) -> Iterator[Any]:
+def _stream(header_message: Any, chunks: Iterator[tuple], request_cls: Any) -> Iterator[Any]:
+    """Header message, pre-encoded chunk messages (<= 2 MiB of tensor bytes each), commit."""
     yield header_message
     count = 0
-    for batch in convert.batch_chunks(chunks):
-        count += len(batch.chunks)
-        yield request_cls(chunks=batch)
+
+    def counted():
+        nonlocal count
+        for chunk in chunks:
+            count += 1
+            yield chunk
+
+    yield from wire.encode_chunk_messages(counted(), convert.MAX_CHUNK_BYTES)
     yield request_cls(commit=pb.Commit(num_chunks=count))
 
 
@@ -118,6 +123,10 @@ class Client:
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
         self._channel = grpc.insecure_channel(address, options=options)
         self._stub = pb_grpc.KVMemStub(self._channel)
+        # the KV streams use the zero-copy codec (same wire format as the generated classes)
+        self._save = self._channel.stream_unary(wire.SAVE_METHOD, request_serializer=wire.serialize, response_deserializer=pb.SaveSessionResponse.FromString)
+        self._append = self._channel.stream_unary(wire.APPEND_METHOD, request_serializer=wire.serialize, response_deserializer=pb.AppendSessionResponse.FromString)
+        self._restore_stream = self._channel.unary_stream(wire.RESTORE_METHOD, request_serializer=pb.RestoreSessionRequest.SerializeToString, response_deserializer=wire.deserializer(pb.RestoreSessionResponse))
 
     def close(self) -> None:
         self._channel.close()
@@ -179,7 +188,7 @@ class Client:
         def send(reuse_tokens: int) -> pb.SaveSessionResponse:
             header.reuse_prefix_tokens = reuse_tokens
             chunks = _iter_chunks(layers, reuse_tokens, total, 0, chunk_tokens, bias)
-            return self._stub.SaveSession(_stream(pb.SaveSessionRequest(header=header), chunks, pb.SaveSessionRequest), timeout=self.timeout)
+            return self._save(_stream(pb.SaveSessionRequest(header=header), chunks, pb.SaveSessionRequest), timeout=self.timeout)
 
         try:
             return send(reuse)
@@ -212,7 +221,7 @@ class Client:
             header.expected_num_tokens = old
         offset = info.num_tokens - old
         chunks = _iter_chunks(layers, info.num_tokens, info.num_tokens + len(tokens), offset, 256, None)
-        return self._stub.AppendSession(_stream(pb.AppendSessionRequest(header=header), chunks, pb.AppendSessionRequest), timeout=self.timeout)
+        return self._append(_stream(pb.AppendSessionRequest(header=header), chunks, pb.AppendSessionRequest), timeout=self.timeout)
 
     @_translate_errors
     def fork(self, source_session_id: str, target_session_id: str, at_token: int | None = None, *, ttl_seconds: int = 0, overwrite: bool = False) -> pb.ForkSessionResponse:
@@ -244,26 +253,31 @@ class Client:
     def _restore(self, request: pb.RestoreSessionRequest, config: Any, device: str | torch.device) -> RestoredSession:
         from kvstore.hf_cache import layers_to_cache
 
-        responses = self._stub.RestoreSession(request, timeout=self.timeout)
-        first = next(responses)
-        header = first.header
+        parts = self._restore_stream(request, timeout=self.timeout)
+        first = next(parts)
+        if first.kind != "header":
+            raise InvalidRequest(f"restore stream began with a {first.kind or 'empty'} message instead of its header")
+        header = first.message
         spec = convert.spec_from_pb(header.session.model)
         count = header.token_end - header.token_start
         shape = (spec.num_kv_heads, count, spec.head_dim)
         layers = [(torch.empty(shape, dtype=spec.torch_dtype), torch.empty(shape, dtype=spec.torch_dtype)) for _ in range(spec.num_layers)]
         raw = [(tensor_raw_view(k), tensor_raw_view(v)) for k, v in layers]  # writable views of the same memory
         bias = [torch.empty(shape[:2], dtype=torch.float32) for _ in range(spec.num_layers)] if header.session.has_bias else None
+        raw_bias = [b.numpy() for b in bias] if bias is not None else None
         received = 0
-        for response in responses:
-            for chunk in response.chunks.chunks:
+        for part in parts:
+            if part.kind != "chunks":
+                raise InvalidRequest(f"unexpected {part.kind or 'empty'} message in the restore stream ({part.message})")
+            for chunk in part.chunks:
                 lo = chunk.token_start - header.token_start
                 hi = lo + chunk.num_tokens
                 keys, values = raw[chunk.layer]
                 piece_shape = (shape[0], chunk.num_tokens, shape[2])
                 keys[:, lo:hi] = np.frombuffer(chunk.keys, dtype=keys.dtype).reshape(piece_shape)
                 values[:, lo:hi] = np.frombuffer(chunk.values, dtype=values.dtype).reshape(piece_shape)
-                if bias is not None:
-                    bias[chunk.layer][:, lo:hi] = torch.from_numpy(np.frombuffer(chunk.bias, dtype="<f4").reshape(shape[0], chunk.num_tokens).copy())
+                if raw_bias is not None:
+                    raw_bias[chunk.layer][:, lo:hi] = np.frombuffer(chunk.bias, dtype="<f4").reshape(shape[0], chunk.num_tokens)
                 received += 1
         if received != header.num_chunks:
             raise InvalidRequest(f"restore stream ended after {received} of {header.num_chunks} chunks")

@@ -1,7 +1,7 @@
 """Protobuf <-> domain conversions shared by the server and the client."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -63,18 +63,3 @@ def session_info(record: SessionRecord) -> pb.SessionInfo:
 
 def tokens_array(values: Iterable[int]) -> np.ndarray:
     return np.fromiter(values, dtype=np.uint32)
-
-
-def batch_chunks(chunks: Iterable[pb.KVChunk], max_bytes: int = MAX_CHUNK_BYTES) -> Iterator[pb.KVChunks]:
-    """Group chunks into stream messages of at most ``max_bytes`` tensor bytes (>= 1 chunk each)."""
-    batch: list[pb.KVChunk] = []
-    size = 0
-    for chunk in chunks:
-        nbytes = len(chunk.keys) + len(chunk.values) + len(chunk.bias)
-        if batch and size + nbytes > max_bytes:
-            yield pb.KVChunks(chunks=batch)
-            batch, size = [], 0
-        batch.append(chunk)
-        size += nbytes
-    if batch:
-        yield pb.KVChunks(chunks=batch)

@@ -46,15 +46,26 @@ def cache_to_layers(cache: Any) -> list[LayerKV]:
 
 
 def layers_to_cache(layers: Sequence[LayerKV], config: Any = None) -> Any:
-    """A DynamicCache holding per-layer (keys, values) [H_kv, T, D] (batch dim added, no copy).
+    """A DynamicCache holding per-layer (keys, values) [H_kv, T, D], batch dim added.
 
+    Plain full-attention layers share memory with ``layers`` (no copy: a restore would otherwise
+    hold the KV twice); other layer kinds (sliding windows) go through their own ``update``.
     ``config`` (the model's config) makes transformers choose the right layer classes.
     """
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     for index, (keys, values) in enumerate(layers):
-        cache.update(keys.unsqueeze(0), values.unsqueeze(0), index)
+        keys, values = keys.unsqueeze(0), values.unsqueeze(0)
+        if index >= len(cache.layers):
+            cache.layers.append(DynamicLayer())
+        layer = cache.layers[index]
+        if type(layer) is DynamicLayer and not layer.is_initialized:
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        else:
+            layer.update(keys, values)
     return cache
 
 

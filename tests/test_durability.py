@@ -83,7 +83,7 @@ def test_sigterm_lets_an_in_flight_save_finish(server_process, tmp_path):
     from kvmem.client import _iter_chunks, _stream
     from kvmem.convert import spec_to_pb
     from kvmem.v1 import kvmem_pb2 as pb
-    from kvmem.v1 import kvmem_pb2_grpc as pb_grpc
+    from kvmem import wire
 
     server = server_process(tmp_path / "d")
     layers = random_layers(TOY_SPEC, 64, seed=21)
@@ -98,7 +98,8 @@ def test_sigterm_lets_an_in_flight_save_finish(server_process, tmp_path):
                 time.sleep(1.5)  # SIGTERM arrives while this call is in flight
 
     with grpc.insecure_channel(server.address) as channel:
-        future = pb_grpc.KVMemStub(channel).SaveSession.future(slow_stream())
+        save = channel.stream_unary(wire.SAVE_METHOD, request_serializer=wire.serialize, response_deserializer=pb.SaveSessionResponse.FromString)
+        future = save.future(slow_stream())
         assert sent_first.wait(10)
         server.process.terminate()
         response = future.result(timeout=20)
