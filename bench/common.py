@@ -15,6 +15,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -115,10 +116,11 @@ def disk_tempdir(prefix: str) -> Iterator[Path]:
 # ---------------------------------------------------------------------------- servers
 @dataclass
 class RunningServer:
-    service: Any
+    service: Any  # the in-process Service, or None when the server runs in its own process
     address: str
     data_dir: Path
     config: ServiceConfig
+    port: int = 0
 
     def client(self, spec: ModelSpec | None = None, address: str | None = None, max_message_bytes: int = 64 << 20) -> Client:
         client = Client(address or self.address, spec=spec, timeout=1800.0, max_message_bytes=max_message_bytes)
@@ -127,18 +129,50 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def run_server(name: str = "kvmem", **store_overrides: Any) -> Iterator[RunningServer]:
-    """Start a kvmem service in process on 127.0.0.1:0 with a fresh on-disk data dir; stop it after."""
-    from server import create_service  # the composition root lives at the repo root
+def run_server(name: str = "kvmem", process: bool = False, **store_overrides: Any) -> Iterator[RunningServer]:
+    """Start a kvmem service on 127.0.0.1:0 with a fresh on-disk data dir; stop it after.
 
+    process=True runs ``server.py`` in its own process, as deployed (client and server then do
+    not share a GIL); otherwise the service runs in this process.
+    """
     with disk_tempdir(f"kvmem-bench-{name}-") as data_dir:
         store = replace(StoreConfig(), data_dir=data_dir, **store_overrides)
         config = ServiceConfig(server=ServerConfig(host="127.0.0.1", port=0, max_message_bytes=64 << 20), store=store)
+        if process:
+            with _server_process(data_dir, config) as port:
+                yield RunningServer(None, f"127.0.0.1:{port}", data_dir, config, port)
+            return
+        from server import create_service  # the composition root lives at the repo root
+
         service = create_service(config).start()
         try:
-            yield RunningServer(service, f"127.0.0.1:{service.port}", data_dir, config)
+            yield RunningServer(service, f"127.0.0.1:{service.port}", data_dir, config, service.port)
         finally:
             service.stop(grace=2.0)
+
+
+@contextlib.contextmanager
+def _server_process(data_dir: Path, config: ServiceConfig) -> Iterator[int]:
+    port_file = data_dir / "port"
+    overrides = [f"store.{key}={value}" for key, value in vars(config.store).items() if key != "data_dir"]
+    command = [
+        sys.executable, str(REPO / "server.py"), "--port", "0", "--data-dir", str(data_dir / "store"),
+        "--set", f"server.port_file={port_file}", "--set", "model.prepare=false", "--set", "server.log_level=WARNING",
+        "--set", f"server.max_message_bytes={config.server.max_message_bytes}",
+    ]
+    for item in overrides:
+        command += ["--set", item]
+    process = subprocess.Popen(command, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text()):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"benchmark server did not start (exit code {process.poll()})")
+            time.sleep(0.05)
+        yield int(port_file.read_text())
+    finally:
+        process.terminate()
+        process.wait(60)
 
 
 # ---------------------------------------------------------------------------- data

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     verified = {}
     with run_server("reuse") as reuse_server, run_server("full") as full_server:
         servers = {"reuse_prefix=True": reuse_server, "reuse_prefix=False": full_server}
-        proxies = {mode: CountingProxy(server.service.port) for mode, server in servers.items()}
+        proxies = {mode: CountingProxy(server.port) for mode, server in servers.items()}
         clients = {mode: servers[mode].client(spec, address=proxies[mode].address) for mode in modes}
         for index in range(sessions):
             ids = session_data(index)

@@ -182,8 +182,9 @@ def main(argv=None) -> int:
     )
     samples: dict[int, dict[str, list[float]]] = {}
     print(f"throughput: SmolLM2 shape, {spec.bytes_per_token:,} bytes/token, sizes {sizes}, torch threads {torch.get_num_threads()}", flush=True)
-    with run_server("tiered", cpu_tier_bytes=max(2 * GiB, 2 * largest), durable=True, **store) as tiered, \
-         run_server("lmdb", cpu_tier_bytes=0, durable=False, **store) as lmdb_only:
+    # kvmem servers run in their own processes, as deployed (the client does not share their GIL)
+    with run_server("tiered", process=True, cpu_tier_bytes=max(2 * GiB, 2 * largest), durable=True, **store) as tiered, \
+         run_server("lmdb", process=True, cpu_tier_bytes=0, durable=False, **store) as lmdb_only:
         tiered_client = tiered.client(spec)
         lmdb_client = lmdb_only.client(spec)
         warm_up([tiered_client, lmdb_client], spec)

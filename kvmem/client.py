@@ -86,14 +86,16 @@ def _iter_chunks(layers: Sequence[tuple[torch.Tensor, torch.Tensor]], start: int
     dtype = convert.DTYPE_TO_PB[dtype_name(layers[0][0].dtype)]
     raw = [(tensor_raw_view(k), tensor_raw_view(v)) for k, v in layers]
     raw_bias = [b.detach().to("cpu", torch.float32).contiguous().numpy() for b in bias] if bias is not None else None
-    view = lambda array: memoryview(np.ascontiguousarray(array)).cast("B")  # noqa: E731
+    def runs(array: np.ndarray) -> list[memoryview]:  # [H, n, ...] slice -> H contiguous byte runs
+        return [memoryview(np.ascontiguousarray(row)).cast("B") for row in array]
+
     chunk_start = start
     while chunk_start < end:
         chunk_end = min(end, (chunk_start // chunk_tokens + 1) * chunk_tokens)
         lo, hi = chunk_start - offset, chunk_end - offset
         for layer, (keys, values) in enumerate(raw):
-            layer_bias = view(raw_bias[layer][:, lo:hi]) if raw_bias is not None else None
-            yield layer, chunk_start, chunk_end - chunk_start, dtype, view(keys[:, lo:hi]), view(values[:, lo:hi]), layer_bias
+            layer_bias = runs(raw_bias[layer][:, lo:hi]) if raw_bias is not None else None
+            yield layer, chunk_start, chunk_end - chunk_start, dtype, runs(keys[:, lo:hi]), runs(values[:, lo:hi]), layer_bias
         chunk_start = chunk_end
 
 

@@ -69,8 +69,10 @@ def _chunk_parts(layer: int, token_start: int, num_tokens: int, dtype: int, keys
             head += _varint(number << 3 | _VARINT) + _varint(value)
     parts: list = [bytes(head)]
     for number, data in ((5, keys), (6, values), (7, bias)):
-        if data is not None and len(data):
-            parts += [_varint(number << 3 | _LENGTH) + _varint(len(data)), data]
+        pieces = data if isinstance(data, (list, tuple)) else [] if data is None else [data]
+        length = sum(len(piece) for piece in pieces)
+        if length:
+            parts += [_varint(number << 3 | _LENGTH) + _varint(length), *pieces]
     return sum(len(p) for p in parts), parts
 
 
@@ -78,7 +80,9 @@ def encode_chunk_messages(chunks: Iterable[tuple], max_bytes: int) -> Iterator[b
     """Encoded stream messages holding ``chunks`` in its field 2, each <= ~max_bytes of payload.
 
     chunks: (layer, token_start, num_tokens, dtype, keys, values, bias) with bytes-like payloads
-    (C-contiguous, byte-formatted views are fine; bias may be None).
+    (C-contiguous, byte-formatted views are fine; bias may be None). A payload may also be a list
+    of such buffers, written back to back: a [H, n, D] slice of a [H, T, D] tensor is H contiguous
+    runs, so it needs no gathering copy before the one copy into the message.
     """
     batch: list = []
     size = 0
