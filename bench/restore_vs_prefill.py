@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     print()
     print(format_table(["path", "tokens", "median s", "tokens/s", "MB/s", "x faster", "goal", "logits bit-exact"], rows,
                        title=f"Restore into DynamicCache vs prefill, SmolLM2-135M, {tokens} tokens ({nbytes / MB:.0f} MB KV; medians)"))
-    print(f"\nsave (durable, one shot): " + ", ".join(f"{p.split('(')[1].rstrip(')')} server {s:.2f}s" for p, s in save_times.items()))
+    print("\nsave (durable, one shot): " + ", ".join(f"{p.split('(')[1].rstrip(')')} server {s:.2f}s" for p, s in save_times.items()))
     for path, check in checks.items():
         print(f"{path}: {check['cache_type']} with {check['cache_tokens']} tokens; next-token logits bit-exact: {check['logits_bit_exact']} "
               f"(max |diff| {check['max_abs_diff']:.3g}); greedy token after {check['next_token']} -> {check['argmax_after']}")

@@ -11,6 +11,8 @@ random KV. Per size and repeat, side by side in one process:
     restore (cpu tier)      Client.restore right after the save: blocks come from the CPU tier
     restore (lmdb)          Client.restore from a server with cpu_tier_bytes=0: every block is read
                             from LMDB and checksum-verified (file pages are in the OS page cache)
+    disk write+fsync        reference: the same bytes written to a new file on the data disk and
+                            fdatasync'd, the ceiling for any durable save on this machine
     grpc raw up / down      reference, not a goal: a bare gRPC server in the same process streaming
                             the same bytes as 2 MiB raw messages (no protobuf, no kvmem), client to
                             server and back, each side copying into a preallocated buffer. It shows
@@ -24,12 +26,13 @@ Goals (issue): restore >= 0.6x and durable save >= 0.4x of the socket figure.
 from __future__ import annotations
 
 import gc
+import os
 import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.common import (
@@ -51,8 +54,21 @@ from bench.common import (
 
 NAME = "throughput"
 GOALS = {"restore (cpu tier)": 0.6, "save (durable)": 0.4}
-PATHS = ["socket", "grpc raw up", "grpc raw down", "save (durable)", "save (non-durable)", "restore (cpu tier)", "restore (lmdb)"]
+PATHS = ["socket", "grpc raw up", "grpc raw down", "disk write+fsync", "save (durable)", "save (non-durable)", "restore (cpu tier)", "restore (lmdb)"]
 RAW_MESSAGE_BYTES = 2 << 20  # the size kvmem batches its stream messages to (kvmem.convert.MAX_CHUNK_BYTES)
+
+
+def disk_write(payload: memoryview, directory: Path) -> float:
+    """Seconds to write ``payload`` to a new file in ``directory`` and fdatasync it (the disk's ceiling)."""
+    path = directory / "disk-baseline.bin"
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as handle:
+        for offset in range(0, len(payload), 4 << 20):
+            handle.write(payload[offset : offset + (4 << 20)])
+        os.fdatasync(handle.fileno())
+    elapsed = time.perf_counter() - start
+    path.unlink()
+    return elapsed
 
 
 def socket_transfer(payload: memoryview, sink: bytearray) -> float:
@@ -205,6 +221,7 @@ def main(argv=None) -> int:
                     raise RuntimeError("socket baseline corrupted the payload")
                 times["grpc raw up"].append(raw.time_upload(payload, sink))
                 times["grpc raw down"].append(raw.time_download(payload, sink))
+                times["disk write+fsync"].append(disk_write(payload, tiered.data_dir))
 
                 sid = f"tp-{tokens}-{rep}"
                 elapsed, response = timed(lambda: tiered_client.save(sid, layers, ids, reuse_prefix=False, overwrite=True))

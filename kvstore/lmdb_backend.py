@@ -19,7 +19,6 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,11 +183,6 @@ class LmdbBackend:
                 total += (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]) * stat["psize"]
             return total
 
-    def db_used_bytes(self, name: str) -> int:
-        with self.read() as txn:
-            stat = txn.stat(self.db[name])
-            return (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]) * stat["psize"]
-
     def _require_open(self) -> None:
         if self._closed:
             raise Unavailable("the store is closed (server shutting down); retry against a running server")
@@ -207,6 +201,3 @@ class LmdbBackend:
                 self.env.sync(True)
                 self.env.close()
 
-
-def data_file(path: Path) -> Path:
-    return Path(os.fspath(path)) / "data.mdb"

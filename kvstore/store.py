@@ -126,9 +126,6 @@ class _Txn:
         self.freed: list[bytes] = []  # storage keys of blocks deleted in this transaction
         self.written: list[Block] = []
 
-    def has_chunk(self, key: bytes) -> bool:
-        return self.txn.get(key, db=self.db["refs"]) is not None
-
     def incref(self, key: bytes) -> bool:
         """Add a reference to a stored chunk; False if it is not stored."""
         raw = self.txn.get(key, db=self.db["refs"])
@@ -259,6 +256,23 @@ class SessionStore:
             blocks.append(encode_block(block_storage_key(key, layer), layer, (spec.num_kv_heads, count, spec.head_dim), code, keys, values, bias))
         return blocks
 
+    def _link_chunks(self, tx: _Txn, refs: list[BlockRef], encoded: dict[bytes, list[Block]], spec: ModelSpec, pieces: KVPieces, reused_until: int = 0) -> tuple[int, int]:
+        """Reference every chunk of ``refs``: share stored ones, write the others from ``pieces``.
+
+        Chunks starting before ``reused_until`` were not sent and must be stored already.
+        Returns (deduplicated tokens, bytes written).
+        """
+        dedup = written = 0
+        for ref in refs:
+            if tx.incref(ref.key):
+                dedup += ref.count
+            elif ref.start < reused_until:
+                raise Conflict(f"the prefix chunk at token {ref.start} is no longer stored; send the save again without reuse_prefix_tokens")
+            else:  # encoded up front unless it vanished since the check (a concurrent delete)
+                blocks = encoded.get(ref.key) or self._encode_chunk(ref.key, spec, pieces, ref.start, ref.count)
+                written += tx.put_chunk(ref.key, blocks)
+        return dedup, written
+
     def _missing_chunks(self, keys: list[bytes]) -> set[bytes]:
         with self.backend.read() as txn:
             return {key for key in keys if txn.get(key, db=self.backend.db["refs"]) is None}
@@ -350,15 +364,7 @@ class SessionStore:
             previous = tx.get_session(skey)
             if previous is not None and not overwrite and not previous.is_expired(now):
                 raise AlreadyExists(f"session {session_id!r} already exists; pass overwrite=true to replace it, or delete it first")
-            dedup = written = 0
-            for ref in record.blocks:
-                if tx.incref(ref.key):
-                    dedup += ref.count
-                elif ref.start < reuse_prefix_tokens:
-                    raise Conflict(f"the prefix chunk at token {ref.start} is no longer stored; send the save again without reuse_prefix_tokens")
-                else:
-                    blocks = encoded.get(ref.key) or self._encode_chunk(ref.key, spec, pieces, ref.start, ref.count)
-                    written += tx.put_chunk(ref.key, blocks)
+            dedup, written = self._link_chunks(tx, record.blocks, encoded, spec, pieces, reuse_prefix_tokens)
             if previous is not None:
                 for old in previous.blocks:
                     tx.decref(old.key)
@@ -477,12 +483,8 @@ class SessionStore:
             current = tx.get_session(skey)
             if current is None or current.version != record.version or current.is_expired(now):
                 raise Conflict(f"session {session_id!r} changed or vanished during the append; restore it and retry")
-            written = 0
             new_refs = [BlockRef(k, s, c) for k, (s, c) in zip(keys, ranges)]
-            for ref in new_refs:
-                if not tx.incref(ref.key):
-                    blocks = encoded.get(ref.key) or self._encode_chunk(ref.key, spec, pieces, ref.start, ref.count)
-                    written += tx.put_chunk(ref.key, blocks)
+            _, written = self._link_chunks(tx, new_refs, encoded, spec, pieces)
             for ref in replaced:
                 tx.decref(ref.key)
             updated = SessionRecord(
@@ -647,14 +649,15 @@ class SessionStore:
             for tier in self.blocks.tiers
         ]
         lmdb_counters = self.blocks.lmdb_counters
+        used = self.backend.used_bytes()
         tiers.append({
-            "name": "lmdb", "bytes_used": self.backend.used_bytes(), "capacity_bytes": self.config.lmdb_max_map_bytes,
+            "name": "lmdb", "bytes_used": used, "capacity_bytes": self.config.lmdb_max_map_bytes,
             "entries": counters["chunks"], **vars(lmdb_counters),
         })
         return {
             **counters,
             "tiers": tiers,
             "lmdb_map_bytes": self.backend.map_bytes,
-            "lmdb_used_bytes": self.backend.used_bytes(),
+            "lmdb_used_bytes": used,
             "chunk_tokens": self.config.chunk_tokens,
         }

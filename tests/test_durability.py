@@ -1,10 +1,8 @@
 """Durability across process death: graceful restarts, SIGKILL during concurrent saves, in-flight calls on SIGTERM."""
-import random
 import threading
 import time
 
 import grpc
-import pytest
 import torch
 
 from kvmem.client import Client

@@ -3,7 +3,6 @@ import threading
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -220,3 +219,29 @@ def test_append_through_client_checks_length(client, kept):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(restored.layers, grown))
     with pytest.raises(errors.Conflict):
         client.append("kept", grown, [1, 2, 3, 4, 5, 6])  # the cache no longer matches the stored length
+
+
+def test_ttl_expiry_through_the_running_service(tmp_path):
+    import time
+
+    from server import create_service
+
+    config = ServiceConfig(
+        server=ServerConfig(port=0, log_format="text", maintenance_seconds=0.2),
+        store=StoreConfig(data_dir=tmp_path, chunk_tokens=16, lmdb_map_bytes=8 << 20),
+    )
+    service = create_service(config).start()
+    try:
+        with Client(f"127.0.0.1:{service.port}", spec=TOY_SPEC) as client:
+            client.save("brief", random_layers(TOY_SPEC, 20, seed=1), list(range(20)), ttl_seconds=1)
+            client.save("lasting", random_layers(TOY_SPEC, 20, seed=2), list(range(50, 70)))
+            assert client.get("brief").expires_at_ms > 0
+            deadline = time.monotonic() + 10
+            while client.stats().sessions != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)  # the maintenance thread collects it shortly after it expires
+            assert client.stats().sessions == 1
+            with pytest.raises(errors.NotFound):
+                client.restore("brief")
+            assert [s.session_id for s in client.list()] == ["lasting"]
+    finally:
+        service.stop(grace=1)
