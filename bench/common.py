@@ -246,9 +246,13 @@ def _cell(value: Any) -> str:
 
 
 def write_result(name: str, payload: dict[str, Any]) -> Path:
-    """Write bench/results/<name>.json atomically (via a git-ignored .tmp file)."""
+    """Write bench/results/<name>.json atomically (via a git-ignored .tmp file).
+
+    Smoke runs (payload["quick"]) go to <name>.quick.json, git-ignored, so that CI and local smoke
+    runs never overwrite the committed full-run results.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+    path = RESULTS_DIR / (f"{name}.quick.json" if payload.get("quick") else f"{name}.json")
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_json_default) + "\n")
     os.replace(tmp, path)
