@@ -129,9 +129,43 @@ def _first_header(parts: Iterator, what: str):
     return part.message
 
 
+def _option_value(text: str):
+    """Method options arrive as strings; numbers and booleans are parsed."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _reference_queries(message: pb.ReferenceQueries, spec) -> list | None:
+    """Per-layer float32 [Hq, n, D] tensors from the request, validated against the model spec."""
+    import torch
+
+    if not message.layers:
+        return None
+    heads, count = message.num_query_heads, message.num_queries
+    if len(message.layers) != spec.num_layers:
+        raise InvalidRequest(f"reference queries for {len(message.layers)} layers, but the model has {spec.num_layers}")
+    if heads == 0 or heads % spec.num_kv_heads or count == 0:
+        raise InvalidRequest(f"reference queries need num_query_heads (a multiple of {spec.num_kv_heads}) and num_queries > 0")
+    expected = heads * count * spec.head_dim * 4
+    tensors = []
+    for index, data in enumerate(message.layers):
+        if len(data) != expected:
+            raise InvalidRequest(f"reference queries, layer {index}: {len(data)} bytes, expected {expected} (float32 [{heads}, {count}, {spec.head_dim}])")
+        tensors.append(torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(heads, count, spec.head_dim).copy()))
+    return tensors
+
+
 class KVMemServicer(pb_grpc.KVMemServicer):
-    def __init__(self, store: SessionStore):
+    def __init__(self, store: SessionStore, host=None):
         self.store = store
+        self.host = host  # the hosted model (kvstore.model_host.ModelHost) or None
 
     @unary
     def SaveSession(self, request_iterator, context):
@@ -245,6 +279,7 @@ def method_handlers(servicer: KVMemServicer) -> dict[str, grpc.RpcMethodHandler]
         "ListSessions": plain(servicer.ListSessions, pb.ListSessionsRequest, pb.ListSessionsResponse),
         "DeleteSession": plain(servicer.DeleteSession, pb.DeleteSessionRequest, pb.DeleteSessionResponse),
         "GetStats": plain(servicer.GetStats, pb.GetStatsRequest, pb.GetStatsResponse),
+        "Compact": plain(servicer.Compact, pb.CompactRequest, pb.CompactResponse),
     }
 
 
@@ -289,15 +324,25 @@ class Service:
         log.info("stopped", extra={"fields": {"port": self.port}})
 
 
+def model_cache_dir(config: ServiceConfig) -> Path:
+    return Path(config.model.cache_dir) if config.model.cache_dir else Path(config.store.data_dir) / "models"
+
+
 def create_service(config: ServiceConfig, store: SessionStore | None = None) -> Service:
-    """Open the store and bind the gRPC server (port 0 picks a free port). Not started yet."""
+    """Open the store and bind the gRPC server (port 0 picks a free port). Not started yet.
+
+    The configured model is hosted lazily: it is loaded on the first request that needs it.
+    """
+    from kvstore.model_host import ModelHost
+
     store = store or SessionStore.open(config.store)
+    host = ModelHost(config.model.name, model_cache_dir(config)) if config.model.name else None
     limit = config.server.max_message_bytes
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="kvmem-rpc"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(KVMemServicer(store))),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(KVMemServicer(store, host))),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
@@ -313,8 +358,7 @@ def prepare_model(config: ServiceConfig) -> None:
 
     if config.model.prepare and config.model.name == BUNDLED_NAME:
         started = time.perf_counter()
-        cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else Path(config.store.data_dir) / "models"
-        path = prepare(cache_dir, BUNDLED_NAME)
+        path = prepare(model_cache_dir(config), BUNDLED_NAME)
         log.info("model ready", extra={"fields": {"model": BUNDLED_NAME, "path": str(path), "seconds": round(time.perf_counter() - started, 2)}})
 
 

@@ -83,9 +83,7 @@ class CompactedCache(_dynamic_cache_class()):
         slots = layers[0][0].shape[1]
         self.bias = [b if b is not None else torch.zeros(layers[0][0].shape[0], slots) for b in bias]
         self.slots = slots
-        self.logical_length = int(logical_length)
-        if self.logical_length < slots:
-            raise ValueError(f"logical length {logical_length} is shorter than the {slots} stored slots")
+        self.logical_length = int(logical_length)  # usually > slots; may differ either way
 
     @classmethod
     def for_model(cls, model: Any, layers, bias, logical_length: int) -> "CompactedCache":

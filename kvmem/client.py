@@ -239,20 +239,25 @@ class Client:
 
     # ------------------------------------------------------------------ reads
     @_translate_errors
-    def restore(self, session_id: str, *, spec: ModelSpec | None = None, start: int = 0, end: int = 0, config: Any = None, device: str | torch.device = "cpu") -> RestoredSession:
-        """Restore tokens [start, end) of a session into a DynamicCache (``config``: the model's)."""
+    def restore(self, session_id: str, *, spec: ModelSpec | None = None, start: int = 0, end: int = 0, config: Any = None, model: Any = None, device: str | torch.device = "cpu") -> RestoredSession:
+        """Restore tokens [start, end) of a session into a cache for ``model.generate``.
+
+        Plain sessions become a DynamicCache (``config``: the model's config). Compacted sessions
+        need ``model``: their cache (a CompactedCache) carries attention biases and the original
+        length, and installs kvmem's bias-aware attention on the model.
+        """
         request = pb.RestoreSessionRequest(tenant=self.tenant, session_id=session_id, token_start=start, token_end=end)
         if spec or self.spec:
             request.model.CopyFrom(convert.spec_to_pb(self._spec(spec)))
-        return self._restore(request, config, device)
+        return self._restore(request, config if model is None else model.config, device, model)
 
     @_translate_errors
     def restore_prefix(self, token_ids: Any, *, spec: ModelSpec | None = None, config: Any = None, device: str | torch.device = "cpu") -> RestoredSession:
         """Restore the longest stored prefix of token_ids (NotFound if none is stored)."""
         request = pb.RestoreSessionRequest(tenant=self.tenant, model=convert.spec_to_pb(self._spec(spec)), lookup_token_ids=_token_list(token_ids))
-        return self._restore(request, config, device)
+        return self._restore(request, config, device, None)
 
-    def _restore(self, request: pb.RestoreSessionRequest, config: Any, device: str | torch.device) -> RestoredSession:
+    def _restore(self, request: pb.RestoreSessionRequest, config: Any, device: str | torch.device, model: Any) -> RestoredSession:
         from kvstore.hf_cache import layers_to_cache
 
         parts = self._restore_stream(request, timeout=self.timeout)
@@ -286,14 +291,50 @@ class Client:
         if torch.device(device).type != "cpu":
             layers = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True)) for k, v in layers]
             bias = [b.to(device) for b in bias] if bias is not None else None
+        compacted = header.session.has_bias or header.session.logical_length != header.session.num_tokens
+        if compacted and request.token_start == 0 and request.token_end in (0, header.session.num_tokens):
+            if model is None:
+                raise InvalidRequest(f"session {header.session.session_id!r} is compacted: pass model=... to restore() so its cache can apply the attention biases")
+            from compaction.inference import CompactedCache
+
+            cache = CompactedCache.for_model(model, layers, bias or [None] * len(layers), header.session.logical_length)
+        else:
+            cache = layers_to_cache(layers, config)
         return RestoredSession(
             info=header.session,
             token_ids=torch.tensor(list(header.token_ids), dtype=torch.long),
             positions=torch.tensor(list(header.positions), dtype=torch.long),
             layers=layers,
             bias=bias,
-            cache=layers_to_cache(layers, config),
+            cache=cache,
         )
+
+    @_translate_errors
+    def compact(
+        self,
+        session_id: str,
+        method: str = "attention_matching",
+        *,
+        ratio: float = 0.0,
+        budget: int = 0,
+        target_session_id: str = "",
+        replace: bool = False,
+        queries: Sequence[torch.Tensor] | None = None,
+        held_out: Sequence[torch.Tensor] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> pb.CompactResponse:
+        """Compact a stored session (give ratio or budget). ``queries``/``held_out``: per layer
+        [Hq, n, D] post-RoPE reference queries; without them the server uses its hosted model."""
+        request = pb.CompactRequest(
+            tenant=self.tenant, session_id=session_id, method=method, ratio=ratio, budget=budget,
+            target_session_id=target_session_id, replace=replace, options={k: str(v) for k, v in (options or {}).items()},
+        )
+        for field, tensors in (("queries", queries), ("held_out", held_out)):
+            if tensors is not None:
+                message = getattr(request, field)
+                message.num_query_heads, message.num_queries = tensors[0].shape[0], tensors[0].shape[1]
+                message.layers.extend(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes() for t in tensors)
+        return self._stub.Compact(request, timeout=self.timeout)
 
     @_translate_errors
     def lookup(self, token_ids: Any, *, spec: ModelSpec | None = None) -> int:

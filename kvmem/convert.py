@@ -58,6 +58,7 @@ def session_info(record: SessionRecord) -> pb.SessionInfo:
         parent_session_id=record.parent_session_id,
         fork_offset=record.fork_offset,
         version=record.version,
+        labels=record.labels,
     )
 
 

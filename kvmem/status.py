@@ -9,7 +9,7 @@ ERROR_CODES: dict[type[errors.KvmemError], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ModelMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Conflict: grpc.StatusCode.ABORTED,
     errors.CapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.CorruptData: grpc.StatusCode.DATA_LOSS,

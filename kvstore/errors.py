@@ -22,7 +22,11 @@ class InvalidRequest(KvmemError):
     """The request itself is malformed: wrong shapes, dtypes, ranges, ids."""
 
 
-class ModelMismatch(KvmemError):
+class FailedPrecondition(KvmemError):
+    """The request is well-formed but does not fit the session's state (e.g. already compacted)."""
+
+
+class ModelMismatch(FailedPrecondition):
     """The stored cache belongs to a different model spec than the caller's."""
 
 

@@ -313,6 +313,7 @@ class SessionStore:
         ttl_seconds: int = 0,
         overwrite: bool = False,
         reuse_prefix_tokens: int = 0,
+        labels: dict[str, str] | None = None,
     ) -> WriteResult:
         """Store a session atomically. ``pieces`` covers tokens [reuse_prefix_tokens, T).
 
@@ -356,7 +357,7 @@ class SessionStore:
         record = SessionRecord(
             tenant, session_id, spec, token_ids, [BlockRef(k, s, c) for k, (s, c) in zip(keys, ranges)],
             positions=positions, logical_length=logical_length, has_bias=has_bias, chained=chained,
-            created_at_ms=now, updated_at_ms=now, expires_at_ms=self._expiry(ttl_seconds, now),
+            created_at_ms=now, updated_at_ms=now, expires_at_ms=self._expiry(ttl_seconds, now), labels=dict(labels or {}),
         )
         skey = session_key(tenant, session_id)
 

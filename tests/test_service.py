@@ -121,7 +121,7 @@ def test_unknown_session_is_not_found_everywhere(client, kept, service):
 
 def test_restore_into_another_model_is_failed_precondition(client, kept, service):
     other = ModelSpec("toy-model", L, H, D * 2)
-    with pytest.raises(errors.ModelMismatch) as info:
+    with pytest.raises(errors.FailedPrecondition) as info:
         client.restore("kept", spec=other)
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION and "head_dim" in str(info.value)
     assert_still_serving(client, kept, service.port)

@@ -61,7 +61,14 @@ class KVChunks(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[KVChunk, _Mapping]]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("tenant", "session_id", "model", "num_tokens", "logical_length", "has_bias", "created_at_ms", "updated_at_ms", "expires_at_ms", "kv_bytes", "parent_session_id", "fork_offset", "version")
+    __slots__ = ("tenant", "session_id", "model", "num_tokens", "logical_length", "has_bias", "created_at_ms", "updated_at_ms", "expires_at_ms", "kv_bytes", "parent_session_id", "fork_offset", "version", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +82,7 @@ class SessionInfo(_message.Message):
     PARENT_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FORK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     model: ModelSpec
@@ -88,7 +96,8 @@ class SessionInfo(_message.Message):
     parent_session_id: str
     fork_offset: int
     version: int
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., num_tokens: _Optional[int] = ..., logical_length: _Optional[int] = ..., has_bias: _Optional[bool] = ..., created_at_ms: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., parent_session_id: _Optional[str] = ..., fork_offset: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., num_tokens: _Optional[int] = ..., logical_length: _Optional[int] = ..., has_bias: _Optional[bool] = ..., created_at_ms: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., parent_session_id: _Optional[str] = ..., fork_offset: _Optional[int] = ..., version: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SaveHeader(_message.Message):
     __slots__ = ("tenant", "session_id", "model", "token_ids", "positions", "logical_length", "has_bias", "ttl_seconds", "overwrite", "reuse_prefix_tokens")
@@ -343,3 +352,64 @@ class GetStatsResponse(_message.Message):
     lmdb_used_bytes: int
     chunk_tokens: int
     def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., chunks: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., lmdb_map_bytes: _Optional[int] = ..., lmdb_used_bytes: _Optional[int] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...
+
+class ReferenceQueries(_message.Message):
+    __slots__ = ("num_query_heads", "num_queries", "layers")
+    NUM_QUERY_HEADS_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    num_query_heads: int
+    num_queries: int
+    layers: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, num_query_heads: _Optional[int] = ..., num_queries: _Optional[int] = ..., layers: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class CompactRequest(_message.Message):
+    __slots__ = ("tenant", "session_id", "method", "ratio", "budget", "target_session_id", "replace", "queries", "held_out", "options")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    method: str
+    ratio: float
+    budget: int
+    target_session_id: str
+    replace: bool
+    queries: ReferenceQueries
+    held_out: ReferenceQueries
+    options: _containers.ScalarMap[str, str]
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., method: _Optional[str] = ..., ratio: _Optional[float] = ..., budget: _Optional[int] = ..., target_session_id: _Optional[str] = ..., replace: _Optional[bool] = ..., queries: _Optional[_Union[ReferenceQueries, _Mapping]] = ..., held_out: _Optional[_Union[ReferenceQueries, _Mapping]] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CompactResponse(_message.Message):
+    __slots__ = ("session", "method", "kept_tokens", "slots", "bytes_before", "bytes_after", "seconds", "heldout_attention_error")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    KEPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_ATTENTION_ERROR_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    method: str
+    kept_tokens: float
+    slots: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    heldout_attention_error: float
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., method: _Optional[str] = ..., kept_tokens: _Optional[float] = ..., slots: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., seconds: _Optional[float] = ..., heldout_attention_error: _Optional[float] = ...) -> None: ...

@@ -80,6 +80,11 @@ class KVMemStub:
                 request_serializer=kvmem_dot_v1_dot_kvmem__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=kvmem_dot_v1_dot_kvmem__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.Compact = channel.unary_unary(
+                '/kvmem.v1.KVMem/Compact',
+                request_serializer=kvmem_dot_v1_dot_kvmem__pb2.CompactRequest.SerializeToString,
+                response_deserializer=kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.FromString,
+                _registered_method=True)
 
 
 class KVMemServicer:
@@ -150,6 +155,14 @@ class KVMemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Compact(self, request, context):
+        """Compacts a stored session (Attention Matching or token eviction) and stores the result
+        beside it (or in its place). Atomic: a failure stores nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVMemServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +210,11 @@ def add_KVMemServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=kvmem_dot_v1_dot_kvmem__pb2.GetStatsRequest.FromString,
                     response_serializer=kvmem_dot_v1_dot_kvmem__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'Compact': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compact,
+                    request_deserializer=kvmem_dot_v1_dot_kvmem__pb2.CompactRequest.FromString,
+                    response_serializer=kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +461,33 @@ class KVMem:
             '/kvmem.v1.KVMem/GetStats',
             kvmem_dot_v1_dot_kvmem__pb2.GetStatsRequest.SerializeToString,
             kvmem_dot_v1_dot_kvmem__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmem.v1.KVMem/Compact',
+            kvmem_dot_v1_dot_kvmem__pb2.CompactRequest.SerializeToString,
+            kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.FromString,
             options,
             channel_credentials,
             insecure,

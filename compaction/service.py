@@ -1,0 +1,119 @@
+"""Compacting stored sessions: load the full cache, get reference queries, compact, store atomically."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from compaction.base import CompactionInput, Target, make_compactor
+from compaction.metrics import mean_attention_error
+from kvstore.errors import FailedPrecondition, InvalidRequest
+from kvstore.model_host import ModelHost
+from kvstore.records import SessionRecord
+from kvstore.store import SessionStore
+
+COMPACTION_LABEL = "compaction"
+QUERY_METHODS_WITHOUT_HOST = ("streaming_llm", "knorm", "random")  # need no queries at all
+
+
+@dataclass(frozen=True)
+class CompactReport:
+    record: SessionRecord
+    method: str
+    kept_tokens: float
+    slots: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    heldout_attention_error: float  # -1 when no held-out queries
+
+
+def default_target_id(session_id: str, method: str, target: Target) -> str:
+    amount = f"r{target.ratio:g}" if target.ratio is not None else f"b{target.budget}"
+    return f"{session_id}@{method}-{amount}"
+
+
+def load_layers(store: SessionStore, tenant: str, session_id: str) -> tuple[SessionRecord, list[torch.Tensor], list[torch.Tensor]]:
+    """The stored session and its per-layer keys, values [H, T, D]."""
+    plan = store.restore(tenant, session_id)
+    spec = plan.record.spec
+    shape = (spec.num_kv_heads, plan.end, spec.head_dim)
+    keys = [torch.empty(shape, dtype=spec.torch_dtype) for _ in range(spec.num_layers)]
+    values = [torch.empty(shape, dtype=spec.torch_dtype) for _ in range(spec.num_layers)]
+    from kvstore.pieces import tensor_raw_view
+
+    raw = [(tensor_raw_view(k), tensor_raw_view(v)) for k, v in zip(keys, values)]
+    for piece in plan.pieces():
+        k, v = raw[piece.layer]
+        piece_shape = (shape[0], piece.num_tokens, shape[2])
+        k[:, piece.token_start : piece.token_start + piece.num_tokens] = np.frombuffer(piece.keys, dtype=k.dtype).reshape(piece_shape)
+        v[:, piece.token_start : piece.token_start + piece.num_tokens] = np.frombuffer(piece.values, dtype=v.dtype).reshape(piece_shape)
+    return plan.record, keys, values
+
+
+def compact_session(
+    store: SessionStore,
+    host: ModelHost | None,
+    tenant: str,
+    session_id: str,
+    method: str,
+    target: Target,
+    *,
+    target_session_id: str = "",
+    replace: bool = False,
+    queries: list[torch.Tensor] | None = None,
+    held_out: list[torch.Tensor] | None = None,
+    options: dict | None = None,
+) -> CompactReport:
+    """Compact a stored session and store the result (beside it, or replacing it). Atomic."""
+    started = time.perf_counter()
+    compactor = make_compactor(method, **(options or {}))
+    record = store.get(tenant, session_id)
+    if record.has_bias or COMPACTION_LABEL in record.labels or record.logical_length != record.num_tokens:
+        used = record.labels.get(COMPACTION_LABEL, "an unknown method")
+        raise FailedPrecondition(f"session {session_id!r} is already compacted (with {used}); compact the original session with {method!r} instead")
+    target.tokens(record.num_tokens)  # validates the budget against the session length
+    _, keys, values = load_layers(store, tenant, session_id)
+    if queries is None and method not in QUERY_METHODS_WITHOUT_HOST:
+        queries, held_out = _host_queries(host, record, method)
+    inputs = CompactionInput(keys, values, queries, held_out, torch.arange(record.num_tokens), record.num_tokens)
+    result = compactor.compact(inputs, target)
+    error = mean_attention_error(inputs, result) if held_out is not None else -1.0
+
+    slots = result.slots
+    first = result.layers[0].indices[0]
+    kept_index = first.clamp_min(0).numpy()
+    pieces = store.new_pieces(record.spec, 0, slots, has_bias=True)
+    for layer, compacted in enumerate(result.layers):
+        bias = compacted.bias if compacted.bias is not None else torch.zeros(compacted.keys.shape[:2])
+        pieces.add_tensors(layer, 0, compacted.keys.contiguous(), compacted.values.contiguous(), bias.contiguous())
+    labels = {
+        COMPACTION_LABEL: method,
+        "source": session_id,
+        "ratio": f"{result.kept.float().mean().item() / record.num_tokens:.6f}",
+        "kept_per_head": f"{result.kept.float().mean().item():.2f}",
+        "slots": str(slots),
+    }
+    destination = session_id if replace else (target_session_id or default_target_id(session_id, method, target))
+    saved = store.save(
+        tenant, destination, record.spec, record.token_ids[kept_index], pieces,
+        positions=np.asarray(kept_index, dtype=np.int64), logical_length=record.num_tokens, overwrite=replace, labels=labels,
+    )
+    bias_bytes = 4 * slots * record.spec.num_layers * record.spec.num_kv_heads
+    return CompactReport(
+        saved.record, method, float(result.kept.float().mean()), slots, record.kv_bytes, saved.record.kv_bytes + bias_bytes,
+        time.perf_counter() - started, error,
+    )
+
+
+def _host_queries(host: ModelHost | None, record: SessionRecord, method: str):
+    if host is None:
+        raise InvalidRequest(f"{method} needs reference queries: this server hosts no model, so supply them in the request")
+    host.require_spec(record.spec, f"compacting session {record.session_id!r}")
+    from compaction.references import repeat_prefill_queries
+
+    with host.use() as (model, tokenizer):
+        refs = repeat_prefill_queries(model, tokenizer, torch.from_numpy(record.token_ids.astype(np.int64)).view(1, -1))
+    return refs.queries, refs.held_out
