@@ -3,6 +3,7 @@
     kvmem serve --data-dir data            # same as: python server.py --data-dir data
     kvmem ls | info ID | rm ID | stats      # against --address (default 127.0.0.1:50051)
     kvmem prepare-model --cache-dir DIR     # convert the bundled SmolLM2 once
+    kvmem compact --method attention_matching --ratio 0.1 --sessions a b c   # or --all
 """
 from __future__ import annotations
 
@@ -42,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (("info", "show one session"), ("rm", "delete a session")):
         commands.add_parser(name, help=text).add_argument("session_id")
     commands.add_parser("stats", help="tiers, bytes, hit rates, deduplication")
+    compact = commands.add_parser("compact", help="compact stored sessions (resumable: finished ones are skipped)")
+    compact.add_argument("--method", default="attention_matching")
+    amount = compact.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--ratio", type=float, help="kept fraction in (0, 1]")
+    amount.add_argument("--budget", type=int, help="kept tokens per KV head")
+    chosen = compact.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--sessions", nargs="+", metavar="ID")
+    chosen.add_argument("--all", action="store_true", help="every uncompacted session of the tenant")
+    compact.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. selection=omp")
     prepare = commands.add_parser("prepare-model", help="convert the bundled SmolLM2 GGUF once")
     prepare.add_argument("--cache-dir", type=Path, default=Path("data/models"))
     args = parser.parse_args(argv)
@@ -61,9 +71,52 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"deleted {args.session_id}: {client.delete(args.session_id)} bytes freed")
             elif args.command == "stats":
                 _print(client.stats())
+            elif args.command == "compact":
+                return _compact(client, args)
     except KvmemError as exc:
         print(f"kvmem: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _compact(client, args) -> int:
+    """Compact each session unless its compacted version exists already (so a rerun resumes).
+
+    Each Compact call is atomic on the server: an interrupted run never leaves a half-written session.
+    """
+    from compaction.base import Target
+    from compaction.service import COMPACTION_LABEL, default_target_id
+    from kvstore.errors import NotFound
+
+    target = Target(ratio=args.ratio) if args.ratio is not None else Target(budget=args.budget)
+    options = dict(item.split("=", 1) for item in args.option)
+    if args.all:
+        sessions = [info.session_id for info in client.list() if COMPACTION_LABEL not in info.labels]
+    else:
+        sessions = list(args.sessions)
+    done = skipped = 0
+    try:
+        for index, session_id in enumerate(sessions, 1):
+            destination = default_target_id(session_id, args.method, target)
+            try:
+                client.get(destination)
+                skipped += 1
+                print(f"[{index}/{len(sessions)}] {session_id}: already compacted as {destination}, skipped", flush=True)
+                continue
+            except NotFound:
+                pass
+            response = client.compact(session_id, args.method, ratio=args.ratio or 0.0, budget=args.budget or 0, options=options)
+            done += 1
+            error = f", held-out attention error {response.heldout_attention_error:.3f}" if response.heldout_attention_error >= 0 else ""
+            print(
+                f"[{index}/{len(sessions)}] {session_id} -> {response.session.session_id}: {response.bytes_before / 1e6:.1f} MB -> "
+                f"{response.bytes_after / 1e6:.1f} MB, {response.kept_tokens:.1f} keys/head{error}, {response.seconds:.1f}s",
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        print(f"interrupted after {done} compacted, {skipped} skipped; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"done: {done} compacted, {skipped} already done, {len(sessions)} sessions")
     return 0
 
 
