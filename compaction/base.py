@@ -156,6 +156,13 @@ def register(name: str):
     return wrap
 
 
+def available_methods() -> list[str]:
+    """Names of every registered compaction method."""
+    import compaction.registry  # noqa: F401 - imports every method module so that each registers
+
+    return sorted(REGISTRY)
+
+
 def make_compactor(name: str, **options) -> Compactor:
     """The compactor registered under ``name``; InvalidRequest naming the known ones otherwise."""
     import compaction.registry  # noqa: F401 - imports every method module so that each registers

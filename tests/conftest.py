@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvmem.client import Client
-from kvmem.config import ServerConfig, ServiceConfig
+from kvmem.config import ModelConfig, ServerConfig, ServiceConfig
 from kvstore.spec import ModelSpec
 from kvstore.store import SessionStore, StoreConfig
 
@@ -76,6 +76,7 @@ def service(tmp_path):
     config = ServiceConfig(
         server=ServerConfig(port=0, log_format="text", max_message_bytes=8 << 20),
         store=StoreConfig(data_dir=tmp_path / "svc", chunk_tokens=16, lmdb_map_bytes=16 << 20, lmdb_max_map_bytes=256 << 20),
+        model=ModelConfig(cache_dir=str(MODEL_CACHE), prepare=False),  # hosted lazily, shared with the tests
     )
     running = create_service(config).start()
     yield running

@@ -1,0 +1,111 @@
+"""The Compact RPC and the batch command: results round-trip through the store, bad requests
+change nothing, and compacted sessions restore into a cache that generate can use."""
+import grpc
+import pytest
+import torch
+
+from kvmem.cli import main as cli
+from kvmem.client import Client
+from kvstore import errors
+from kvstore.spec import ModelSpec
+from tests.conftest import TOY_SPEC, random_layers
+
+H, D, L = TOY_SPEC.num_kv_heads, TOY_SPEC.head_dim, TOY_SPEC.num_layers
+
+
+def toy_queries(n=40, seed=0, heads=2 * H):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(heads, n, D, generator=generator) for _ in range(L)]
+
+
+@pytest.fixture
+def toy(client):
+    layers = random_layers(TOY_SPEC, 120, seed=3)
+    client.save("ctx", layers, list(range(120)))
+    return layers
+
+
+@pytest.mark.parametrize("method", ["attention_matching", "snapkv", "h2o", "tova", "knorm", "streaming_llm", "random"])
+def test_every_method_round_trips_through_the_store(client, toy, method):
+    response = client.compact("ctx", method, ratio=0.25, queries=toy_queries(), held_out=toy_queries(seed=1))
+    info = response.session
+    assert info.session_id == f"ctx@{method}-r0.25" and info.has_bias and info.logical_length == 120
+    assert info.labels["compaction"] == method and info.labels["source"] == "ctx"
+    assert response.kept_tokens == pytest.approx(30) and response.slots >= 30 and response.bytes_after < response.bytes_before
+    assert response.heldout_attention_error >= 0
+    restored = client.restore(info.session_id)
+    assert len(restored.layers) == L and restored.layers[0][0].shape == (H, response.slots, D)
+    assert restored.bias is not None and restored.bias[0].shape == (H, response.slots)
+    original = client.restore("ctx")  # the original is untouched
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(original.layers, toy))
+
+
+BAD = {
+    "unknown method": (dict(method="zip", ratio=0.5), grpc.StatusCode.INVALID_ARGUMENT, "unknown compaction method"),
+    "ratio above 1": (dict(method="knorm", ratio=1.5), grpc.StatusCode.INVALID_ARGUMENT, "ratio"),
+    "no ratio nor budget": (dict(method="knorm"), grpc.StatusCode.INVALID_ARGUMENT, "ratio"),
+    "budget above length": (dict(method="knorm", budget=500), grpc.StatusCode.INVALID_ARGUMENT, "larger than the session"),
+    "too few queries": (dict(method="attention_matching", ratio=0.5, queries=toy_queries(n=1, heads=H)), grpc.StatusCode.INVALID_ARGUMENT, "reference queries"),
+    "nan queries": (dict(method="attention_matching", ratio=0.5, queries=[q.index_fill(1, torch.tensor([3]), float("nan")) for q in toy_queries()]), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    "inf queries": (dict(method="snapkv", ratio=0.5, queries=[q.index_fill(1, torch.tensor([0]), float("inf")) for q in toy_queries()]), grpc.StatusCode.INVALID_ARGUMENT, "Inf"),
+    "model not hosted": (dict(method="attention_matching", ratio=0.5), grpc.StatusCode.FAILED_PRECONDITION, "supply reference queries"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_compactions_change_nothing(client, toy, case):
+    kwargs, code, message = BAD[case]
+    before = client.stats()
+    with pytest.raises(errors.KvmemError) as info:
+        client.compact("ctx", **kwargs)
+    assert info.value.code == code and message in str(info.value), str(info.value)
+    after = client.stats()
+    assert (after.sessions, after.stored_bytes, after.logical_bytes) == (before.sessions, before.stored_bytes, before.logical_bytes)
+
+
+def test_compacting_a_compacted_session_is_failed_precondition(client, toy):
+    client.compact("ctx", "knorm", ratio=0.5)
+    with pytest.raises(errors.FailedPrecondition, match="already compacted"):
+        client.compact("ctx@knorm-r0.5", "attention_matching", ratio=0.5, queries=toy_queries())
+
+
+def test_replace_swaps_the_session_in_place(client, toy):
+    response = client.compact("ctx", "streaming_llm", ratio=0.5, replace=True)
+    assert response.session.session_id == "ctx" and client.stats().sessions == 1
+    assert client.get("ctx").labels["compaction"] == "streaming_llm"
+
+
+def test_batch_command_resumes_without_redoing(client, service, capsys):
+    for name in ("s1", "s2", "s3"):
+        client.save(name, random_layers(TOY_SPEC, 64, seed=len(name)), list(range(64)))
+    address = ["--address", f"127.0.0.1:{service.port}"]
+    assert cli(address + ["compact", "--method", "knorm", "--ratio", "0.25", "--sessions", "s1", "s2"]) == 0
+    first = capsys.readouterr().out
+    assert "s1 -> s1@knorm-r0.25" in first and "done: 2 compacted" in first
+    assert cli(address + ["compact", "--method", "knorm", "--ratio", "0.25", "--all"]) == 0
+    second = capsys.readouterr().out
+    assert "s1: already compacted" in second and "s3 -> s3@knorm-r0.25" in second and "done: 1 compacted, 2 already done" in second
+    assert sorted(s.session_id for s in client.list()) == ["s1", "s1@knorm-r0.25", "s2", "s2@knorm-r0.25", "s3", "s3@knorm-r0.25"]
+
+
+@pytest.mark.slow
+def test_server_hosted_model_compacts_a_real_session_and_generate_continues(service, smollm2, long_text):
+    model, tokenizer = smollm2
+    ids = tokenizer(long_text, return_tensors="pt").input_ids[:, :400]
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    with Client(f"127.0.0.1:{service.port}", spec=ModelSpec.from_model(model)) as client:
+        client.save("doc", cache, ids)
+        response = client.compact("doc", "attention_matching", ratio=0.25)  # queries from the hosted model
+        assert 0 <= response.heldout_attention_error < 0.5
+        restored = client.restore(response.session.session_id, model=model)
+        assert restored.cache.get_seq_length() == 400
+        from compaction.inference import generation_inputs
+
+        prompt = generation_inputs(400, tokenizer(" This License", return_tensors="pt").input_ids)
+        with torch.no_grad():
+            out = model.generate(prompt, past_key_values=restored.cache, max_new_tokens=12, do_sample=False)
+        text = tokenizer.decode(out[0, 400:])
+        assert len(text.split()) >= 4, text
+        with pytest.raises(errors.InvalidRequest, match="model="):
+            client.restore(response.session.session_id)  # a compacted cache needs the model
