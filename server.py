@@ -260,6 +260,30 @@ class KVMemServicer(pb_grpc.KVMemServicer):
         )
 
 
+    @unary
+    def Compact(self, request, context):
+        from compaction.base import Target
+        from compaction.service import compact_session
+
+        tenant = request.tenant or convert.DEFAULT_TENANT
+        if (request.ratio != 0) == (request.budget > 0):
+            raise InvalidRequest("give exactly one of ratio in (0, 1] or budget > 0")
+        target = Target(ratio=request.ratio) if request.ratio != 0 else Target(budget=request.budget)
+        spec = self.store.get(tenant, request.session_id).spec
+        report = compact_session(
+            self.store, self.host, tenant, request.session_id, request.method, target,
+            target_session_id=request.target_session_id, replace=request.replace,
+            queries=_reference_queries(request.queries, spec), held_out=_reference_queries(request.held_out, spec),
+            options={key: _option_value(value) for key, value in request.options.items()},
+        )
+        log.info("session compacted", extra={"fields": {"tenant": tenant, "session": request.session_id, "method": report.method, "kept": report.kept_tokens, "seconds": round(report.seconds, 3)}})
+        return pb.CompactResponse(
+            session=convert.session_info(report.record), method=report.method, kept_tokens=report.kept_tokens, slots=report.slots,
+            bytes_before=report.bytes_before, bytes_after=report.bytes_after, seconds=report.seconds,
+            heldout_attention_error=report.heldout_attention_error,
+        )
+
+
 def method_handlers(servicer: KVMemServicer) -> dict[str, grpc.RpcMethodHandler]:
     """The service's handlers: generated (de)serializers, except the zero-copy KV streams."""
 

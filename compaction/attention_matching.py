@@ -56,12 +56,15 @@ class AttentionMatching:
     ridge: float | None = None  # value ridge strength (relative); None = choose on held-out queries
     nnls_iters: int = 300
     causal: bool | None = None
+    sinks: int = 0  # always keep the first tokens (attention sinks) ...
+    recent: int = 0  # ... and the most recent ones (where generation continues) ...
+    recent_share: float = 0.5  # ... together at most this share of a head's budget
     seed: int = 0
     name = "attention_matching"
 
     def __post_init__(self) -> None:
-        if self.selection not in ("rms", "omp"):
-            raise InvalidRequest(f"attention_matching selection must be 'rms' or 'omp', got {self.selection!r}")
+        if self.selection not in ("rms", "mean", "omp"):
+            raise InvalidRequest(f"attention_matching selection must be 'rms', 'mean' or 'omp', got {self.selection!r}")
 
     # ------------------------------------------------------------------ driver
     def compact(self, inputs: CompactionInput, target: Target) -> CompactionResult:
@@ -158,19 +161,34 @@ class AttentionMatching:
         return counts
 
     # ------------------------------------------------------------------ key selection
-    def _select(self, q, k, stats: HeadStats, count: int, scale: float, pos) -> torch.Tensor:
-        if self.selection == "rms" or count >= k.shape[0]:
-            return stats.rms.topk(count).indices.sort().values
-        return self._omp(q, k, count, scale, pos)
+    def _forced(self, total: int, count: int) -> torch.Tensor:
+        """Indices always kept: the sinks and the recent window, together at most recent_share of ``count``."""
+        sinks = min(self.sinks, count // 4, total)
+        recent = min(self.recent, int(self.recent_share * count) - sinks, total - sinks)
+        return torch.cat([torch.arange(sinks), torch.arange(total - max(recent, 0), total)]).long()
 
-    def _omp(self, q, k, count: int, scale: float, pos) -> torch.Tensor:
-        """Greedy selection of keys whose exp-scores best reconstruct the attention mass."""
+    def _select(self, q, k, stats: HeadStats, count: int, scale: float, pos) -> torch.Tensor:
+        total = k.shape[0]
+        if count >= total:
+            return torch.arange(total)
+        forced = self._forced(total, count)
+        if self.selection == "omp":
+            chosen = self._omp(q, k, count, scale, pos, forced)
+        else:
+            scores = (stats.rms if self.selection == "rms" else stats.mean).clone()
+            scores[forced] = float("inf")
+            chosen = scores.topk(count).indices
+        return chosen.sort().values
+
+    def _omp(self, q, k, count: int, scale: float, pos, forced: torch.Tensor) -> torch.Tensor:
+        """Greedy selection (after ``forced``) of keys whose exp-scores best reconstruct the attention mass."""
         s = self._logits(q, k, scale, pos)
         e = torch.exp(s - s.max(dim=1, keepdim=True).values)  # [n, T]
         mass = e.sum(1)
         residual = mass.clone()
         norms = e.norm(dim=0).clamp_min(1e-12)
         selected = torch.zeros(k.shape[0], dtype=torch.bool)
+        selected[forced] = True
         step = max(1, count // 16)
         while int(selected.sum()) < count:
             corr = (e.T @ residual) / norms

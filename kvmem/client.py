@@ -239,17 +239,18 @@ class Client:
 
     # ------------------------------------------------------------------ reads
     @_translate_errors
-    def restore(self, session_id: str, *, spec: ModelSpec | None = None, start: int = 0, end: int = 0, config: Any = None, model: Any = None, device: str | torch.device = "cpu") -> RestoredSession:
+    def restore(self, session_id: str, *, spec: ModelSpec | None = None, start: int = 0, end: int = 0, config: Any = None, model: Any = None, device: str | torch.device = "cpu", build_cache: bool = True) -> RestoredSession:
         """Restore tokens [start, end) of a session into a cache for ``model.generate``.
 
         Plain sessions become a DynamicCache (``config``: the model's config). Compacted sessions
         need ``model``: their cache (a CompactedCache) carries attention biases and the original
-        length, and installs kvmem's bias-aware attention on the model.
+        length, and installs kvmem's bias-aware attention on the model. ``build_cache=False``
+        returns only the tensors (``cache`` is None).
         """
         request = pb.RestoreSessionRequest(tenant=self.tenant, session_id=session_id, token_start=start, token_end=end)
         if spec or self.spec:
             request.model.CopyFrom(convert.spec_to_pb(self._spec(spec)))
-        return self._restore(request, config if model is None else model.config, device, model)
+        return self._restore(request, config if model is None else model.config, device, model, build_cache)
 
     @_translate_errors
     def restore_prefix(self, token_ids: Any, *, spec: ModelSpec | None = None, config: Any = None, device: str | torch.device = "cpu") -> RestoredSession:
@@ -257,7 +258,7 @@ class Client:
         request = pb.RestoreSessionRequest(tenant=self.tenant, model=convert.spec_to_pb(self._spec(spec)), lookup_token_ids=_token_list(token_ids))
         return self._restore(request, config, device, None)
 
-    def _restore(self, request: pb.RestoreSessionRequest, config: Any, device: str | torch.device, model: Any) -> RestoredSession:
+    def _restore(self, request: pb.RestoreSessionRequest, config: Any, device: str | torch.device, model: Any, build_cache: bool = True) -> RestoredSession:
         from kvstore.hf_cache import layers_to_cache
 
         parts = self._restore_stream(request, timeout=self.timeout)
@@ -292,7 +293,9 @@ class Client:
             layers = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True)) for k, v in layers]
             bias = [b.to(device) for b in bias] if bias is not None else None
         compacted = header.session.has_bias or header.session.logical_length != header.session.num_tokens
-        if compacted and request.token_start == 0 and request.token_end in (0, header.session.num_tokens):
+        if not build_cache:
+            cache = None
+        elif compacted and request.token_start == 0 and request.token_end in (0, header.session.num_tokens):
             if model is None:
                 raise InvalidRequest(f"session {header.session.session_id!r} is compacted: pass model=... to restore() so its cache can apply the attention biases")
             from compaction.inference import CompactedCache
