@@ -80,9 +80,8 @@ class CompactedCache(_dynamic_cache_class()):
         super().__init__(config=config) if config is not None else super().__init__()
         filled = layers_to_cache(layers, config)
         self.layers = filled.layers
-        slots = layers[0][0].shape[1]
-        self.bias = [b if b is not None else torch.zeros(layers[0][0].shape[0], slots) for b in bias]
-        self.slots = slots
+        self.slots = [keys.shape[1] for keys, _ in layers]  # stored slots per layer (may differ)
+        self.bias = [b if b is not None else torch.zeros(keys.shape[0], keys.shape[1]) for (keys, _), b in zip(layers, bias)]
         self.logical_length = int(logical_length)  # usually > slots; may differ either way
 
     @classmethod
@@ -92,7 +91,7 @@ class CompactedCache(_dynamic_cache_class()):
         return cls(layers, bias, logical_length, model.config)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return super().get_seq_length(layer_idx) - self.slots + self.logical_length
+        return super().get_seq_length(layer_idx) - self.slots[layer_idx] + self.logical_length
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)

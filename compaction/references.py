@@ -1,18 +1,18 @@
-"""Reference queries from the model itself: repeat-prefill plus the context's recent queries.
+"""Reference queries from the model itself (query-agnostic: no future question is seen).
 
-The model reads the context, then an instruction to repeat it, then the context again, in one
-forward pass with queries captured post-RoPE:
+* self-study: the model continues the context by itself (``self_study`` sampled tokens, seeded);
+  the queries of that continuation are what it asks of the context while generating from it;
+* recent context queries: the context's own last ``window`` queries, added ``window_weight``
+  times (a weight, by repetition): what the model asks right where generation resumes;
+* repeat-prefill (optional): an instruction to repeat the context, then the context again; the
+  queries of the repeated tokens see every context key.
 
-* the queries of the repeated tokens are what the model "asks" of the context when it has to
-  reproduce it, and they see every context key; the first 80% are reference queries, the last
-  20% are held out for measuring quality;
-* the context's own last ``window`` queries (the same pass's first part, so free) are what the
-  model asks right where generation continues; they are added ``window_weight`` times (a weight,
-  by repetition). On SmolLM2 (768-token real context, 10% kept, error on the true continuation's
-  queries) repeat-only references gave 0.39 relative error, SnapKV 0.31, and repeat + 4x the last
-  128 context queries 0.27-0.28: the recent window is what makes Attention Matching win there.
-
-Neither part sees a future question: the references are query-agnostic.
+All come from one forward pass (context, continuation[, instruction, repeat]) with queries
+captured post-RoPE. The last 20% of the continuation (and of the repeat) are held out to measure
+quality. Measured on SmolLM2 (768-token real context, 10% kept, relative attention error on the
+true continuation's queries / continuation NLL; full cache NLL 2.59):
+repeat + window 0.28 / 3.17, self-study + window 0.21 / 3.03, self-study + repeat + window
+0.25 / 3.18; SnapKV 0.31 / 2.68 (tests/test_attention_matching.py, docs/compaction.md).
 """
 from __future__ import annotations
 
@@ -25,33 +25,61 @@ REPEAT_PROMPT = "\n\nRepeat the text above exactly.\n\n"
 
 @dataclass
 class References:
-    """queries, held_out: per layer [Hq, n, D] post-RoPE; cache: the context's own KV (DynamicCache)."""
+    """queries, held_out: per layer [Hq, n, D] post-RoPE."""
 
     queries: list[torch.Tensor]
     held_out: list[torch.Tensor]
+    continuation_tokens: int
     repeated_tokens: int
 
 
-def repeat_prefill_queries(
-    model, tokenizer, context_ids: torch.Tensor, max_repeat: int = 2048, held_out_fraction: float = 0.2, window: int = 128, window_weight: int = 4,
-) -> References:
-    """Reference and held-out queries for compacting ``context_ids`` [1, T].
+def _split(q: torch.Tensor, start: int, end: int, held_out_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    cut = start + int(round((end - start) * (1 - held_out_fraction)))
+    return q[:, start:cut], q[:, cut:end]
 
-    The repeat covers up to the first ``max_repeat`` tokens, shortened to fit the model's window.
-    """
+
+def reference_queries(
+    model, tokenizer, context_ids: torch.Tensor, *, self_study: int = 128, use_repeat: bool = False, max_repeat: int = 2048,
+    window: int = 128, window_weight: int = 4, held_out_fraction: float = 0.2, seed: int = 0,
+) -> References:
+    """Reference and held-out queries for compacting ``context_ids`` [1, T] (see the module doc)."""
     from compaction.queries import capture_queries
 
     context_ids = context_ids.view(1, -1)
     total = context_ids.shape[1]
-    prompt = tokenizer(REPEAT_PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
-    model_window = getattr(model.config, "max_position_embeddings", 0) or (2 * total + prompt.shape[1])
-    repeat = max(8, min(total, max_repeat, model_window - total - prompt.shape[1]))
-    ids = torch.cat([context_ids, prompt, context_ids[:, :repeat]], dim=1)
+    limit = getattr(model.config, "max_position_embeddings", 0) or 1 << 30
+    continuation = context_ids[:, :0]
+    self_study = max(0, min(self_study, limit - total - 1))
+    if self_study:
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(seed)
+            generated = model.generate(context_ids, max_new_tokens=self_study, do_sample=True, top_p=0.9, temperature=0.8, pad_token_id=tokenizer.eos_token_id)
+        continuation = generated[:, total:]
+    parts = [context_ids, continuation]
+    prompt_len = repeat = 0
+    if use_repeat or not continuation.shape[1]:
+        prompt = tokenizer(REPEAT_PROMPT, return_tensors="pt", add_special_tokens=False).input_ids
+        prompt_len = prompt.shape[1]
+        repeat = max(0, min(total, max_repeat, limit - total - continuation.shape[1] - prompt_len))
+        parts += [prompt, context_ids[:, :repeat]]
     with torch.no_grad():
-        captured = capture_queries(model, ids)
-    start = total + prompt.shape[1]
-    split = start + int(round(repeat * (1 - held_out_fraction)))
+        captured = capture_queries(model, torch.cat(parts, dim=1))
     recent = min(window, total)
-    queries = [torch.cat([q[:, start:split]] + [q[:, total - recent : total]] * window_weight, dim=1).contiguous() for q in captured.queries]
-    held_out = [q[:, split:].contiguous() for q in captured.queries]
-    return References(queries, held_out, repeat)
+    study_end = total + continuation.shape[1]
+    repeat_start = study_end + prompt_len
+    queries, held_out = [], []
+    for q in captured.queries:
+        fit_parts, hold_parts = [], []
+        for start, end in ((total, study_end), (repeat_start, repeat_start + repeat)):
+            if end > start:
+                fit, hold = _split(q, start, end, held_out_fraction)
+                fit_parts.append(fit)
+                hold_parts.append(hold)
+        queries.append(torch.cat(fit_parts + [q[:, total - recent : total]] * window_weight, dim=1).contiguous())
+        held_out.append(torch.cat(hold_parts, dim=1).contiguous())
+    return References(queries, held_out, continuation.shape[1], repeat)
+
+
+def repeat_prefill_queries(model, tokenizer, context_ids: torch.Tensor, max_repeat: int = 2048) -> References:
+    """Repeat-prefill and recent-window references only (no self-study): the first variant measured."""
+    return reference_queries(model, tokenizer, context_ids, self_study=0, use_repeat=True, max_repeat=max_repeat)

@@ -112,8 +112,8 @@ def _host_queries(host: ModelHost | None, record: SessionRecord, method: str):
     if host is None:
         raise InvalidRequest(f"{method} needs reference queries: this server hosts no model, so supply them in the request")
     host.require_spec(record.spec, f"compacting session {record.session_id!r}")
-    from compaction.references import repeat_prefill_queries
+    from compaction.references import reference_queries
 
     with host.use() as (model, tokenizer):
-        refs = repeat_prefill_queries(model, tokenizer, torch.from_numpy(record.token_ids.astype(np.int64)).view(1, -1))
+        refs = reference_queries(model, tokenizer, torch.from_numpy(record.token_ids.astype(np.int64)).view(1, -1))
     return refs.queries, refs.held_out

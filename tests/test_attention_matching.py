@@ -11,7 +11,7 @@ from compaction.base import CompactionInput, Target, available_methods, make_com
 from compaction.inference import CompactedCache
 from compaction.metrics import attention_output_errors, mean_attention_error
 from compaction.queries import capture_queries
-from compaction.references import repeat_prefill_queries
+from compaction.references import reference_queries
 
 pytestmark = pytest.mark.slow
 CONTEXT, CONTINUATION = 768, 64
@@ -22,7 +22,7 @@ def setup(smollm2, long_text):
     model, tokenizer = smollm2
     ids = tokenizer(long_text, return_tensors="pt").input_ids[:, 2000 : 2000 + CONTEXT + CONTINUATION]
     context, continuation = ids[:, :CONTEXT], ids[:, CONTEXT:]
-    refs = repeat_prefill_queries(model, tokenizer, context, max_repeat=CONTEXT)
+    refs = reference_queries(model, tokenizer, context)  # self-study + recent window; never the true continuation
     with torch.no_grad():
         full = capture_queries(model, ids)  # context + its true continuation
     keys = [layer.keys[0][:, :CONTEXT].clone() for layer in full.cache.layers]
