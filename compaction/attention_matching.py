@@ -13,8 +13,10 @@ K, V [T, D], with S = Q K^T / sqrt(D), m = rowmax(S), E = exp(S - m) [n, T]:
    ``softmax(Q K_I^T / sqrt(D) + beta) C_v ~ softmax(S) V``, shrunk towards V_I; the ridge
    strength is chosen per head on held-out queries.
 
-Budgets are non-uniform across the heads of a layer (same total): a head gets keys in the order of
-their marginal attention coverage, capped at ``max_head_factor`` times the uniform share. Queries
+With ``nonuniform=True`` budgets differ across the heads of a layer (same total): a head gets keys
+in the order of their marginal attention coverage, capped at ``max_head_factor`` times the uniform
+share; heads are padded to the layer's largest count with masked slots. It is off by default:
+on SmolLM2 it did not lower error or NLL (bench/am_ablation.py) and the padding costs storage. Queries
 are processed in chunks, so memory stays O(chunk * T) whatever the number of queries.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ class AttentionMatching:
     the context's own queries (query i sees keys <= i) — None decides by n == T."""
 
     selection: str = "rms"
-    nonuniform: bool = True
+    nonuniform: bool = False  # per-head budgets; off by default: no gain measured on SmolLM2, and padding costs slots (bench/am_ablation.py)
     max_head_factor: float = 2.0
     min_keys: int = 2
     max_queries: int = 4096  # reference queries per KV head used for fitting (seeded subsample)

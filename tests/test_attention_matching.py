@@ -50,7 +50,7 @@ def test_attention_matching_beats_every_eviction_method_on_held_out_queries(setu
 
 def test_result_shapes_bias_and_budget(setup):
     inputs = _inputs(setup, "attention_matching")
-    result = AttentionMatching().compact(inputs, Target(ratio=0.1))
+    result = AttentionMatching(nonuniform=True).compact(inputs, Target(ratio=0.1))
     budget = round(0.1 * CONTEXT)
     assert result.kept.shape == (30, 3) and torch.all(result.kept.sum(1) == 3 * budget)  # same total per layer
     assert result.slots >= budget and result.slots <= 2 * budget
@@ -61,7 +61,8 @@ def test_result_shapes_bias_and_budget(setup):
         assert layer.values[real].abs().max() < 50 * inputs.values[index].abs().max()  # ridge keeps refit values sane
     errors = attention_output_errors(inputs, result)
     assert errors.shape == (30, 3) and torch.isfinite(errors).all()
-    again = AttentionMatching().compact(inputs, Target(ratio=0.1))
+    again = AttentionMatching(nonuniform=True).compact(inputs, Target(ratio=0.1))
+    assert AttentionMatching().compact(inputs, Target(ratio=0.1)).slots == budget  # uniform: no padding
     assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) for a, b in zip(result.layers, again.layers))
 
 
