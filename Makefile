@@ -29,11 +29,16 @@ bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.throughput --quick
 	$(BIN)/python -m bench.restore_vs_prefill --quick
 	$(BIN)/python -m bench.dedup --quick
+	$(BIN)/python -m bench.am_ablation --quick
+	$(BIN)/python -m bench.compaction --quick
 
 bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.restore_vs_prefill
 	$(BIN)/python -m bench.dedup
+	$(BIN)/python -m bench.am_ablation
+	$(BIN)/python -m bench.compaction
+	# needs kvpress in its own virtualenv (see bench/kvpress_crosscheck.py): python -m bench.kvpress_crosscheck
 
 proto: install  ## regenerate the committed gRPC stubs from proto/
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/kvmem/v1/kvmem.proto
