@@ -40,7 +40,8 @@ computed once and reused across methods and ratios.
 The full run works to a time budget (``--budget-min``, default 40): tasks run in a fixed seeded
 order while the projected cost of the next one fits; each finished task is written to the result
 file at once. Contexts longer than 2048 tokens skip the 50% ratio (Attention Matching at 50% of a
-4k context alone takes ~10 minutes on this 2-core CPU), so the 50% row covers the 2k tasks only.
+4k context alone takes ~200 s with one thread, five times its 25% cost), so the 50% row covers
+the 2k tasks only.
 
     python -m bench.compaction [--quick] [--budget-min 40] [--lengths 2048,2048,4096]
 """
@@ -407,8 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quick and any(r.get("full_correct") for r in records):
             break
         elapsed = time.perf_counter() - run_started
-        costs = per_length_cost.get(length) or [c * (length / known) ** 1.5 for known, cs in per_length_cost.items() for c in cs]
-        estimate = statistics.fmean(costs) if costs else 300.0 * (length / 2048) ** 1.5
+        costs = per_length_cost.get(length) or [c * (length / known) ** 1.2 for known, cs in per_length_cost.items() for c in cs]
+        estimate = statistics.fmean(costs) if costs else 200.0 * (length / 2048) ** 1.2
         if elapsed + estimate > budget:
             skipped.append(f"{kind}-{length}-d{depth}-s{seed} (estimated {estimate:.0f}s, {budget - elapsed:.0f}s left)")
             continue

@@ -81,6 +81,7 @@ def test_ten_percent_compacted_cache_continues_fluently(setup):
     layers = [(layer.keys, layer.values) for layer in result.layers]
     compacted = CompactedCache.for_model(model, layers, [layer.bias for layer in result.layers], CONTEXT)
     compact_nll = _continuation_nll(model, compacted, CONTEXT, continuation)
-    # Measured on this text: full-cache NLL ~2.0 nats/token; the 10% compacted cache stays within
-    # 1.0 nat of it (docs/compaction.md), far below a no-context model (~4+).
+    # Measured (bench/am_ablation.py, same slice of text): full cache 2.59 nats/token, AM at 10%
+    # 2.92, no context at all 4.62. The bound leaves room for machine-to-machine noise while still
+    # failing for a cache that lost the context (docs/compaction.md).
     assert math.isfinite(compact_nll) and compact_nll < full_nll + 1.0, (full_nll, compact_nll)
