@@ -19,9 +19,10 @@ ratios 50%, 25%, 10%, 5%, 2%, one run measures:
   increase of the process RSS over its value at the call's start, sampled every 1 ms from
   /proc/self/statm in a background thread (torch's CPU allocations are invisible to tracemalloc;
   ru_maxrss is a lifetime high-water mark). During each call glibc is told (mallopt) to serve every
-  block of 64 KiB or more with its own mmap, so tensors freed inside the call leave the RSS at once
-  and the call cannot hide its peak in heap memory freed earlier (outside the calls the threshold
-  is 32 MiB). Peaks shorter than the sampling interval can still be missed.
+  block of 64 KiB or more with its own mmap (tensors freed inside the call leave the RSS at once),
+  after ``malloc_trim(0)`` has handed the free heap pages back, so the call cannot hide its peak in
+  memory freed earlier (outside the calls the threshold is 32 MiB). Peaks shorter than the
+  sampling interval can still be missed.
 
 Threads: torch is pinned to ONE thread by default (``--threads``). On this shared 2-core machine
 MKL's two-thread LU (``torch.linalg.solve``, used by Attention Matching's ridge value refit) was
@@ -97,7 +98,8 @@ class PeakRSS:
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakRSS":
-        self.exact = _mmap_threshold(64 << 10)  # during the call: frees return memory at once
+        _malloc_trim()  # give free heap pages back first: reusing them inside the call counts again
+        self.exact = _mmap_threshold(64 << 10)  # during the call: new big blocks are mmaps, freed at once
         self.base = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -109,6 +111,15 @@ class PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, self._rss() - self.base)
         _mmap_threshold(32 << 20)  # outside: heap reuse (mmap for every block made decoding slow)
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _mmap_threshold(size: int) -> bool:
@@ -324,11 +335,15 @@ def plot(rows: list[dict], methods: Sequence[str], path) -> str:
     for ax, (metric, label, logy) in zip(axes.flat, panels):
         for name in methods:
             points = sorted((row["ratio"], row[metric]) for row in rows if row["method"] == name)
+            if points and logy:
+                points = [(x, max(y, 1e-3)) for x, y in points]
             if points:
                 ax.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == AM else 1.2)
         ax.set_xscale("log")
         if logy:
-            ax.set_yscale("symlog", linthresh=0.01)
+            ax.set_yscale("log")
+        if metric == "acc":
+            ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("kept ratio")
         ax.set_title(label)
         ax.grid(True, alpha=0.3)
