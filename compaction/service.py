@@ -38,18 +38,7 @@ def default_target_id(session_id: str, method: str, target: Target) -> str:
 def load_layers(store: SessionStore, tenant: str, session_id: str) -> tuple[SessionRecord, list[torch.Tensor], list[torch.Tensor]]:
     """The stored session and its per-layer keys, values [H, T, D]."""
     plan = store.restore(tenant, session_id)
-    spec = plan.record.spec
-    shape = (spec.num_kv_heads, plan.end, spec.head_dim)
-    keys = [torch.empty(shape, dtype=spec.torch_dtype) for _ in range(spec.num_layers)]
-    values = [torch.empty(shape, dtype=spec.torch_dtype) for _ in range(spec.num_layers)]
-    from kvstore.pieces import tensor_raw_view
-
-    raw = [(tensor_raw_view(k), tensor_raw_view(v)) for k, v in zip(keys, values)]
-    for piece in plan.pieces():
-        k, v = raw[piece.layer]
-        piece_shape = (shape[0], piece.num_tokens, shape[2])
-        k[:, piece.token_start : piece.token_start + piece.num_tokens] = np.frombuffer(piece.keys, dtype=k.dtype).reshape(piece_shape)
-        v[:, piece.token_start : piece.token_start + piece.num_tokens] = np.frombuffer(piece.values, dtype=v.dtype).reshape(piece_shape)
+    keys, values, _ = plan.tensors()
     return plan.record, keys, values
 
 

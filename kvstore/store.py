@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import lmdb
 import numpy as np
+import torch
 
 from kvstore.chunking import ROOT_KEY, block_storage_key, chain_key, chain_keys, chunk_ranges, private_key
 from kvstore.codec import Block, decode_session, encode_block, encode_session, require_little_endian
@@ -91,6 +92,25 @@ class RestorePlan:
     @property
     def positions(self) -> np.ndarray:
         return self.record.positions_or_default()[self.start : self.end]
+
+    def tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+        """The whole range in memory: per layer keys, values [H, n, D] and bias [H, n] (or None)."""
+        from kvstore.pieces import tensor_raw_view
+
+        spec = self.record.spec
+        shape = (spec.num_kv_heads, self.end - self.start, spec.head_dim)
+        keys = [torch.empty(shape, dtype=spec.torch_dtype) for _ in range(spec.num_layers)]
+        values = [torch.empty(shape, dtype=spec.torch_dtype) for _ in range(spec.num_layers)]
+        bias = [torch.empty(shape[:2]) for _ in range(spec.num_layers)] if self.record.has_bias else None
+        raw = [(tensor_raw_view(k), tensor_raw_view(v)) for k, v in zip(keys, values)]
+        for piece in self.pieces():
+            lo, hi = piece.token_start - self.start, piece.token_start - self.start + piece.num_tokens
+            k, v = raw[piece.layer]
+            k[:, lo:hi] = np.frombuffer(piece.keys, dtype=k.dtype).reshape(shape[0], piece.num_tokens, shape[2])
+            v[:, lo:hi] = np.frombuffer(piece.values, dtype=v.dtype).reshape(shape[0], piece.num_tokens, shape[2])
+            if bias is not None:
+                bias[piece.layer][:, lo:hi] = torch.from_numpy(np.frombuffer(piece.bias, dtype="<f4").reshape(shape[0], piece.num_tokens).copy())
+        return keys, values, bias
 
     def pieces(self) -> Iterator[KVPiece]:
         for ref in self.refs:

@@ -42,6 +42,8 @@ def test_round_trip_ranges_and_unaligned_lengths(store):
     save(store, "s", range(53), layers)
     plan, out = restored(store, "s")
     assert plan.num_pieces == 4 * TOY_SPEC.num_layers and same(out, layers)
+    keys, values, bias = store.restore("t", "s", start=7, end=50).tensors()
+    assert bias is None and same([(k, v) for k, v in zip(keys, values)], layers, 7, 50)
     plan, out = restored(store, "s", 10, 40)  # crosses chunk boundaries on both ends
     assert list(plan.token_ids) == list(range(10, 40)) and same(out, layers, 10, 40)
 
