@@ -34,6 +34,7 @@ bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.restore_vs_prefill --quick
 	$(BIN)/python -m bench.dedup --quick
 	$(BIN)/python -m bench.am_ablation --quick
+	$(BIN)/python -m bench.compaction --quick
 
 bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.throughput
