@@ -253,3 +253,40 @@ def decode_session(key: bytes, data: bytes | memoryview) -> SessionRecord:
 
 def dtype_code_of(dtype: torch.dtype) -> int:
     return DTYPE_CODES[dtype]
+
+
+# ---------------------------------------------------------------------------------------- aux
+AUX_MAGIC = b"KVX1"
+AUX_VERSION = 1
+_AUX_HEADER = struct.Struct("<4sBxxxqQ16s")  # magic ver | created_at_ms session_version | checksum
+
+
+@dataclass(frozen=True)
+class AuxRecord:
+    """Data attached to one session (its text, a search index), tagged with the session
+    generation it was derived from: (created_at_ms, version) of the SessionRecord."""
+
+    created_at_ms: int
+    session_version: int
+    payload: bytes
+
+    def matches(self, record: SessionRecord) -> bool:
+        """True when this record was derived from exactly this generation of the session."""
+        return self.created_at_ms == record.created_at_ms and self.session_version == record.version
+
+
+def encode_aux(key: bytes, created_at_ms: int, session_version: int, payload: bytes) -> bytes:
+    prefix = _AUX_HEADER.pack(AUX_MAGIC, AUX_VERSION, created_at_ms, session_version, b"")[:-16]
+    return prefix + _block_checksum(key, prefix, [payload]) + payload
+
+
+def decode_aux(key: bytes, data: bytes | memoryview) -> AuxRecord:
+    """Raises CorruptData when the record is truncated, foreign or fails its checksum."""
+    data = bytes(data)
+    if len(data) < _AUX_HEADER.size:
+        raise CorruptData(f"aux record {key!r} is truncated ({len(data)} bytes)")
+    magic, version, created, session_version, checksum = _AUX_HEADER.unpack_from(data)
+    payload = data[_AUX_HEADER.size :]
+    if magic != AUX_MAGIC or version != AUX_VERSION or _block_checksum(key, data[: _AUX_HEADER.size - 16], [payload]) != checksum:
+        raise CorruptData(f"aux record {key!r} failed its integrity check")
+    return AuxRecord(created, session_version, payload)

@@ -83,7 +83,7 @@ class _SharedExclusiveLock:
 class LmdbBackend:
     """Owns the LMDB environment: short read transactions, serialized write transactions."""
 
-    DBS = ("sessions", "blocks", "refs", "ttl", "meta")
+    DBS = ("sessions", "blocks", "refs", "ttl", "meta", "aux")
 
     def __init__(self, config: LmdbConfig):
         if config.map_bytes > config.max_map_bytes:

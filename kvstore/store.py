@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kvstore.chunking import ROOT_KEY, block_storage_key, chain_key, chain_keys, chunk_ranges, private_key
-from kvstore.codec import Block, decode_session, encode_block, encode_session, require_little_endian
+from kvstore.codec import AuxRecord, Block, decode_aux, decode_session, encode_aux, encode_block, encode_session, require_little_endian
 from kvstore.errors import AlreadyExists, CapacityExceeded, Conflict, InvalidRequest, NotFound
 from kvstore.lmdb_backend import LmdbBackend, LmdbConfig
 from kvstore.pieces import KVPieces
@@ -201,6 +201,7 @@ class _Txn:
 
     def delete_session(self, skey: bytes, record: SessionRecord) -> int:
         freed = sum(self.decref(ref.key) for ref in record.blocks)
+        self.delete_aux(skey)
         self._unindex(skey, record)
         self.txn.delete(skey, db=self.db["sessions"])
         self.counters["sessions"] -= 1
@@ -210,6 +211,31 @@ class _Txn:
         self.counters["logical_bytes"] -= record.kv_bytes
         if record.expires_at_ms:
             self.txn.delete(_ttl_key(record.expires_at_ms, skey), db=self.db["ttl"])
+
+    def put_aux(self, skey: bytes, name: str, record: SessionRecord, payload: bytes) -> None:
+        key = aux_key(skey, name)
+        self.txn.put(key, encode_aux(key, record.created_at_ms, record.version, payload), db=self.db["aux"])
+
+    def get_aux(self, skey: bytes, name: str) -> AuxRecord | None:
+        key = aux_key(skey, name)
+        raw = self.txn.get(key, db=self.db["aux"])
+        return None if raw is None else decode_aux(key, raw)
+
+    def delete_aux(self, skey: bytes, name: str | None = None) -> None:
+        """Delete one aux record of a session, or all of them (name=None)."""
+        if name is not None:
+            self.txn.delete(aux_key(skey, name), db=self.db["aux"])
+            return
+        prefix = aux_key(skey, "")
+        cursor = self.txn.cursor(db=self.db["aux"])
+        doomed = []
+        if cursor.set_range(prefix):
+            for key, _ in cursor:
+                if not bytes(key).startswith(prefix):
+                    break
+                doomed.append(bytes(key))
+        for key in doomed:
+            self.txn.delete(key, db=self.db["aux"])
 
     def save_counters(self) -> None:
         self.txn.put(b"counters", json.dumps(self.counters).encode(), db=self.db["meta"])
@@ -221,6 +247,14 @@ def _ttl_key(expires_at_ms: int, skey: bytes) -> bytes:
 
 def session_key(tenant: str, session_id: str) -> bytes:
     return tenant.encode() + b"\x00" + session_id.encode()
+
+
+def aux_key(skey: bytes, name: str) -> bytes:
+    """Key of a session's aux record: its text ("text") or a derived index ("index/...")."""
+    return skey + b"\x01" + name.encode()
+
+
+TEXT_AUX = "text"
 
 
 class SessionStore:
@@ -334,10 +368,12 @@ class SessionStore:
         overwrite: bool = False,
         reuse_prefix_tokens: int = 0,
         labels: dict[str, str] | None = None,
+        text: str | None = None,
     ) -> WriteResult:
         """Store a session atomically. ``pieces`` covers tokens [reuse_prefix_tokens, T).
 
-        token_ids: uint32 [T]; positions: int64 [T] or None (0..T-1).
+        token_ids: uint32 [T]; positions: int64 [T] or None (0..T-1). ``text``: the session's
+        text, kept beside it for text search (replaced, with every derived index, on overwrite).
         """
         self._validate_ids(tenant, session_id)
         token_ids = np.asarray(token_ids, dtype=np.uint32)
@@ -389,7 +425,10 @@ class SessionStore:
             if previous is not None:
                 for old in previous.blocks:
                     tx.decref(old.key)
+                tx.delete_aux(skey)
             tx.put_session(skey, record, previous)
+            if text:
+                tx.put_aux(skey, TEXT_AUX, record, text.encode())
             return WriteResult(record, deduplicated_tokens=dedup, bytes_written=written)
 
         result = self._write(apply)
@@ -462,8 +501,11 @@ class SessionStore:
         *,
         expected_num_tokens: int | None = None,
         ttl_seconds: int = 0,
+        text: str | None = None,
     ) -> WriteResult:
-        """Add the KV of new tokens; ``pieces`` covers [T_old, T_old + n). Atomic."""
+        """Add the KV of new tokens; ``pieces`` covers [T_old, T_old + n). Atomic.
+
+        ``text`` is appended to the session's stored text."""
         record = self._read_record(tenant, session_id)
         record.spec.require_same(spec, f"session {session_id!r}")
         new_token_ids = np.asarray(new_token_ids, dtype=np.uint32)
@@ -516,6 +558,9 @@ class SessionStore:
                 labels=record.labels,
             )
             tx.put_session(skey, updated, current)
+            if text:
+                old_text = tx.get_aux(skey, TEXT_AUX)
+                tx.put_aux(skey, TEXT_AUX, updated, (old_text.payload if old_text else b"") + text.encode())
             return WriteResult(updated, bytes_written=written)
 
         return self._write(apply)
@@ -583,11 +628,53 @@ class SessionStore:
             if previous is not None:
                 for old in previous.blocks:
                     tx.decref(old.key)
+                tx.delete_aux(target_key)
             tx.put_session(target_key, target, previous)
+            source_text = tx.get_aux(source_key, TEXT_AUX) if at == total else None
+            if source_text is not None:
+                tx.put_aux(target_key, TEXT_AUX, target, source_text.payload)
             copied = new_ref.count if new_ref else 0
             return WriteResult(target, shared_tokens=at - copied, copied_tokens=copied)
 
         return self._write(apply)
+
+    # ----------------------------------------------------------------- aux records
+    def get_aux(self, tenant: str, session_id: str, name: str) -> AuxRecord | None:
+        """A session's aux record, or None. Raises CorruptData when it fails its check."""
+        skey = session_key(tenant, session_id)
+        with self.backend.read() as txn:
+            key = aux_key(skey, name)
+            raw = txn.get(key, db=self.backend.db["aux"])
+            return None if raw is None else decode_aux(key, raw)
+
+    def put_aux(self, tenant: str, session_id: str, records: dict[str, bytes], derived_from: SessionRecord) -> None:
+        """Attach ``records`` (name -> payload) to the session in one transaction, each tagged
+        with the generation it was derived from.
+
+        Raises Conflict when the session changed (or vanished) since ``derived_from`` was read:
+        a derived index of an older generation is never stored as current.
+        """
+        skey = session_key(tenant, session_id)
+
+        def apply(tx: _Txn) -> int:
+            current = tx.get_session(skey)
+            if current is None or current.version != derived_from.version or current.created_at_ms != derived_from.created_at_ms:
+                raise Conflict(f"session {session_id!r} changed while {', '.join(records)} was being built; build it again")
+            for name, payload in records.items():
+                tx.put_aux(skey, name, current, payload)
+            return 0
+
+        self._write(apply)
+
+    def delete_aux(self, tenant: str, session_id: str, name: str) -> None:
+        skey = session_key(tenant, session_id)
+        self._write(lambda tx: tx.delete_aux(skey, name) or 0)
+
+    def session_text(self, tenant: str, session_id: str) -> str | None:
+        """The text saved with the session, or None when it was saved without text."""
+        self._read_record(tenant, session_id)
+        aux = self.get_aux(tenant, session_id, TEXT_AUX)
+        return None if aux is None else aux.payload.decode()
 
     # ----------------------------------------------------------------- delete / list / ttl
     def delete(self, tenant: str, session_id: str) -> int:

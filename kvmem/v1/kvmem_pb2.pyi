@@ -100,7 +100,7 @@ class SessionInfo(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., num_tokens: _Optional[int] = ..., logical_length: _Optional[int] = ..., has_bias: _Optional[bool] = ..., created_at_ms: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., parent_session_id: _Optional[str] = ..., fork_offset: _Optional[int] = ..., version: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SaveHeader(_message.Message):
-    __slots__ = ("tenant", "session_id", "model", "token_ids", "positions", "logical_length", "has_bias", "ttl_seconds", "overwrite", "reuse_prefix_tokens")
+    __slots__ = ("tenant", "session_id", "model", "token_ids", "positions", "logical_length", "has_bias", "ttl_seconds", "overwrite", "reuse_prefix_tokens", "text")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class SaveHeader(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     REUSE_PREFIX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     model: ModelSpec
@@ -121,7 +122,8 @@ class SaveHeader(_message.Message):
     ttl_seconds: int
     overwrite: bool
     reuse_prefix_tokens: int
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., logical_length: _Optional[int] = ..., has_bias: _Optional[bool] = ..., ttl_seconds: _Optional[int] = ..., overwrite: _Optional[bool] = ..., reuse_prefix_tokens: _Optional[int] = ...) -> None: ...
+    text: str
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., logical_length: _Optional[int] = ..., has_bias: _Optional[bool] = ..., ttl_seconds: _Optional[int] = ..., overwrite: _Optional[bool] = ..., reuse_prefix_tokens: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Commit(_message.Message):
     __slots__ = ("num_chunks",)
@@ -190,20 +192,22 @@ class RestoreSessionResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[RestoreHeader, _Mapping]] = ..., chunks: _Optional[_Union[KVChunks, _Mapping]] = ...) -> None: ...
 
 class AppendHeader(_message.Message):
-    __slots__ = ("tenant", "session_id", "model", "token_ids", "expected_num_tokens", "ttl_seconds")
+    __slots__ = ("tenant", "session_id", "model", "token_ids", "expected_num_tokens", "ttl_seconds", "text")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     model: ModelSpec
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     expected_num_tokens: int
     ttl_seconds: int
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., expected_num_tokens: _Optional[int] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    text: str
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., expected_num_tokens: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
 
 class AppendSessionRequest(_message.Message):
     __slots__ = ("header", "chunks", "commit")
@@ -413,3 +417,107 @@ class CompactResponse(_message.Message):
     seconds: float
     heldout_attention_error: float
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., method: _Optional[str] = ..., kept_tokens: _Optional[float] = ..., slots: _Optional[int] = ..., bytes_before: _Optional[int] = ..., bytes_after: _Optional[int] = ..., seconds: _Optional[float] = ..., heldout_attention_error: _Optional[float] = ...) -> None: ...
+
+class RetrieveRequest(_message.Message):
+    __slots__ = ("tenant", "session_id", "query_token_ids", "query_text", "query_vectors", "budget_tokens", "method", "include_kv", "dynamic_budget")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_KV_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    query_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    query_text: str
+    query_vectors: ReferenceQueries
+    budget_tokens: int
+    method: str
+    include_kv: bool
+    dynamic_budget: bool
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., query_token_ids: _Optional[_Iterable[int]] = ..., query_text: _Optional[str] = ..., query_vectors: _Optional[_Union[ReferenceQueries, _Mapping]] = ..., budget_tokens: _Optional[int] = ..., method: _Optional[str] = ..., include_kv: _Optional[bool] = ..., dynamic_budget: _Optional[bool] = ...) -> None: ...
+
+class RetrievedLayer(_message.Message):
+    __slots__ = ("layer", "block_starts", "block_lengths", "scores", "entropy", "num_tokens")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_STARTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    block_starts: _containers.RepeatedScalarFieldContainer[int]
+    block_lengths: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    entropy: float
+    num_tokens: int
+    def __init__(self, layer: _Optional[int] = ..., block_starts: _Optional[_Iterable[int]] = ..., block_lengths: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., entropy: _Optional[float] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
+class RetrieveHeader(_message.Message):
+    __slots__ = ("session", "method", "budget_tokens", "block_tokens", "sink_end", "recent_start", "index_rebuilt", "seconds", "num_chunks")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SINK_END_FIELD_NUMBER: _ClassVar[int]
+    RECENT_START_FIELD_NUMBER: _ClassVar[int]
+    INDEX_REBUILT_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    session: SessionInfo
+    method: str
+    budget_tokens: int
+    block_tokens: int
+    sink_end: int
+    recent_start: int
+    index_rebuilt: bool
+    seconds: float
+    num_chunks: int
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., method: _Optional[str] = ..., budget_tokens: _Optional[int] = ..., block_tokens: _Optional[int] = ..., sink_end: _Optional[int] = ..., recent_start: _Optional[int] = ..., index_rebuilt: _Optional[bool] = ..., seconds: _Optional[float] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+
+class RetrieveResponse(_message.Message):
+    __slots__ = ("header", "layer", "chunks")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    header: RetrieveHeader
+    layer: RetrievedLayer
+    chunks: KVChunks
+    def __init__(self, header: _Optional[_Union[RetrieveHeader, _Mapping]] = ..., layer: _Optional[_Union[RetrievedLayer, _Mapping]] = ..., chunks: _Optional[_Union[KVChunks, _Mapping]] = ...) -> None: ...
+
+class SearchTextRequest(_message.Message):
+    __slots__ = ("tenant", "session_id", "query", "k")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    query: str
+    k: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+
+class TextHit(_message.Message):
+    __slots__ = ("chunk", "score", "start_char", "end_char", "text")
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    START_CHAR_FIELD_NUMBER: _ClassVar[int]
+    END_CHAR_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    chunk: int
+    score: float
+    start_char: int
+    end_char: int
+    text: str
+    def __init__(self, chunk: _Optional[int] = ..., score: _Optional[float] = ..., start_char: _Optional[int] = ..., end_char: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
+class SearchTextResponse(_message.Message):
+    __slots__ = ("hits", "index_rebuilt")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_REBUILT_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[TextHit]
+    index_rebuilt: bool
+    def __init__(self, hits: _Optional[_Iterable[_Union[TextHit, _Mapping]]] = ..., index_rebuilt: _Optional[bool] = ...) -> None: ...

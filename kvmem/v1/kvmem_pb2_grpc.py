@@ -85,6 +85,16 @@ class KVMemStub:
                 request_serializer=kvmem_dot_v1_dot_kvmem__pb2.CompactRequest.SerializeToString,
                 response_deserializer=kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.FromString,
                 _registered_method=True)
+        self.Retrieve = channel.unary_stream(
+                '/kvmem.v1.KVMem/Retrieve',
+                request_serializer=kvmem_dot_v1_dot_kvmem__pb2.RetrieveRequest.SerializeToString,
+                response_deserializer=kvmem_dot_v1_dot_kvmem__pb2.RetrieveResponse.FromString,
+                _registered_method=True)
+        self.SearchText = channel.unary_unary(
+                '/kvmem.v1.KVMem/SearchText',
+                request_serializer=kvmem_dot_v1_dot_kvmem__pb2.SearchTextRequest.SerializeToString,
+                response_deserializer=kvmem_dot_v1_dot_kvmem__pb2.SearchTextResponse.FromString,
+                _registered_method=True)
 
 
 class KVMemServicer:
@@ -163,6 +173,21 @@ class KVMemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Retrieve(self, request, context):
+        """Selects the KV blocks of a stored session that matter for a query (ActQKV probe queries,
+        faiss block index, entropy-based per-layer budgets) and streams them back per layer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchText(self, request, context):
+        """Top-k passages of the session's text for a query (embeddings + faiss).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVMemServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +240,16 @@ def add_KVMemServicer_to_server(servicer, server):
                     servicer.Compact,
                     request_deserializer=kvmem_dot_v1_dot_kvmem__pb2.CompactRequest.FromString,
                     response_serializer=kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.SerializeToString,
+            ),
+            'Retrieve': grpc.unary_stream_rpc_method_handler(
+                    servicer.Retrieve,
+                    request_deserializer=kvmem_dot_v1_dot_kvmem__pb2.RetrieveRequest.FromString,
+                    response_serializer=kvmem_dot_v1_dot_kvmem__pb2.RetrieveResponse.SerializeToString,
+            ),
+            'SearchText': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchText,
+                    request_deserializer=kvmem_dot_v1_dot_kvmem__pb2.SearchTextRequest.FromString,
+                    response_serializer=kvmem_dot_v1_dot_kvmem__pb2.SearchTextResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -488,6 +523,60 @@ class KVMem:
             '/kvmem.v1.KVMem/Compact',
             kvmem_dot_v1_dot_kvmem__pb2.CompactRequest.SerializeToString,
             kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Retrieve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvmem.v1.KVMem/Retrieve',
+            kvmem_dot_v1_dot_kvmem__pb2.RetrieveRequest.SerializeToString,
+            kvmem_dot_v1_dot_kvmem__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchText(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmem.v1.KVMem/SearchText',
+            kvmem_dot_v1_dot_kvmem__pb2.SearchTextRequest.SerializeToString,
+            kvmem_dot_v1_dot_kvmem__pb2.SearchTextResponse.FromString,
             options,
             channel_credentials,
             insecure,

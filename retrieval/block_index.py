@@ -1,0 +1,223 @@
+"""A session's KV cut into blocks, each summarised by a few representative keys, searchable in faiss.
+
+Per layer and KV head, every block of ``block_tokens`` consecutive tokens gets ``representatives``
+unit vectors, taken from its keys after rotating them back to position 0 (so a block is found by
+what it holds, not by where it sits):
+
+* the block's mean key direction (its gist), then
+* greedily, the key farthest (by cosine) from every representative chosen so far: the outliers a
+  query would single out (a name, a number) rather than the filler around them.
+
+No query states are needed, so an index can be built from stored KV alone, whoever computed it.
+A block's score for a probe is the best cosine among its representatives, averaged over KV heads.
+
+Indexes are exact (``IDMap2,Flat``, inner product on unit vectors) up to ``exact_max_vectors`` per
+layer and head, and HNSW above it (see bench/retrieval_latency.py for where flat search stops
+meeting the latency goal). They serialise to bytes (faiss's own format inside a checked kvmem
+envelope) and are stored per layer beside the session (retrieval/index_store.py).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+
+import faiss
+import numpy as np
+import torch
+
+from kvstore.errors import CorruptData, InvalidRequest
+from retrieval.rope import Rope
+
+
+@dataclass(frozen=True)
+class BlockIndexConfig:
+    block_tokens: int = 64  # tokens per retrievable block
+    representatives: int = 4  # unit vectors per block and KV head (1 = the mean direction only)
+    exact_max_vectors: int = 1 << 20  # above this many vectors per (layer, head) index: HNSW
+    hnsw_neighbors: int = 32
+
+    def __post_init__(self) -> None:
+        if self.block_tokens < 1 or self.representatives < 1:
+            raise InvalidRequest(f"block_tokens ({self.block_tokens}) and representatives ({self.representatives}) must be >= 1")
+
+
+def block_ranges(num_tokens: int, block_tokens: int) -> np.ndarray:
+    """int64 [nb, 2]: (start, end) of each block; the last one may be short."""
+    starts = np.arange(0, num_tokens, block_tokens, dtype=np.int64)
+    return np.stack([starts, np.minimum(starts + block_tokens, num_tokens)], axis=1)
+
+
+def representatives(keys: torch.Tensor, block_tokens: int, count: int) -> torch.Tensor:
+    """Representative unit vectors of each block.
+
+    keys: [H, T, D] position-free keys. Returns float32 [H, nb, count, D].
+    """
+    heads, total, dim = keys.shape
+    nb = -(-total // block_tokens)
+    padded = torch.zeros(heads, nb * block_tokens, dim, dtype=torch.float32)
+    padded[:, :total] = keys.float()
+    unit = torch.nn.functional.normalize(padded, dim=-1).view(heads, nb, block_tokens, dim)
+    valid = (torch.arange(nb * block_tokens) < total).view(1, nb, block_tokens)  # [1, nb, bt]
+    counts = valid.sum(-1, keepdim=True).clamp(min=1)  # [1, nb, 1]
+    mean = torch.nn.functional.normalize((unit * valid[..., None]).sum(2) / counts, dim=-1)  # [H, nb, D]
+    chosen = [mean]
+    closest = torch.einsum("hnd,hntd->hnt", mean, unit)  # best cosine to any representative [H, nb, bt]
+    for _ in range(1, count):
+        distance = (1 - closest).masked_fill(~valid, -1.0)
+        pick = distance.argmax(-1)  # [H, nb]
+        vector = torch.gather(unit, 2, pick[..., None, None].expand(heads, nb, 1, dim)).squeeze(2)  # [H, nb, D]
+        chosen.append(vector)
+        closest = torch.maximum(closest, torch.einsum("hnd,hntd->hnt", vector, unit))
+    return torch.stack(chosen, dim=2)
+
+
+class BlockIndex:
+    """Searchable representatives of one session's blocks: one faiss index per layer and KV head.
+
+    num_tokens: tokens covered; blocks: int64 [nb, 2] token ranges; faiss id = block * R + r.
+    """
+
+    def __init__(self, config: BlockIndexConfig, num_tokens: int, head_dim: int, indexes: list[list[faiss.Index]]):
+        self.config = config
+        self.num_tokens = num_tokens
+        self.head_dim = head_dim
+        self.indexes = indexes  # [L][H]
+        self.blocks = block_ranges(num_tokens, config.block_tokens)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.indexes)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.indexes[0]) if self.indexes else 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, keys: list[torch.Tensor], positions: torch.Tensor, rope: Rope, config: BlockIndexConfig = BlockIndexConfig()) -> "BlockIndex":
+        """keys: per layer [H, T, D] post-RoPE at ``positions`` [T] (int64)."""
+        if not keys:
+            raise InvalidRequest("cannot index a session without layers")
+        heads, total, dim = keys[0].shape
+        if positions.shape != (total,):
+            raise InvalidRequest(f"{positions.shape[0]} positions for {total} tokens")
+        indexes = [cls._layer_indexes(rope.rotate(layer, -positions), config) for layer in keys]
+        return cls(config, total, dim, indexes)
+
+    @staticmethod
+    def _new_index(config: BlockIndexConfig, dim: int, vectors: int) -> faiss.Index:
+        if vectors > config.exact_max_vectors:
+            inner = faiss.IndexHNSWFlat(dim, config.hnsw_neighbors, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efSearch = 128
+        else:
+            inner = faiss.IndexFlatIP(dim)
+        return faiss.IndexIDMap2(inner)
+
+    @classmethod
+    def _layer_indexes(cls, keys: torch.Tensor, config: BlockIndexConfig) -> list[faiss.Index]:
+        """keys: [H, T, D] position-free. Returns one index per head."""
+        reps = representatives(keys, config.block_tokens, config.representatives)  # [H, nb, R, D]
+        heads, nb, count, dim = reps.shape
+        ids = np.arange(nb * count, dtype=np.int64)
+        out = []
+        for head in range(heads):
+            index = cls._new_index(config, dim, nb * count)
+            index.add_with_ids(np.ascontiguousarray(reps[head].reshape(nb * count, dim).numpy()), ids)
+            out.append(index)
+        return out
+
+    # ------------------------------------------------------------------ search
+    def search(self, layer: int, probe: torch.Tensor, candidates: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best blocks of ``layer`` for ``probe`` [H, D] (one vector per KV head; any norm).
+
+        Returns (block ids int64 [k], scores float32 [k]) with k = min(candidates, blocks), best
+        first. A block's score: per head the best cosine among its representatives, averaged over
+        heads (a block outside a head's shortlist counts that head's shortlist minimum).
+        """
+        if not 0 <= layer < self.num_layers:
+            raise InvalidRequest(f"layer {layer} outside 0..{self.num_layers - 1}")
+        if probe.shape != (self.num_heads, self.head_dim):
+            raise InvalidRequest(f"probe shape {tuple(probe.shape)}, expected [{self.num_heads}, {self.head_dim}]")
+        reps = self.config.representatives
+        k = min(self.num_blocks, max(int(candidates), 1))
+        shortlist = min(self.num_blocks * reps, k * reps)
+        query = torch.nn.functional.normalize(probe.float(), dim=-1).numpy()
+        scores = np.zeros((self.num_heads, self.num_blocks), dtype=np.float32)
+        for head, index in enumerate(self.indexes[layer]):
+            sims, ids = index.search(query[head : head + 1], shortlist)
+            sims, ids = sims[0], ids[0]
+            keep = ids >= 0
+            sims, blocks = sims[keep], ids[keep] // reps
+            floor = float(sims.min()) if len(sims) else -1.0
+            head_scores = np.full(self.num_blocks, floor, dtype=np.float32)
+            np.maximum.at(head_scores, blocks, sims)  # best representative per block
+            scores[head] = head_scores
+        mean = scores.mean(0)
+        order = np.argsort(-mean, kind="stable")[:k]
+        return order.astype(np.int64), mean[order]
+
+    def block_scores(self, layer: int, probe: torch.Tensor) -> np.ndarray:
+        """float32 [nb]: the score of every block of ``layer`` (exact, for small indexes and tests)."""
+        ids, scores = self.search(layer, probe, self.num_blocks)
+        out = np.empty(self.num_blocks, dtype=np.float32)
+        out[ids] = scores
+        return out
+
+    # ------------------------------------------------------------------ bytes
+    _MAGIC = b"KVBI"
+    _VERSION = 1
+    _HEADER = struct.Struct("<4sHI")  # magic, version, json length
+
+    def layer_to_bytes(self, layer: int) -> bytes:
+        """One layer's indexes: header JSON + per head (u64 length, faiss bytes)."""
+        meta = json.dumps({"config": asdict(self.config), "num_tokens": self.num_tokens, "head_dim": self.head_dim, "layer": layer, "heads": self.num_heads}).encode()
+        parts = [self._HEADER.pack(self._MAGIC, self._VERSION, len(meta)), meta]
+        for index in self.indexes[layer]:
+            raw = faiss.serialize_index(index).tobytes()
+            parts += [struct.pack("<Q", len(raw)), raw]
+        return b"".join(parts)
+
+    @classmethod
+    def from_layer_bytes(cls, raw_layers: list[bytes]) -> "BlockIndex":
+        """Inverse of ``layer_to_bytes`` for layers 0..L-1. Raises CorruptData on anything off."""
+        try:
+            config, num_tokens, head_dim, indexes = None, None, None, []
+            for expected_layer, raw in enumerate(raw_layers):
+                magic, version, meta_len = cls._HEADER.unpack_from(raw)
+                if magic != cls._MAGIC or version != cls._VERSION:
+                    raise ValueError("bad magic or version")
+                offset = cls._HEADER.size
+                meta = json.loads(raw[offset : offset + meta_len])
+                offset += meta_len
+                if meta["layer"] != expected_layer:
+                    raise ValueError(f"layer {meta['layer']} where {expected_layer} was expected")
+                layer_config = BlockIndexConfig(**meta["config"])
+                if config is not None and (layer_config != config or meta["num_tokens"] != num_tokens):
+                    raise ValueError("layers disagree on config or length")
+                config, num_tokens, head_dim = layer_config, meta["num_tokens"], meta["head_dim"]
+                heads = []
+                for _ in range(meta["heads"]):
+                    (size,) = struct.unpack_from("<Q", raw, offset)
+                    offset += 8
+                    if offset + size > len(raw):
+                        raise ValueError("truncated")
+                    heads.append(faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8, count=size, offset=offset)))
+                    offset += size
+                if offset != len(raw):
+                    raise ValueError("trailing bytes")
+                expected_vectors = -(-num_tokens // config.block_tokens) * config.representatives
+                if any(index.ntotal != expected_vectors or index.d != head_dim for index in heads):
+                    raise ValueError("index size does not match its header")
+                indexes.append(heads)
+        except CorruptData:
+            raise
+        except Exception as exc:  # faiss raises RuntimeError, struct/json their own: all mean corrupt
+            raise CorruptData(f"block index failed to load ({exc}); it will be rebuilt") from exc
+        if config is None:
+            raise CorruptData("block index has no layers")
+        return cls(config, num_tokens, head_dim, indexes)

@@ -1,0 +1,255 @@
+"""Retrieved-context inference: attention sinks + retrieved blocks + a recent window, per layer.
+
+Given a stored session (per layer keys/values [H, T, D] post-RoPE at ``positions``), its block
+index and a question, ``answer`` runs a causal LM over only ``budget_tokens`` of context per layer
+(on average):
+
+1. *Probe pass*: the question is run over the sinks and the recent window alone and its query
+   states are recorded per layer (rotated back to position 0).
+2. *Selection*: per layer, the probe (retrieval/actqkv.py) scores the blocks in the index; the
+   retrieval budget is spread over layers by the entropy of those scores (dynamic cut-off) or
+   evenly, and each layer keeps its best blocks.
+3. *Generation*: the model runs on a CompactedCache holding, per layer, sinks + that layer's blocks
+   + the recent window, each token at its position in the layout below, and the question.
+
+Positions (``Layout``): when the session plus question and answer fit the model's window, every
+token keeps its original position (nothing is rotated). Past the window, the kept tokens are
+packed in their original order: sinks at [0, s), the layer's retrieved blocks right-aligned in
+[s, s + C) where C is the largest per-layer retrieval, the recent window in [s + C, s + C + W),
+and the question from s + C + W on. Relative order is kept, distances inside a block and inside
+the recent window are exact, and every position stays below the model's window. Keys are moved to
+their new positions by a RoPE rotation (retrieval/rope.py), exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from compaction.inference import CompactedCache, generation_inputs
+from compaction.queries import recording_queries
+from kvstore.errors import FailedPrecondition, InvalidRequest
+from retrieval.actqkv import METHODS, BudgetSpread, normalised_entropy, probe
+from retrieval.block_index import BlockIndex
+from retrieval.rope import Rope
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    method: str = "actqkv"  # probe: actqkv | mean | last
+    budget_tokens: int = 2048  # context tokens each layer sees on average: sinks + blocks + recent
+    sink_tokens: int = 4
+    recent_tokens: int = 256  # at most a quarter of the budget
+    packed: bool = True  # pack positions even when the session fits the window (measured better, see Layout)
+    dynamic: bool = True  # spread blocks over layers by score entropy (False: same count per layer)
+    key_weight: float = 1.0  # weight of the question's own keys in the probe (0: queries only)
+    spread: BudgetSpread = field(default_factory=BudgetSpread)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InvalidRequest(f"unknown retrieval method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.budget_tokens <= 0:
+            raise InvalidRequest(f"budget_tokens must be positive, got {self.budget_tokens}")
+
+    @property
+    def recent(self) -> int:
+        return min(self.recent_tokens, self.budget_tokens // 4)
+
+
+@dataclass
+class SessionKV:
+    """A session's KV in memory. keys, values: per layer [H, T, D] post-RoPE; positions int64 [T]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    positions: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def logical_length(self) -> int:
+        return int(self.positions.max()) + 1 if self.num_tokens else 0
+
+    @classmethod
+    def from_plan(cls, plan: Any) -> "SessionKV":
+        """From a kvstore RestorePlan (plain sessions: a compacted one has biases, refused)."""
+        if plan.record.has_bias:
+            raise FailedPrecondition("retrieval runs on plain sessions; this one is compacted (it has attention biases)")
+        keys, values, _ = plan.tensors()
+        return cls(keys, values, torch.from_numpy(plan.positions.copy()))
+
+
+@dataclass
+class LayerSelection:
+    """What one layer sees. blocks: retrieved block ids (ascending); scores: theirs; tokens: indices
+    into the session of sinks + blocks + recent window, ascending."""
+
+    blocks: np.ndarray
+    scores: np.ndarray
+    entropy: float
+    tokens: np.ndarray
+
+
+@dataclass
+class Selection:
+    layers: list[LayerSelection]
+    sink_end: int  # tokens [0, sink_end) are sinks
+    recent_start: int  # tokens [recent_start, T) are the recent window
+    retrieved_cap: int  # most retrieved tokens in any layer (C in the layout)
+
+    @property
+    def tokens_per_layer(self) -> list[int]:
+        return [len(layer.tokens) for layer in self.layers]
+
+
+def retrievable_blocks(index: BlockIndex, sink_end: int, recent_start: int) -> np.ndarray:
+    """bool [nb]: blocks entirely outside the sinks and the recent window."""
+    return (index.blocks[:, 0] >= sink_end) & (index.blocks[:, 1] <= recent_start)
+
+
+def select(index: BlockIndex, probes: list[torch.Tensor], config: RetrievalConfig) -> Selection:
+    """Per-layer selection from probes (per layer [H, D]); see the module docstring."""
+    total = index.num_tokens
+    if config.budget_tokens > total:
+        raise InvalidRequest(f"budget of {config.budget_tokens} tokens exceeds the session's {total} tokens; use the full cache instead")
+    if len(probes) != index.num_layers:
+        raise InvalidRequest(f"{len(probes)} probes for {index.num_layers} layers")
+    sink_end = min(config.sink_tokens, total)
+    recent_start = max(sink_end, total - config.recent)
+    allowed = retrievable_blocks(index, sink_end, recent_start)
+    available = int(allowed.sum())
+    block_tokens = index.config.block_tokens
+    mean_blocks = max(0, config.budget_tokens - sink_end - (total - recent_start)) / block_tokens
+    cap = config.spread.cap(mean_blocks, available) if config.dynamic else min(available, int(mean_blocks))
+    shortlist = min(index.num_blocks, 4 * max(cap, 1) + int((~allowed).sum()))
+    ranked = []
+    for layer, layer_probe in enumerate(probes):
+        ids, scores = index.search(layer, layer_probe, shortlist)
+        keep = allowed[ids]
+        ranked.append((ids[keep], scores[keep]))
+    entropies = [normalised_entropy(scores, config.spread.temperature) for _, scores in ranked]
+    total_blocks = int(round(mean_blocks * index.num_layers))
+    if config.dynamic:
+        counts = config.spread.spread(entropies, total_blocks, available)
+    else:
+        counts = [min(available, int(mean_blocks))] * index.num_layers
+    layers = []
+    fixed = np.concatenate([np.arange(sink_end), np.arange(recent_start, total)])
+    for (ids, scores), entropy, count in zip(ranked, entropies, counts):
+        chosen = np.sort(ids[:count])
+        chosen_scores = scores[:count][np.argsort(ids[:count])]
+        spans = [np.arange(*index.blocks[b]) for b in chosen]
+        tokens = np.sort(np.concatenate([fixed] + spans)) if spans else fixed
+        layers.append(LayerSelection(chosen, chosen_scores, entropy, tokens.astype(np.int64)))
+    cap_tokens = max((len(l.tokens) - len(fixed) for l in layers), default=0)
+    return Selection(layers, sink_end, recent_start, cap_tokens)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where kept tokens sit. original=True: their own positions; otherwise packed (module doc)."""
+
+    original: bool
+    question_start: int  # position of the first question token
+    sink_end: int
+    retrieved_cap: int
+    recent_start: int  # session index where the recent window starts
+
+    @classmethod
+    def plan(cls, kv: SessionKV, selection: Selection, extra_tokens: int, window: int, packed: bool = False) -> "Layout":
+        """extra_tokens: question + answer tokens that must also fit in ``window``; packed: pack
+        even when the original positions would fit."""
+        if not packed and kv.logical_length + extra_tokens <= window:
+            return cls(True, kv.logical_length, selection.sink_end, selection.retrieved_cap, selection.recent_start)
+        packed = selection.sink_end + selection.retrieved_cap + (kv.num_tokens - selection.recent_start)
+        if packed + extra_tokens > window:
+            raise InvalidRequest(f"budget ({packed} tokens) plus {extra_tokens} question/answer tokens exceed the model's {window}-token window; lower the budget")
+        return cls(False, packed, selection.sink_end, selection.retrieved_cap, selection.recent_start)
+
+    def positions(self, kv: SessionKV, tokens: np.ndarray) -> torch.Tensor:
+        """int64 [n]: positions of the session tokens ``tokens`` (ascending indices) in this layout."""
+        if self.original:
+            return kv.positions[torch.from_numpy(tokens)]
+        tokens_t = torch.from_numpy(tokens)
+        sinks = tokens_t < self.sink_end
+        recent = tokens_t >= self.recent_start
+        middle = ~(sinks | recent)
+        out = torch.empty_like(tokens_t)
+        out[sinks] = tokens_t[sinks]
+        n_mid = int(middle.sum())
+        out[middle] = self.sink_end + self.retrieved_cap - n_mid + torch.arange(n_mid)
+        out[recent] = self.sink_end + self.retrieved_cap + (tokens_t[recent] - self.recent_start)
+        return out
+
+
+def gather_layers(kv: SessionKV, selection: Selection, layout: Layout, rope: Rope) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) [H, n_l, D] of the kept tokens, keys rotated to their layout positions."""
+    out = []
+    for layer, chosen in enumerate(selection.layers):
+        index = torch.from_numpy(chosen.tokens)
+        keys, values = kv.keys[layer][:, index], kv.values[layer][:, index]
+        if not layout.original:
+            keys = rope.rotate(keys, layout.positions(kv, chosen.tokens) - kv.positions[index])
+        out.append((keys, values))
+    return out
+
+
+def question_probes(model: Any, kv: SessionKV, question_ids: torch.Tensor, config: RetrievalConfig, rope: Rope, window: int) -> list[torch.Tensor]:
+    """Probe pass: per layer probe [H, D] from the question's queries over sinks + recent window."""
+    total = kv.num_tokens
+    sink_end = min(config.sink_tokens, total)
+    recent_start = max(sink_end, total - config.recent)
+    fixed = np.concatenate([np.arange(sink_end), np.arange(recent_start, total)]).astype(np.int64)
+    bare = Selection([LayerSelection(np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0, fixed) for _ in kv.keys], sink_end, recent_start, 0)
+    layout = Layout.plan(kv, bare, question_ids.numel(), window, config.packed)
+    layers = gather_layers(kv, bare, layout, rope)
+    cache = CompactedCache.for_model(model, layers, [None] * len(layers), layout.question_start)
+    ids = question_ids.view(1, -1)
+    positions = torch.arange(layout.question_start, layout.question_start + ids.shape[1])
+    with torch.no_grad(), recording_queries(model) as recorded:
+        model(input_ids=ids, past_key_values=cache, position_ids=positions[None], use_cache=True)
+    kv_heads = kv.keys[0].shape[0]
+    probes = []
+    for layer in range(len(kv.keys)):
+        from_queries = F.normalize(probe(rope.rotate(recorded[layer], -positions), kv_heads, config.method), dim=-1)
+        if config.key_weight:
+            question_keys = rope.rotate(cache.layers[layer].keys[0, :, -ids.shape[1]:], -positions)  # [H, n, D]
+            from_keys = F.normalize(probe(question_keys, kv_heads, config.method), dim=-1)
+            from_queries = from_queries + config.key_weight * from_keys
+        probes.append(from_queries)
+    return probes
+
+
+def model_window(model: Any) -> int:
+    return int(model.config.get_text_config().max_position_embeddings)
+
+
+@dataclass
+class Answer:
+    token_ids: torch.Tensor  # [n] generated tokens
+    selection: Selection
+    layout: Layout
+
+
+def answer(model: Any, kv: SessionKV, index: BlockIndex, question_ids: torch.Tensor, config: RetrievalConfig, max_new_tokens: int = 24, probes: list[torch.Tensor] | None = None) -> Answer:
+    """Greedy answer to ``question_ids`` [n] from ``budget_tokens`` of retrieved context per layer."""
+    if index.num_tokens != kv.num_tokens:
+        raise FailedPrecondition(f"block index covers {index.num_tokens} tokens, the session {kv.num_tokens}; rebuild the index")
+    rope = Rope.from_model(model)
+    window = model_window(model)
+    if probes is None:
+        probes = question_probes(model, kv, question_ids, config, rope, window)
+    selection = select(index, probes, config)
+    layout = Layout.plan(kv, selection, question_ids.numel() + max_new_tokens, window, config.packed)
+    layers = gather_layers(kv, selection, layout, rope)
+    cache = CompactedCache.for_model(model, layers, [None] * len(layers), layout.question_start)
+    inputs = generation_inputs(layout.question_start, question_ids.view(1, -1))
+    with torch.no_grad():
+        # an explicit all-ones mask: the placeholders must not be taken for padding (positions come from it)
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+    return Answer(out[0, inputs.shape[1] :], selection, layout)

@@ -1,0 +1,203 @@
+"""Retrieval over stored sessions: block indexes and text indexes kept beside them, rebuilt on need.
+
+Indexes live in the store as aux records of their session (kvstore/store.py), tagged with the
+session generation they were built from. ``block_index``/``text_index`` load them, and rebuild
+(and store) them when missing, stale (the session was appended to or replaced) or damaged: a
+damaged index is never searched, and never fails a request.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvstore.errors import Conflict, CorruptData, FailedPrecondition, InvalidRequest, KvmemError
+from kvstore.records import SessionRecord
+from kvstore.store import SessionStore
+from retrieval.block_index import BlockIndex, BlockIndexConfig
+from retrieval.context import RetrievalConfig, Selection, SessionKV, question_probes, select, model_window
+from retrieval.rope import Rope
+
+log = logging.getLogger("kvmem.retrieval")
+
+BLOCK_META = "index/blocks/meta"
+TEXT_INDEX = "index/text"
+
+
+def _layer_name(layer: int) -> str:
+    return f"index/blocks/{layer}"
+
+
+@dataclass
+class Loaded:
+    """An index and whether this call had to (re)build it."""
+
+    index: Any
+    rebuilt: bool
+    reason: str = ""  # why it was rebuilt: "missing", "stale", "corrupt: ..."
+
+
+def _load_block_index(store: SessionStore, tenant: str, session_id: str, record: SessionRecord) -> BlockIndex:
+    meta = store.get_aux(tenant, session_id, BLOCK_META)
+    if meta is None:
+        raise LookupError("missing")
+    if not meta.matches(record):
+        raise LookupError("stale")
+    layers = json.loads(meta.payload)["layers"]
+    raw = []
+    for layer in range(layers):
+        aux = store.get_aux(tenant, session_id, _layer_name(layer))
+        if aux is None or not aux.matches(record):
+            raise LookupError("missing layer")
+        raw.append(aux.payload)
+    index = BlockIndex.from_layer_bytes(raw)
+    if index.num_tokens != record.num_tokens:
+        raise CorruptData(f"index covers {index.num_tokens} tokens, the session {record.num_tokens}")
+    return index
+
+
+def build_block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, config: BlockIndexConfig, kv: SessionKV | None = None) -> tuple[SessionRecord, BlockIndex]:
+    """Build a session's block index from its stored KV and store it beside the session."""
+    plan = store.restore(tenant, session_id)
+    record = plan.record
+    kv = kv or SessionKV.from_plan(plan)
+    index = BlockIndex.build(kv.keys, kv.positions, rope, config)
+    records = {_layer_name(l): index.layer_to_bytes(l) for l in range(index.num_layers)}
+    records[BLOCK_META] = json.dumps({"layers": index.num_layers, "config": asdict(config)}).encode()
+    try:
+        store.put_aux(tenant, session_id, records, record)
+    except Conflict:
+        log.info("session changed while indexing; index not stored", extra={"fields": {"session": session_id}})
+    return record, index
+
+
+def block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, config: BlockIndexConfig, kv: SessionKV | None = None) -> Loaded:
+    """The session's block index: stored, or rebuilt (and stored) when missing/stale/corrupt."""
+    record = store.get(tenant, session_id)
+    try:
+        return Loaded(_load_block_index(store, tenant, session_id, record), False)
+    except LookupError as exc:
+        reason = str(exc)
+    except CorruptData as exc:
+        reason = f"corrupt: {exc}"
+        log.warning("block index damaged; rebuilding", extra={"fields": {"session": session_id, "error": str(exc)}})
+    _, index = build_block_index(store, rope, tenant, session_id, config, kv)
+    return Loaded(index, True, reason)
+
+
+@dataclass
+class Retrieved:
+    record: SessionRecord
+    kv: SessionKV
+    selection: Selection
+    index_rebuilt: bool
+
+
+def retrieve(store: SessionStore, model: Any, tenant: str, session_id: str, config: RetrievalConfig, index_config: BlockIndexConfig,
+             question_ids: torch.Tensor | None = None, query_vectors: list[torch.Tensor] | None = None) -> Retrieved:
+    """Select blocks of a stored session for a question (token ids, run through ``model``) or for
+    caller-supplied position-free query vectors (per layer [Hq, n, D])."""
+    plan = store.restore(tenant, session_id)
+    record = plan.record
+    if config.budget_tokens > record.num_tokens:
+        raise InvalidRequest(f"budget of {config.budget_tokens} tokens exceeds the session's {record.num_tokens} tokens; restore the full session instead")
+    kv = SessionKV.from_plan(plan)
+    rope = Rope.from_model(model)
+    loaded = block_index(store, rope, tenant, session_id, index_config, kv)
+    spec = record.spec
+    if query_vectors is not None:
+        if len(query_vectors) != spec.num_layers:
+            raise InvalidRequest(f"query vectors for {len(query_vectors)} layers; the session has {spec.num_layers}")
+        from retrieval.actqkv import probe
+
+        probes = [probe(q, spec.num_kv_heads, config.method) for q in query_vectors]
+    else:
+        if question_ids is None or question_ids.numel() == 0:
+            raise InvalidRequest("give a query: token ids, text, or query vectors")
+        probes = question_probes(model, kv, question_ids.view(-1), config, rope, model_window(model))
+    return Retrieved(record, kv, select(loaded.index, probes, config), loaded.rebuilt)
+
+
+def text_index(store: SessionStore, embedder: Any, tenant: str, session_id: str) -> Loaded:
+    """The session's text-chunk index, rebuilt when missing, damaged or built from other text."""
+    from retrieval.text_index import TextIndex, text_digest
+
+    text = store.session_text(tenant, session_id)
+    if text is None:
+        raise FailedPrecondition(f"session {session_id!r} was saved without text; save it with text to search it")
+    aux = store.get_aux(tenant, session_id, TEXT_INDEX)
+    reason = "missing"
+    if aux is not None:
+        try:
+            index = TextIndex.from_bytes(aux.payload)
+            if index.text_digest == text_digest(text) and index.embedder_name == embedder.name:
+                return Loaded(index, False)
+            reason = "stale"
+        except CorruptData as exc:
+            reason = f"corrupt: {exc}"
+            log.warning("text index damaged; rebuilding", extra={"fields": {"session": session_id, "error": str(exc)}})
+    index = TextIndex.build(text, embedder)
+    try:
+        store.put_aux(tenant, session_id, {TEXT_INDEX: index.to_bytes()}, store.get(tenant, session_id))
+    except Conflict:
+        pass
+    return Loaded(index, True, reason)
+
+
+class IndexBuilder:
+    """Builds indexes in the background after saves and appends (one worker thread).
+
+    ``submit`` never blocks a save; a failed build is logged and left to the next request, which
+    rebuilds on demand.
+    """
+
+    def __init__(self, store: SessionStore, rope_for: Any, config: BlockIndexConfig, max_pending: int = 64):
+        self.store = store
+        self.rope_for = rope_for  # callable(spec) -> Rope | None (None: no hosted model for this spec)
+        self.config = config
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self._thread = threading.Thread(target=self._run, name="kvmem-indexer", daemon=True)
+        self._thread.start()
+
+    def submit(self, tenant: str, session_id: str) -> bool:
+        try:
+            self._queue.put_nowait((tenant, session_id))
+            return True
+        except queue.Full:
+            return False
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Block until every submitted build has finished (tests, shutdown)."""
+        done = threading.Event()
+        self._queue.put(("", done), timeout=timeout)
+        done.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            tenant, item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                record = self.store.get(tenant, item)
+                if record.has_bias:
+                    continue
+                rope = self.rope_for(record.spec)
+                if rope is not None:
+                    block_index(self.store, rope, tenant, item, self.config)
+            except KvmemError as exc:
+                log.info("background index build skipped", extra={"fields": {"session": item, "error": str(exc)}})
+            except Exception:  # keep the worker alive; the next request rebuilds on demand
+                log.exception("background index build failed")
+
+    def close(self) -> None:
+        self._queue.put(("", None))
+        self._thread.join(timeout=30)
