@@ -22,14 +22,15 @@ from typing import Callable, Iterator
 
 import grpc
 import numpy as np
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvmem import convert, wire
-from kvmem.config import ConfigError, ServiceConfig, load_config
+from kvmem.config import ConfigError, RetrievalSettings, ServiceConfig, load_config
 from kvmem.status import code_for
 from kvmem.v1 import kvmem_pb2 as pb
 from kvmem.v1 import kvmem_pb2_grpc as pb_grpc
-from kvstore.errors import InvalidRequest, KvmemError
+from kvstore.errors import FailedPrecondition, InvalidRequest, KvmemError
 from kvstore.pieces import KVPieces
 from kvstore.store import RestorePlan, SessionStore
 
@@ -163,9 +164,13 @@ def _reference_queries(message: pb.ReferenceQueries, spec) -> list | None:
 
 
 class KVMemServicer(pb_grpc.KVMemServicer):
-    def __init__(self, store: SessionStore, host=None):
+    def __init__(self, store: SessionStore, host=None, retrieval: RetrievalSettings | None = None, indexer=None):
         self.store = store
         self.host = host  # the hosted model (kvstore.model_host.ModelHost) or None
+        self.retrieval = retrieval or RetrievalSettings()
+        self.indexer = indexer  # retrieval.service.IndexBuilder or None
+        self._embedder = None
+        self._embedder_lock = threading.Lock()
 
     @unary
     def SaveSession(self, request_iterator, context):
@@ -179,8 +184,9 @@ class KVMemServicer(pb_grpc.KVMemServicer):
             header.tenant or convert.DEFAULT_TENANT, header.session_id, spec, tokens, pieces,
             positions=np.asarray(header.positions, dtype=np.int64) if len(header.positions) else None,
             logical_length=header.logical_length, ttl_seconds=header.ttl_seconds, overwrite=header.overwrite,
-            reuse_prefix_tokens=header.reuse_prefix_tokens,
+            reuse_prefix_tokens=header.reuse_prefix_tokens, text=header.text or None,
         )
+        self._index_later(result.record)
         return pb.SaveSessionResponse(session=convert.session_info(result.record), deduplicated_tokens=result.deduplicated_tokens, bytes_written=result.bytes_written)
 
     @streaming
@@ -216,7 +222,8 @@ class KVMemServicer(pb_grpc.KVMemServicer):
         pieces = self.store.new_pieces(spec, current.num_tokens, current.num_tokens + len(tokens), current.has_bias)
         _collect_pieces(messages, pieces)
         expected = header.expected_num_tokens if header.HasField("expected_num_tokens") else None
-        result = self.store.append(tenant, header.session_id, spec, tokens, pieces, expected_num_tokens=expected, ttl_seconds=header.ttl_seconds)
+        result = self.store.append(tenant, header.session_id, spec, tokens, pieces, expected_num_tokens=expected, ttl_seconds=header.ttl_seconds, text=header.text or None)
+        self._index_later(result.record)
         return pb.AppendSessionResponse(session=convert.session_info(result.record), bytes_written=result.bytes_written)
 
     @unary
@@ -284,6 +291,111 @@ class KVMemServicer(pb_grpc.KVMemServicer):
         )
 
 
+    # ------------------------------------------------------------------ retrieval
+    def _index_later(self, record) -> None:
+        if self.indexer is not None and not record.has_bias:
+            self.indexer.submit(record.tenant, record.session_id)
+
+    def _block_index_config(self):
+        from retrieval.block_index import BlockIndexConfig
+
+        cfg = self.retrieval
+        return BlockIndexConfig(block_tokens=cfg.block_tokens, representatives=cfg.representatives, exact_max_vectors=cfg.exact_max_vectors)
+
+    @streaming
+    def Retrieve(self, request, context):
+        from retrieval.context import RetrievalConfig
+        from retrieval.service import retrieve
+
+        started = time.perf_counter()
+        tenant = request.tenant or convert.DEFAULT_TENANT
+        record = self.store.get(tenant, request.session_id)
+        given = [bool(len(request.query_token_ids)), bool(request.query_text), request.HasField("query_vectors")]
+        if sum(given) != 1:
+            raise InvalidRequest("give exactly one query: query_token_ids, query_text or query_vectors")
+        if request.budget_tokens == 0:
+            raise InvalidRequest("budget_tokens must be at least 1")
+        if request.budget_tokens > record.num_tokens:
+            raise InvalidRequest(f"budget of {request.budget_tokens} tokens exceeds the session's {record.num_tokens} tokens; restore the full session instead")
+        if self.host is None:
+            raise FailedPrecondition("Retrieve needs a hosted model (set [model] name); this server hosts none")
+        self.host.require_spec(record.spec, "Retrieve")
+        config = RetrievalConfig(
+            method=request.method or "actqkv", budget_tokens=request.budget_tokens, sink_tokens=self.retrieval.sink_tokens,
+            recent_tokens=self.retrieval.recent_tokens, dynamic=request.dynamic_budget if request.HasField("dynamic_budget") else True,
+        )
+        vectors = _reference_queries(request.query_vectors, record.spec) if given[2] else None
+        with self.host.use() as (model, tokenizer):
+            ids = None
+            if given[0]:
+                ids = torch.from_numpy(convert.tokens_array(request.query_token_ids).astype(np.int64))
+            elif given[1]:
+                ids = tokenizer(request.query_text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+            result = retrieve(self.store, model, tenant, request.session_id, config, self._block_index_config(), question_ids=ids, query_vectors=vectors)
+        selection, kv = result.selection, result.kv
+        runs = [_token_runs(layer.tokens) for layer in selection.layers] if request.include_kv else []
+        yield pb.RetrieveResponse(header=pb.RetrieveHeader(
+            session=convert.session_info(result.record), method=config.method, budget_tokens=config.budget_tokens,
+            block_tokens=self.retrieval.block_tokens, sink_end=selection.sink_end, recent_start=selection.recent_start,
+            index_rebuilt=result.index_rebuilt, seconds=time.perf_counter() - started, num_chunks=sum(len(r) for r in runs),
+        ))
+        block_tokens = self.retrieval.block_tokens
+        for number, layer in enumerate(selection.layers):
+            starts = (layer.blocks * block_tokens).tolist()
+            yield pb.RetrieveResponse(layer=pb.RetrievedLayer(
+                layer=number, block_starts=starts, block_lengths=[min(block_tokens, record.num_tokens - s) for s in starts],
+                scores=layer.scores.tolist(), entropy=layer.entropy, num_tokens=len(layer.tokens),
+            ))
+        dtype = convert.DTYPE_TO_PB[record.spec.dtype]
+        for number, layer_runs in enumerate(runs):
+            for start, end in layer_runs:
+                yield pb.RetrieveResponse(chunks=pb.KVChunks(chunks=[pb.KVChunk(
+                    layer=number, token_start=start, num_tokens=end - start, dtype=dtype,
+                    keys=_tensor_bytes(kv.keys[number][:, start:end]), values=_tensor_bytes(kv.values[number][:, start:end]),
+                )]))
+
+    def _text_embedder(self):
+        if not self.retrieval.text_search:
+            raise FailedPrecondition("text search is disabled on this server ([retrieval] text_search = false)")
+        with self._embedder_lock:
+            if self._embedder is None:
+                from retrieval.embedder import TextEmbedder
+
+                self._embedder = TextEmbedder.load()
+            return self._embedder
+
+    @unary
+    def SearchText(self, request, context):
+        from retrieval.service import text_index
+
+        tenant = request.tenant or convert.DEFAULT_TENANT
+        if not request.query.strip():
+            raise InvalidRequest("query is empty; give the text to search for")
+        embedder = self._text_embedder()
+        loaded = text_index(self.store, embedder, tenant, request.session_id)
+        hits = loaded.index.search(request.query, embedder, request.k or 5)
+        return pb.SearchTextResponse(
+            hits=[pb.TextHit(chunk=h.index, score=h.score, start_char=h.start_char, end_char=h.end_char, text=h.text) for h in hits],
+            index_rebuilt=loaded.rebuilt,
+        )
+
+
+def _token_runs(tokens: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous [start, end) runs of ascending token indices."""
+    if len(tokens) == 0:
+        return []
+    breaks = np.nonzero(np.diff(tokens) != 1)[0] + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [len(tokens)]])
+    return [(int(tokens[a]), int(tokens[b - 1]) + 1) for a, b in zip(starts, ends)]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    from kvstore.pieces import tensor_raw_view
+
+    return tensor_raw_view(tensor.contiguous()).tobytes()
+
+
 def method_handlers(servicer: KVMemServicer) -> dict[str, grpc.RpcMethodHandler]:
     """The service's handlers: generated (de)serializers, except the zero-copy KV streams."""
 
@@ -304,6 +416,9 @@ def method_handlers(servicer: KVMemServicer) -> dict[str, grpc.RpcMethodHandler]
         "DeleteSession": plain(servicer.DeleteSession, pb.DeleteSessionRequest, pb.DeleteSessionResponse),
         "GetStats": plain(servicer.GetStats, pb.GetStatsRequest, pb.GetStatsResponse),
         "Compact": plain(servicer.Compact, pb.CompactRequest, pb.CompactResponse),
+        "Retrieve": grpc.unary_stream_rpc_method_handler(
+            servicer.Retrieve, request_deserializer=pb.RetrieveRequest.FromString, response_serializer=pb.RetrieveResponse.SerializeToString),
+        "SearchText": plain(servicer.SearchText, pb.SearchTextRequest, pb.SearchTextResponse),
     }
 
 
@@ -311,8 +426,9 @@ def method_handlers(servicer: KVMemServicer) -> dict[str, grpc.RpcMethodHandler]
 class Service:
     """A running kvmem service: store, gRPC server, health, maintenance thread."""
 
-    def __init__(self, config: ServiceConfig, store: SessionStore, server: grpc.Server, port: int, health_servicer: health.HealthServicer):
+    def __init__(self, config: ServiceConfig, store: SessionStore, server: grpc.Server, port: int, health_servicer: health.HealthServicer, indexer=None):
         self.config = config
+        self.indexer = indexer
         self.store = store
         self.server = server
         self.port = port
@@ -344,6 +460,8 @@ class Service:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self._stop.set()
         self.server.stop(grace).wait()
+        if self.indexer is not None:
+            self.indexer.close()
         self.store.close()
         log.info("stopped", extra={"fields": {"port": self.port}})
 
@@ -366,14 +484,35 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
         futures.ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="kvmem-rpc"),
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
     )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(KVMemServicer(store, host))),))
+    indexer = _index_builder(config, store, host) if host is not None and config.retrieval.index_on_save else None
+    servicer = KVMemServicer(store, host, config.retrieval, indexer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(servicer)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
     if port == 0:
+        if indexer is not None:
+            indexer.close()
         store.close()
         raise ConfigError(f"cannot bind {config.server.host}:{config.server.port} (in use?)")
-    return Service(config, store, server, port, health_servicer)
+    return Service(config, store, server, port, health_servicer, indexer)
+
+
+def _index_builder(config: ServiceConfig, store: SessionStore, host):
+    """Background block indexing for sessions of the hosted model (others are indexed on demand
+    only when they are retrieved from, which needs their model anyway)."""
+    from retrieval.block_index import BlockIndexConfig
+    from retrieval.rope import Rope
+    from retrieval.service import IndexBuilder
+
+    def rope_for(spec):
+        if host.spec != spec:
+            return None
+        with host.use() as (model, _):
+            return Rope.from_model(model)
+
+    cfg = config.retrieval
+    return IndexBuilder(store, rope_for, BlockIndexConfig(cfg.block_tokens, cfg.representatives, cfg.exact_max_vectors))
 
 
 def prepare_model(config: ServiceConfig) -> None:

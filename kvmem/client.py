@@ -56,6 +56,21 @@ class RestoredSession:
         return int(self.info.logical_length)
 
 
+@dataclass
+class Retrieval:
+    """header: pb.RetrieveHeader; layers: pb.RetrievedLayer per layer (blocks, scores, entropy);
+    kv: layer -> [(token_start, keys [H, n, D], values [H, n, D])] when include_kv was set."""
+
+    header: Any
+    layers: list
+    kv: dict
+
+    def token_ranges(self, layer: int) -> list[tuple[int, int]]:
+        """[start, end) of the blocks retrieved for ``layer``, in score order."""
+        entry = self.layers[layer]
+        return [(s, s + n) for s, n in zip(entry.block_starts, entry.block_lengths)]
+
+
 def _translate_errors(method):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
@@ -160,8 +175,11 @@ class Client:
         positions: Sequence[int] | None = None,
         logical_length: int = 0,
         bias: Sequence[torch.Tensor] | None = None,
+        text: str = "",
     ) -> pb.SaveSessionResponse:
         """Save a cache (DynamicCache or per-layer (keys, values)) for token_ids [T].
+
+        ``text``: the session's text, kept beside it for ``search_text``.
 
         With ``reuse_prefix`` the client first asks which prefix is already stored and sends only
         the rest (the server shares the stored chunks); if that prefix vanishes meanwhile it
@@ -184,7 +202,7 @@ class Client:
         header = pb.SaveHeader(
             tenant=self.tenant, session_id=session_id, model=convert.spec_to_pb(spec), token_ids=tokens,
             positions=list(positions) if positions is not None else [], logical_length=logical_length,
-            has_bias=bias is not None, ttl_seconds=ttl_seconds, overwrite=overwrite, reuse_prefix_tokens=reuse,
+            has_bias=bias is not None, ttl_seconds=ttl_seconds, overwrite=overwrite, reuse_prefix_tokens=reuse, text=text,
         )
 
         def send(reuse_tokens: int) -> pb.SaveSessionResponse:
@@ -200,7 +218,7 @@ class Client:
             raise
 
     @_translate_errors
-    def append(self, session_id: str, cache: Any, new_token_ids: Any, *, spec: ModelSpec | None = None, ttl_seconds: int = 0, check_length: bool = True) -> pb.AppendSessionResponse:
+    def append(self, session_id: str, cache: Any, new_token_ids: Any, *, spec: ModelSpec | None = None, ttl_seconds: int = 0, check_length: bool = True, text: str = "") -> pb.AppendSessionResponse:
         """Append the last n tokens of ``cache`` (n = len(new_token_ids)) to a stored session.
 
         The cache's earlier tokens are assumed to be the stored session; with ``check_length``
@@ -218,7 +236,7 @@ class Client:
         info = self.get(session_id)
         if check_length and info.num_tokens != old:
             raise Conflict(f"session {session_id!r} holds {info.num_tokens} tokens but the cache implies {old}; restore it first")
-        header = pb.AppendHeader(tenant=self.tenant, session_id=session_id, model=convert.spec_to_pb(spec), token_ids=tokens, ttl_seconds=ttl_seconds)
+        header = pb.AppendHeader(tenant=self.tenant, session_id=session_id, model=convert.spec_to_pb(spec), token_ids=tokens, ttl_seconds=ttl_seconds, text=text)
         if check_length:
             header.expected_num_tokens = old
         offset = info.num_tokens - old
@@ -338,6 +356,57 @@ class Client:
                 message.num_query_heads, message.num_queries = tensors[0].shape[0], tensors[0].shape[1]
                 message.layers.extend(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes() for t in tensors)
         return self._stub.Compact(request, timeout=self.timeout)
+
+    @_translate_errors
+    def retrieve(
+        self,
+        session_id: str,
+        budget_tokens: int,
+        *,
+        token_ids: Any = None,
+        text: str = "",
+        query_vectors: Sequence[torch.Tensor] | None = None,
+        method: str = "actqkv",
+        include_kv: bool = False,
+        dynamic_budget: bool = True,
+    ) -> "Retrieval":
+        """The KV blocks of a stored session that matter for a query (give one of token_ids, text,
+        or per layer position-free query states [Hq, n, D]). With ``include_kv`` the keys and
+        values of every selected token come back too (``Retrieval.layers``)."""
+        request = pb.RetrieveRequest(
+            tenant=self.tenant, session_id=session_id, budget_tokens=budget_tokens, method=method,
+            include_kv=include_kv, dynamic_budget=dynamic_budget, query_text=text,
+        )
+        if token_ids is not None:
+            request.query_token_ids.extend(_token_list(token_ids))
+        if query_vectors is not None:
+            request.query_vectors.num_query_heads, request.query_vectors.num_queries = query_vectors[0].shape[0], query_vectors[0].shape[1]
+            request.query_vectors.layers.extend(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes() for t in query_vectors)
+        stream = self._stub.Retrieve(request, timeout=self.timeout)
+        first = next(stream)
+        if first.WhichOneof("part") != "header":
+            raise InvalidRequest("retrieve stream began without its header")
+        header = first.header
+        spec = convert.spec_from_pb(header.session.model)
+        result = Retrieval(header, [], {})
+        for message in stream:
+            kind = message.WhichOneof("part")
+            if kind == "layer":
+                result.layers.append(message.layer)
+            elif kind == "chunks":
+                for chunk in message.chunks.chunks:
+                    shape = (spec.num_kv_heads, chunk.num_tokens, spec.head_dim)
+                    keys = torch.frombuffer(bytearray(chunk.keys), dtype=spec.torch_dtype).view(shape)
+                    values = torch.frombuffer(bytearray(chunk.values), dtype=spec.torch_dtype).view(shape)
+                    result.kv.setdefault(chunk.layer, []).append((chunk.token_start, keys, values))
+        if sum(len(v) for v in result.kv.values()) != header.num_chunks:
+            raise InvalidRequest(f"retrieve stream ended after {sum(len(v) for v in result.kv.values())} of {header.num_chunks} KV chunks")
+        return result
+
+    @_translate_errors
+    def search_text(self, session_id: str, query: str, k: int = 5) -> pb.SearchTextResponse:
+        """Top-k passages of the session's saved text for ``query``."""
+        return self._stub.SearchText(pb.SearchTextRequest(tenant=self.tenant, session_id=session_id, query=query, k=k), timeout=self.timeout)
 
     @_translate_errors
     def lookup(self, token_ids: Any, *, spec: ModelSpec | None = None) -> int:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvmem.client import Client
-from kvmem.config import ModelConfig, ServerConfig, ServiceConfig
+from kvmem.config import ModelConfig, RetrievalSettings, ServerConfig, ServiceConfig
 from kvstore.spec import ModelSpec
 from kvstore.store import SessionStore, StoreConfig
 
@@ -77,6 +77,7 @@ def service(tmp_path):
         server=ServerConfig(port=0, log_format="text", max_message_bytes=8 << 20),
         store=StoreConfig(data_dir=tmp_path / "svc", chunk_tokens=16, lmdb_map_bytes=16 << 20, lmdb_max_map_bytes=256 << 20),
         model=ModelConfig(cache_dir=str(MODEL_CACHE), prepare=False),  # hosted lazily, shared with the tests
+        retrieval=RetrievalSettings(index_on_save=False),  # tests of indexing turn it on
     )
     running = create_service(config).start()
     yield running
