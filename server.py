@@ -319,7 +319,7 @@ class KVMemServicer(pb_grpc.KVMemServicer):
             raise InvalidRequest(f"budget of {request.budget_tokens} tokens exceeds the session's {record.num_tokens} tokens; restore the full session instead")
         if self.host is None:
             raise FailedPrecondition("Retrieve needs a hosted model (set [model] name); this server hosts none")
-        self.host.require_spec(record.spec, "Retrieve")
+        self.host.require_spec(record.spec, "Retrieve", "(its RoPE and its queries)", "retrieve on a server that hosts that model")
         config = RetrievalConfig(
             method=request.method or "actqkv", budget_tokens=request.budget_tokens, sink_tokens=self.retrieval.sink_tokens,
             recent_tokens=self.retrieval.recent_tokens, dynamic=request.dynamic_budget if request.HasField("dynamic_budget") else True,
@@ -341,10 +341,11 @@ class KVMemServicer(pb_grpc.KVMemServicer):
         ))
         block_tokens = self.retrieval.block_tokens
         for number, layer in enumerate(selection.layers):
-            starts = (layer.blocks * block_tokens).tolist()
+            order = np.argsort(-layer.scores, kind="stable")  # best first
+            starts = (layer.blocks[order] * block_tokens).tolist()
             yield pb.RetrieveResponse(layer=pb.RetrievedLayer(
                 layer=number, block_starts=starts, block_lengths=[min(block_tokens, record.num_tokens - s) for s in starts],
-                scores=layer.scores.tolist(), entropy=layer.entropy, num_tokens=len(layer.tokens),
+                scores=layer.scores[order].tolist(), entropy=layer.entropy, num_tokens=len(layer.tokens),
             ))
         dtype = convert.DTYPE_TO_PB[record.spec.dtype]
         for number, layer_runs in enumerate(runs):

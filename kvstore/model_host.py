@@ -33,13 +33,13 @@ class ModelHost:
     def spec(self) -> ModelSpec:
         return ModelSpec.from_model(self._load()[0])
 
-    def require_spec(self, spec: ModelSpec, what: str) -> None:
+    def require_spec(self, spec: ModelSpec, what: str, need: str = "to compute reference queries", hint: str = "supply reference queries instead") -> None:
         """Raise ModelMismatch unless this host runs the model ``spec`` describes."""
         host_spec = self.spec
         if host_spec != spec:
             raise ModelMismatch(
-                f"{what} needs the session's model to compute reference queries, but this server hosts "
-                f"{host_spec.name!r} ({'; '.join(host_spec.differences(spec))}); supply reference queries instead"
+                f"{what} needs the session's model {need}, but this server hosts "
+                f"{host_spec.name!r} ({'; '.join(host_spec.differences(spec))}); {hint}"
             )
 
     @contextlib.contextmanager

@@ -131,8 +131,12 @@ def text_index(store: SessionStore, embedder: Any, tenant: str, session_id: str)
     text = store.session_text(tenant, session_id)
     if text is None:
         raise FailedPrecondition(f"session {session_id!r} was saved without text; save it with text to search it")
-    aux = store.get_aux(tenant, session_id, TEXT_INDEX)
     reason = "missing"
+    try:
+        aux = store.get_aux(tenant, session_id, TEXT_INDEX)
+    except CorruptData as exc:
+        aux, reason = None, f"corrupt: {exc}"
+        log.warning("text index damaged; rebuilding", extra={"fields": {"session": session_id, "error": str(exc)}})
     if aux is not None:
         try:
             index = TextIndex.from_bytes(aux.payload)

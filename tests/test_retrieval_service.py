@@ -1,0 +1,252 @@
+"""Indexes kept beside sessions (aux records), their persistence and rebuilds, and the Retrieve and
+SearchText RPCs on a real server with the real model."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from kvmem.client import Client
+from kvstore import errors
+from kvstore.spec import ModelSpec
+from kvstore.store import SessionStore, aux_key, session_key
+from retrieval.block_index import BlockIndexConfig
+from retrieval.rope import Rope
+from retrieval.service import BLOCK_META, TEXT_INDEX, block_index
+from tests.conftest import TOY_SPEC, random_layers
+
+FACT = "The secret code for falcon is 4821937."
+
+
+# ---------------------------------------------------------------------------- aux records
+def _pieces(store, spec, layers, start, end):
+    """KVPieces for session tokens [start, end) from per-layer (keys, values) [H, end - start, D]."""
+    pieces = store.new_pieces(spec, start, end)
+    for layer, (k, v) in enumerate(layers):
+        raw = [memoryview(x.contiguous().numpy()).cast("B") for x in (k, v)]
+        pieces.add(layer, start, end - start, 1, raw[0], raw[1], None)
+    return pieces
+
+
+def _toy_session(store, session_id="s", tokens=40, text=None, overwrite=False):
+    pieces = _pieces(store, TOY_SPEC, random_layers(TOY_SPEC, tokens), 0, tokens)
+    return store.save("t", session_id, TOY_SPEC, np.arange(tokens), pieces, text=text, overwrite=overwrite).record
+
+
+def test_aux_records_are_tagged_with_their_session_generation(store):
+    record = _toy_session(store, text="hello")
+    store.put_aux("t", "s", {"index/x": b"payload"}, record)
+    aux = store.get_aux("t", "s", "index/x")
+    assert aux.payload == b"payload" and aux.matches(record)
+    assert store.session_text("t", "s") == "hello"
+    newer = _toy_session(store, overwrite=True)  # a replaced session loses its text and indexes
+    assert store.get_aux("t", "s", "index/x") is None and store.session_text("t", "s") is None
+    with pytest.raises(errors.Conflict):
+        store.put_aux("t", "s", {"index/x": b"old"}, record)  # built from the old generation
+    store.put_aux("t", "s", {"index/x": b"new"}, newer)
+    store.delete("t", "s")
+    with store.backend.read() as txn:
+        assert txn.get(aux_key(session_key("t", "s"), "index/x"), db=store.backend.db["aux"]) is None
+
+
+def test_text_follows_appends_and_forks(store):
+    _toy_session(store, text="first turn. ")
+    pieces = _pieces(store, TOY_SPEC, random_layers(TOY_SPEC, 10), 40, 50)
+    store.append("t", "s", TOY_SPEC, np.arange(10), pieces, text="second turn.")
+    assert store.session_text("t", "s") == "first turn. second turn."
+    store.fork("t", "s", "whole")
+    store.fork("t", "s", "part", at_token=20)
+    assert store.session_text("t", "whole") == "first turn. second turn."
+    assert store.session_text("t", "part") is None  # text cannot be cut at a token offset
+
+
+def test_damaged_aux_record_is_detected(store):
+    record = _toy_session(store)
+    store.put_aux("t", "s", {"index/x": b"payload" * 10}, record)
+    key = aux_key(session_key("t", "s"), "index/x")
+
+    def flip(txn):
+        raw = bytearray(txn.get(key, db=store.backend.db["aux"]))
+        raw[-3] ^= 0x40
+        txn.put(key, bytes(raw), db=store.backend.db["aux"])
+
+    store.backend.write(flip)
+    with pytest.raises(errors.CorruptData):
+        store.get_aux("t", "s", "index/x")
+
+
+# ---------------------------------------------------------------------------- block index persistence
+@pytest.fixture(scope="module")
+def real_session(smollm2, long_text):
+    model, tokenizer = smollm2
+    ids = tokenizer(long_text, return_tensors="pt").input_ids[:, :700]
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    return ids, cache
+
+
+def _save_real(store, model, ids, cache, session_id="doc"):
+    from kvstore.hf_cache import cache_to_layers
+
+    total = ids.shape[1]
+    pieces = _pieces(store, ModelSpec.from_model(model), cache_to_layers(cache), 0, total)
+    return store.save("t", session_id, ModelSpec.from_model(model), ids[0].numpy(), pieces).record
+
+
+def test_block_index_is_stored_reloaded_and_rebuilt(store_config, smollm2, real_session):
+    model, _ = smollm2
+    ids, cache = real_session
+    rope, config = Rope.from_model(model), BlockIndexConfig(block_tokens=32)
+    probe = torch.randn(3, 64)
+    store = SessionStore.open(store_config)
+    try:
+        _save_real(store, model, ids, cache)
+        first = block_index(store, rope, "t", "doc", config)
+        assert first.rebuilt and first.reason == "missing"
+        expected = [first.index.search(layer, probe, 5) for layer in range(30)]
+        again = block_index(store, rope, "t", "doc", config)
+        assert not again.rebuilt
+    finally:
+        store.close()
+    store = SessionStore.open(store_config)  # a restart: the index comes back from LMDB
+    try:
+        reopened = block_index(store, rope, "t", "doc", config)
+        assert not reopened.rebuilt
+        for layer in range(30):
+            got = reopened.index.search(layer, probe, 5)
+            assert np.array_equal(got[0], expected[layer][0]) and np.allclose(got[1], expected[layer][1])
+        store.delete_aux("t", "doc", "index/blocks/7")  # a lost record: rebuilt, same answers
+        rebuilt = block_index(store, rope, "t", "doc", config)
+        assert rebuilt.rebuilt and np.array_equal(rebuilt.index.search(7, probe, 5)[0], expected[7][0])
+        key = aux_key(session_key("t", "doc"), "index/blocks/3")
+
+        def damage(txn):
+            raw = bytearray(txn.get(key, db=store.backend.db["aux"]))
+            raw[len(raw) // 2] ^= 0xFF
+            txn.put(key, bytes(raw), db=store.backend.db["aux"])
+
+        store.backend.write(damage)  # a damaged record: detected, rebuilt, never searched
+        repaired = block_index(store, rope, "t", "doc", config)
+        assert repaired.rebuilt and repaired.reason.startswith("corrupt")
+        assert np.array_equal(repaired.index.search(3, probe, 5)[0], expected[3][0])
+        assert not block_index(store, rope, "t", "doc", config).rebuilt
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------- RPCs
+@pytest.fixture
+def real_client(service, smollm2, real_session, long_text):
+    model, _ = smollm2
+    ids, cache = real_session
+    with Client(f"127.0.0.1:{service.port}", spec=ModelSpec.from_model(model)) as client:
+        text = long_text[:6000] + "\n" + FACT + "\n" + long_text[6000:12000]
+        client.save("doc", cache, ids, text=text)
+        yield client
+
+
+def test_retrieve_returns_blocks_per_layer_within_budget(real_client, real_session):
+    ids, cache = real_session
+    result = real_client.retrieve("doc", 256, text="What does the license say about patents?", include_kv=True)
+    header = result.header
+    assert header.index_rebuilt and header.block_tokens == 64 and header.sink_end == 4
+    assert len(result.layers) == 30
+    per_layer = [layer.num_tokens for layer in result.layers]
+    assert abs(np.mean(per_layer) - 256) <= 64
+    for layer in result.layers:
+        assert list(layer.scores) == sorted(layer.scores, reverse=True)
+        for start, length in zip(layer.block_starts, layer.block_lengths):
+            assert header.sink_end <= start and start + length <= header.recent_start
+    # the KV that comes back is the stored KV of exactly the selected tokens
+    for layer in (0, 17):
+        kept = sum(k.shape[1] for _, k, _ in result.kv[layer])
+        assert kept == result.layers[layer].num_tokens
+        for start, keys, values in result.kv[layer]:
+            assert torch.equal(keys, cache.layers[layer].keys[0, :, start : start + keys.shape[1]])
+            assert torch.equal(values, cache.layers[layer].values[0, :, start : start + values.shape[1]])
+    again = real_client.retrieve("doc", 256, text="What does the license say about patents?")
+    assert not again.header.index_rebuilt
+    assert [list(l.block_starts) for l in again.layers] == [list(l.block_starts) for l in result.layers]
+    by_ids = real_client.retrieve("doc", 256, token_ids=[1, 2, 3], method="last", dynamic_budget=False)
+    assert len({layer.num_tokens for layer in by_ids.layers}) == 1
+
+
+def test_retrieve_bad_requests(real_client):
+    cases = [
+        (dict(budget_tokens=0, text="q"), grpc.StatusCode.INVALID_ARGUMENT, "budget_tokens"),
+        (dict(budget_tokens=701, text="q"), grpc.StatusCode.INVALID_ARGUMENT, "exceeds the session"),
+        (dict(budget_tokens=256), grpc.StatusCode.INVALID_ARGUMENT, "exactly one query"),
+        (dict(budget_tokens=256, text="q", token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "exactly one query"),
+        (dict(budget_tokens=256, text="q", method="psychic"), grpc.StatusCode.INVALID_ARGUMENT, "unknown retrieval method"),
+        (dict(budget_tokens=256, query_vectors=[torch.randn(9, 4, 32)] * 30), grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+        (dict(budget_tokens=256, query_vectors=[torch.randn(9, 4, 64)] * 29), grpc.StatusCode.INVALID_ARGUMENT, "layers"),
+    ]
+    for kwargs, code, message in cases:
+        with pytest.raises(errors.KvmemError) as info:
+            real_client.retrieve("doc", **kwargs)
+        assert info.value.code == code and message in str(info.value), (kwargs.keys(), str(info.value))
+    with pytest.raises(errors.NotFound):
+        real_client.retrieve("nope", 64, text="q")
+    fine = real_client.retrieve("doc", 256, query_vectors=[torch.randn(9, 4, 64) for _ in range(30)])
+    assert len(fine.layers) == 30  # caller-computed query vectors work, and nothing above broke the server
+
+
+def test_retrieve_refuses_sessions_of_another_model(client):
+    client.save("toy", random_layers(TOY_SPEC, 64), list(range(64)))
+    with pytest.raises(errors.FailedPrecondition, match="hosts that model"):
+        client.retrieve("toy", 32, text="q")
+
+
+def test_search_text_finds_the_planted_fact_and_survives_damage(real_client, service):
+    response = real_client.search_text("doc", "What is the secret code for falcon?", k=3)
+    assert response.index_rebuilt and len(response.hits) == 3
+    assert FACT in response.hits[0].text and response.hits[0].score > response.hits[1].score
+    again = real_client.search_text("doc", "What is the secret code for falcon?", k=3)
+    assert not again.index_rebuilt and [h.chunk for h in again.hits] == [h.chunk for h in response.hits]
+    store = service.store
+    key = aux_key(session_key("default", "doc"), TEXT_INDEX)
+
+    def damage(txn):
+        raw = bytearray(txn.get(key, db=store.backend.db["aux"]))
+        raw[-5] ^= 0x01
+        txn.put(key, bytes(raw), db=store.backend.db["aux"])
+
+    store.backend.write(damage)
+    repaired = real_client.search_text("doc", "What is the secret code for falcon?", k=3)
+    assert repaired.index_rebuilt and [h.chunk for h in repaired.hits] == [h.chunk for h in response.hits]
+    with pytest.raises(errors.InvalidRequest, match="empty"):
+        real_client.search_text("doc", "   ")
+
+
+def test_search_text_needs_saved_text(client):
+    client.save("mute", random_layers(TOY_SPEC, 32), list(range(32)))
+    with pytest.raises(errors.FailedPrecondition, match="without text"):
+        client.search_text("mute", "anything")
+    with pytest.raises(errors.NotFound):
+        client.search_text("missing", "anything")
+
+
+def test_saves_are_indexed_in_the_background(tmp_path, smollm2, real_session):
+    from kvmem.config import ModelConfig, RetrievalSettings, ServerConfig, ServiceConfig
+    from kvstore.store import StoreConfig
+    from server import create_service
+    from tests.conftest import MODEL_CACHE
+
+    model, _ = smollm2
+    ids, cache = real_session
+    config = ServiceConfig(
+        server=ServerConfig(port=0, log_format="text"),
+        store=StoreConfig(data_dir=tmp_path / "bg", lmdb_map_bytes=64 << 20),
+        model=ModelConfig(cache_dir=str(MODEL_CACHE), prepare=False),
+        retrieval=RetrievalSettings(index_on_save=True),
+    )
+    service = create_service(config).start()
+    try:
+        with Client(f"127.0.0.1:{service.port}", spec=ModelSpec.from_model(model)) as client:
+            client.save("doc", cache, ids)
+            service.indexer.wait_idle()
+            assert service.store.get_aux("default", "doc", BLOCK_META) is not None
+            assert not client.retrieve("doc", 256, text="patents").header.index_rebuilt
+    finally:
+        service.stop(grace=1)
