@@ -106,7 +106,7 @@ class BlockIndex:
         heads, total, dim = keys[0].shape
         if positions.shape != (total,):
             raise InvalidRequest(f"{positions.shape[0]} positions for {total} tokens")
-        indexes = [cls._layer_indexes(rope.rotate(layer, -positions), config) for layer in keys]
+        indexes = [cls._layer_indexes(rope.rotate(layer.detach(), -positions), config) for layer in keys]
         return cls(config, total, dim, indexes)
 
     @staticmethod
