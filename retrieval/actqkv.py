@@ -48,16 +48,32 @@ def token_weights(queries: torch.Tensor, method: str) -> torch.Tensor:
     return score / score.sum().clamp(min=1e-12)
 
 
-def probe(queries: torch.Tensor, kv_heads: int, method: str) -> torch.Tensor:
-    """Probe [H_kv, D] from position-free queries [Hq, n, D] of one layer."""
-    heads, n, dim = queries.shape
-    if n == 0:
-        raise InvalidRequest("a probe needs at least one query token")
-    if heads % kv_heads:
-        raise InvalidRequest(f"{heads} query heads do not group into {kv_heads} KV heads")
-    weights = token_weights(queries, method)  # [n]
-    weighted = torch.einsum("n,hnd->hd", weights, queries.float())  # [Hq, D]
-    return weighted.view(kv_heads, heads // kv_heads, dim).mean(1)
+@dataclass
+class Probe:
+    """What one layer searches with: vectors [H_kv, n, D] (position-free) and weights [n] summing to 1.
+
+    A block scores sum_i weights[i] * (best cosine between vector i and the block's keys), averaged
+    over KV heads: each probe token finds its own match (late interaction), so a question whose
+    rare words ("falcon") occur in one block ranks that block first even when most of the question
+    is template.
+    """
+
+    vectors: torch.Tensor
+    weights: torch.Tensor
+
+    @classmethod
+    def from_states(cls, states: torch.Tensor, kv_heads: int, method: str) -> "Probe":
+        """From position-free query or key states [Hs, n, D] of one layer (Hs: a multiple of
+        kv_heads; query heads are pooled over their KV group)."""
+        heads, n, dim = states.shape
+        if n == 0:
+            raise InvalidRequest("a probe needs at least one token")
+        if heads % kv_heads:
+            raise InvalidRequest(f"{heads} heads do not group into {kv_heads} KV heads")
+        weights = token_weights(states, method)  # [n]
+        vectors = states.float().view(kv_heads, heads // kv_heads, n, dim).mean(1)  # [H_kv, n, D]
+        keep = weights > 0
+        return cls(vectors[:, keep], weights[keep] / weights[keep].sum())
 
 
 def normalised_entropy(scores: np.ndarray, temperature: float) -> float:

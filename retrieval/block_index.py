@@ -1,20 +1,22 @@
-"""A session's KV cut into blocks, each summarised by a few representative keys, searchable in faiss.
+"""A session's KV cut into blocks whose keys are searchable in faiss.
 
-Per layer and KV head, every block of ``block_tokens`` consecutive tokens gets ``representatives``
-unit vectors, taken from its keys after rotating them back to position 0 (so a block is found by
-what it holds, not by where it sits):
+Per layer and KV head, every block of ``block_tokens`` consecutive tokens is represented by unit
+vectors taken from its keys after rotating them back to position 0 (so a block is found by what it
+holds, not by where it sits). By default every key represents itself (``representatives=0``): a
+block's score is then the exact best match of a probe vector among its keys. Measured on needle
+tasks, that is what finds a rare word in 16k tokens of text; summaries lose it
+(bench/retrieval.py). Smaller indexes keep ``representatives`` vectors per block:
 
 * the block's mean key direction (its gist), then
 * greedily, the key farthest (by cosine) from every representative chosen so far: the outliers a
   query would single out (a name, a number) rather than the filler around them.
 
 No query states are needed, so an index can be built from stored KV alone, whoever computed it.
-A block's score for a probe is the best cosine among its representatives, averaged over KV heads.
 
 Indexes are exact (``IDMap2,Flat``, inner product on unit vectors) up to ``exact_max_vectors`` per
 layer and head, and HNSW above it (see bench/retrieval_latency.py for where flat search stops
 meeting the latency goal). They serialise to bytes (faiss's own format inside a checked kvmem
-envelope) and are stored per layer beside the session (retrieval/index_store.py).
+envelope) and are stored per layer beside the session (retrieval/service.py).
 """
 from __future__ import annotations
 
@@ -33,13 +35,18 @@ from retrieval.rope import Rope
 @dataclass(frozen=True)
 class BlockIndexConfig:
     block_tokens: int = 64  # tokens per retrievable block
-    representatives: int = 4  # unit vectors per block and KV head (1 = the mean direction only)
+    representatives: int = 0  # unit vectors per block and KV head; 0 = every key (exact max), 1 = the mean direction
     exact_max_vectors: int = 1 << 20  # above this many vectors per (layer, head) index: HNSW
     hnsw_neighbors: int = 32
 
     def __post_init__(self) -> None:
-        if self.block_tokens < 1 or self.representatives < 1:
-            raise InvalidRequest(f"block_tokens ({self.block_tokens}) and representatives ({self.representatives}) must be >= 1")
+        if self.block_tokens < 1 or self.representatives < 0:
+            raise InvalidRequest(f"block_tokens ({self.block_tokens}) must be >= 1 and representatives ({self.representatives}) >= 0")
+
+    @property
+    def per_block(self) -> int:
+        """Vectors per block and head."""
+        return self.representatives or self.block_tokens
 
 
 def block_ranges(num_tokens: int, block_tokens: int) -> np.ndarray:
@@ -49,15 +56,20 @@ def block_ranges(num_tokens: int, block_tokens: int) -> np.ndarray:
 
 
 def representatives(keys: torch.Tensor, block_tokens: int, count: int) -> torch.Tensor:
-    """Representative unit vectors of each block.
+    """Representative unit vectors of each block (count=0: every key; a short last block repeats
+    its first key in the padding, which changes no maximum).
 
-    keys: [H, T, D] position-free keys. Returns float32 [H, nb, count, D].
+    keys: [H, T, D] position-free keys. Returns float32 [H, nb, count or block_tokens, D].
     """
     heads, total, dim = keys.shape
     nb = -(-total // block_tokens)
     padded = torch.zeros(heads, nb * block_tokens, dim, dtype=torch.float32)
     padded[:, :total] = keys.float()
+    if total % block_tokens:
+        padded[:, total:] = keys[:, (nb - 1) * block_tokens : (nb - 1) * block_tokens + 1].float()
     unit = torch.nn.functional.normalize(padded, dim=-1).view(heads, nb, block_tokens, dim)
+    if count == 0:
+        return unit
     valid = (torch.arange(nb * block_tokens) < total).view(1, nb, block_tokens)  # [1, nb, bt]
     counts = valid.sum(-1, keepdim=True).clamp(min=1)  # [1, nb, 1]
     mean = torch.nn.functional.normalize((unit * valid[..., None]).sum(2) / counts, dim=-1)  # [H, nb, D]
@@ -123,7 +135,7 @@ class BlockIndex:
         """keys: [H, T, D] position-free. Returns one index per head."""
         reps = representatives(keys, config.block_tokens, config.representatives)  # [H, nb, R, D]
         heads, nb, count, dim = reps.shape
-        ids = np.arange(nb * count, dtype=np.int64)
+        ids = np.arange(nb * count, dtype=np.int64)  # id // count = block
         out = []
         for head in range(heads):
             index = cls._new_index(config, dim, nb * count)
@@ -132,38 +144,45 @@ class BlockIndex:
         return out
 
     # ------------------------------------------------------------------ search
-    def search(self, layer: int, probe: torch.Tensor, candidates: int) -> tuple[np.ndarray, np.ndarray]:
-        """Best blocks of ``layer`` for ``probe`` [H, D] (one vector per KV head; any norm).
+    def search(self, layer: int, probe: torch.Tensor, candidates: int, weights: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Best blocks of ``layer`` for ``probe``: [H, D] (one vector per KV head) or [H, n, D]
+        (n vectors per head, combined with ``weights`` [n], default uniform; any norm).
 
         Returns (block ids int64 [k], scores float32 [k]) with k = min(candidates, blocks), best
-        first. A block's score: per head the best cosine among its representatives, averaged over
-        heads (a block outside a head's shortlist counts that head's shortlist minimum).
+        first. Score: per head and probe vector the best cosine among the block's representatives,
+        summed over vectors with their weights and averaged over heads. Outside a vector's
+        shortlist a block counts that shortlist's minimum.
         """
         if not 0 <= layer < self.num_layers:
             raise InvalidRequest(f"layer {layer} outside 0..{self.num_layers - 1}")
-        if probe.shape != (self.num_heads, self.head_dim):
-            raise InvalidRequest(f"probe shape {tuple(probe.shape)}, expected [{self.num_heads}, {self.head_dim}]")
-        reps = self.config.representatives
+        if probe.dim() == 2:
+            probe = probe[:, None, :]
+        if probe.dim() != 3 or probe.shape[0] != self.num_heads or probe.shape[2] != self.head_dim or probe.shape[1] == 0:
+            raise InvalidRequest(f"probe shape {tuple(probe.shape)}, expected [{self.num_heads}, n, {self.head_dim}]")
+        n = probe.shape[1]
+        weights = torch.full((n,), 1.0 / n) if weights is None else weights.float()
+        per_block = self.config.per_block
         k = min(self.num_blocks, max(int(candidates), 1))
-        shortlist = min(self.num_blocks * reps, k * reps)
-        query = torch.nn.functional.normalize(probe.float(), dim=-1).numpy()
-        scores = np.zeros((self.num_heads, self.num_blocks), dtype=np.float32)
+        shortlist = min(self.num_blocks * per_block, k * per_block)
+        query = np.ascontiguousarray(torch.nn.functional.normalize(probe.float(), dim=-1).numpy())  # [H, n, D]
+        w = weights.numpy().astype(np.float32)
+        scores = np.zeros(self.num_blocks, dtype=np.float32)
         for head, index in enumerate(self.indexes[layer]):
-            sims, ids = index.search(query[head : head + 1], shortlist)
-            sims, ids = sims[0], ids[0]
-            keep = ids >= 0
-            sims, blocks = sims[keep], ids[keep] // reps
-            floor = float(sims.min()) if len(sims) else -1.0
-            head_scores = np.full(self.num_blocks, floor, dtype=np.float32)
-            np.maximum.at(head_scores, blocks, sims)  # best representative per block
-            scores[head] = head_scores
-        mean = scores.mean(0)
-        order = np.argsort(-mean, kind="stable")[:k]
-        return order.astype(np.int64), mean[order]
+            sims, ids = index.search(query[head], shortlist)  # [n, shortlist]
+            for i in range(n):
+                keep = ids[i] >= 0
+                hit_sims, blocks = sims[i][keep], ids[i][keep] // per_block
+                floor = float(hit_sims.min()) if len(hit_sims) else -1.0
+                best = np.full(self.num_blocks, floor, dtype=np.float32)
+                np.maximum.at(best, blocks, hit_sims)  # best representative per block
+                scores += w[i] * best
+        scores /= self.num_heads
+        order = np.argsort(-scores, kind="stable")[:k]
+        return order.astype(np.int64), scores[order]
 
-    def block_scores(self, layer: int, probe: torch.Tensor) -> np.ndarray:
+    def block_scores(self, layer: int, probe: torch.Tensor, weights: torch.Tensor | None = None) -> np.ndarray:
         """float32 [nb]: the score of every block of ``layer`` (exact, for small indexes and tests)."""
-        ids, scores = self.search(layer, probe, self.num_blocks)
+        ids, scores = self.search(layer, probe, self.num_blocks, weights)
         out = np.empty(self.num_blocks, dtype=np.float32)
         out[ids] = scores
         return out
@@ -210,7 +229,7 @@ class BlockIndex:
                     offset += size
                 if offset != len(raw):
                     raise ValueError("trailing bytes")
-                expected_vectors = -(-num_tokens // config.block_tokens) * config.representatives
+                expected_vectors = -(-num_tokens // config.block_tokens) * config.per_block
                 if any(index.ntotal != expected_vectors or index.d != head_dim for index in heads):
                     raise ValueError("index size does not match its header")
                 indexes.append(heads)

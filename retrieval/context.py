@@ -27,12 +27,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from compaction.inference import CompactedCache, generation_inputs
-from compaction.queries import recording_queries
 from kvstore.errors import FailedPrecondition, InvalidRequest
-from retrieval.actqkv import METHODS, BudgetSpread, normalised_entropy, probe
+from retrieval.actqkv import METHODS, BudgetSpread, Probe, normalised_entropy
 from retrieval.block_index import BlockIndex
 from retrieval.rope import Rope
 
@@ -45,7 +43,6 @@ class RetrievalConfig:
     recent_tokens: int = 256  # at most a quarter of the budget
     packed: bool = True  # pack positions even when the session fits the window (measured better, see Layout)
     dynamic: bool = True  # spread blocks over layers by score entropy (False: same count per layer)
-    key_weight: float = 1.0  # weight of the question's own keys in the probe (0: queries only)
     spread: BudgetSpread = field(default_factory=BudgetSpread)
 
     def __post_init__(self) -> None:
@@ -112,8 +109,8 @@ def retrievable_blocks(index: BlockIndex, sink_end: int, recent_start: int) -> n
     return (index.blocks[:, 0] >= sink_end) & (index.blocks[:, 1] <= recent_start)
 
 
-def select(index: BlockIndex, probes: list[torch.Tensor], config: RetrievalConfig) -> Selection:
-    """Per-layer selection from probes (per layer [H, D]); see the module docstring."""
+def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig) -> Selection:
+    """Per-layer selection from one probe per layer; see the module docstring."""
     total = index.num_tokens
     if config.budget_tokens > total:
         raise InvalidRequest(f"budget of {config.budget_tokens} tokens exceeds the session's {total} tokens; use the full cache instead")
@@ -129,7 +126,7 @@ def select(index: BlockIndex, probes: list[torch.Tensor], config: RetrievalConfi
     shortlist = min(index.num_blocks, 4 * max(cap, 1) + int((~allowed).sum()))
     ranked = []
     for layer, layer_probe in enumerate(probes):
-        ids, scores = index.search(layer, layer_probe, shortlist)
+        ids, scores = index.search(layer, layer_probe.vectors, shortlist, layer_probe.weights)
         keep = allowed[ids]
         ranked.append((ids[keep], scores[keep]))
     entropies = [normalised_entropy(scores, config.spread.temperature) for _, scores in ranked]
@@ -199,8 +196,15 @@ def gather_layers(kv: SessionKV, selection: Selection, layout: Layout, rope: Rop
     return out
 
 
-def question_probes(model: Any, kv: SessionKV, question_ids: torch.Tensor, config: RetrievalConfig, rope: Rope, window: int) -> list[torch.Tensor]:
-    """Probe pass: per layer probe [H, D] from the question's queries over sinks + recent window."""
+def question_probes(model: Any, kv: SessionKV, question_ids: torch.Tensor, config: RetrievalConfig, rope: Rope, window: int) -> list[Probe]:
+    """Probe pass: one Probe per layer from the question run over sinks + recent window.
+
+    The probe vectors are the question's own *keys* at that layer (rotated back to position 0),
+    weighted per token by ``config.method`` (ActQKV's activation bias by default). Keys live in
+    the space the index searches, and a question word's key matches the same word's key in the
+    context; measured against the question's query states (the ActQKV paper's choice), keys find
+    the needle block in far more layers (docs/retrieval.md).
+    """
     total = kv.num_tokens
     sink_end = min(config.sink_tokens, total)
     recent_start = max(sink_end, total - config.recent)
@@ -211,17 +215,13 @@ def question_probes(model: Any, kv: SessionKV, question_ids: torch.Tensor, confi
     cache = CompactedCache.for_model(model, layers, [None] * len(layers), layout.question_start)
     ids = question_ids.view(1, -1)
     positions = torch.arange(layout.question_start, layout.question_start + ids.shape[1])
-    with torch.no_grad(), recording_queries(model) as recorded:
+    with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, position_ids=positions[None], use_cache=True)
     kv_heads = kv.keys[0].shape[0]
     probes = []
     for layer in range(len(kv.keys)):
-        from_queries = F.normalize(probe(rope.rotate(recorded[layer], -positions), kv_heads, config.method), dim=-1)
-        if config.key_weight:
-            question_keys = rope.rotate(cache.layers[layer].keys[0, :, -ids.shape[1]:], -positions)  # [H, n, D]
-            from_keys = F.normalize(probe(question_keys, kv_heads, config.method), dim=-1)
-            from_queries = from_queries + config.key_weight * from_keys
-        probes.append(from_queries)
+        question_keys = rope.rotate(cache.layers[layer].keys[0, :, -ids.shape[1]:].float(), -positions)  # [H, n, D]
+        probes.append(Probe.from_states(question_keys, kv_heads, config.method))
     return probes
 
 
@@ -236,7 +236,7 @@ class Answer:
     layout: Layout
 
 
-def answer(model: Any, kv: SessionKV, index: BlockIndex, question_ids: torch.Tensor, config: RetrievalConfig, max_new_tokens: int = 24, probes: list[torch.Tensor] | None = None) -> Answer:
+def answer(model: Any, kv: SessionKV, index: BlockIndex, question_ids: torch.Tensor, config: RetrievalConfig, max_new_tokens: int = 24, probes: list[Probe] | None = None) -> Answer:
     """Greedy answer to ``question_ids`` [n] from ``budget_tokens`` of retrieved context per layer."""
     if index.num_tokens != kv.num_tokens:
         raise FailedPrecondition(f"block index covers {index.num_tokens} tokens, the session {kv.num_tokens}; rebuild the index")

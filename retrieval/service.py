@@ -114,9 +114,9 @@ def retrieve(store: SessionStore, model: Any, tenant: str, session_id: str, conf
     if query_vectors is not None:
         if len(query_vectors) != spec.num_layers:
             raise InvalidRequest(f"query vectors for {len(query_vectors)} layers; the session has {spec.num_layers}")
-        from retrieval.actqkv import probe
+        from retrieval.actqkv import Probe
 
-        probes = [probe(q, spec.num_kv_heads, config.method) for q in query_vectors]
+        probes = [Probe.from_states(q, spec.num_kv_heads, config.method) for q in query_vectors]
     else:
         if question_ids is None or question_ids.numel() == 0:
             raise InvalidRequest("give a query: token ids, text, or query vectors")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvstore.errors import CorruptData, InvalidRequest
-from retrieval.actqkv import BudgetSpread, normalised_entropy, probe, token_weights
+from retrieval.actqkv import BudgetSpread, Probe, normalised_entropy, token_weights
 from retrieval.block_index import BlockIndex, BlockIndexConfig, block_ranges, representatives
 from retrieval.context import Layout, RetrievalConfig, SessionKV, select
 from retrieval.rope import Rope
@@ -77,6 +77,18 @@ def test_index_bytes_roundtrip_and_damage_is_reported():
             BlockIndex.from_layer_bytes(broken)
 
 
+def test_every_key_index_scores_the_exact_weighted_best_match():
+    keys = _keys(tokens=200)
+    positions = torch.arange(200)
+    index = BlockIndex.build(keys, positions, ROPE, BlockIndexConfig(block_tokens=32))  # every key
+    vectors, weights = torch.randn(2, 3, 16), torch.tensor([0.6, 0.3, 0.1])
+    unit = torch.nn.functional.normalize(ROPE.rotate(keys[2], -positions), dim=-1)  # [H, T, D]
+    sims = torch.einsum("hnd,htd->hnt", torch.nn.functional.normalize(vectors, dim=-1), unit)
+    best = torch.stack([sims[..., a:b].amax(-1) for a, b in block_ranges(200, 32)], -1)  # [H, n, nb]
+    expected = torch.einsum("n,hnb->b", weights, best) / 2
+    assert np.allclose(index.block_scores(2, vectors, weights), expected.numpy(), atol=1e-5)
+
+
 def test_search_rejects_bad_probes():
     index = BlockIndex.build(_keys(), torch.arange(300), ROPE)
     with pytest.raises(InvalidRequest, match="probe shape"):
@@ -94,7 +106,9 @@ def test_token_weights_follow_the_method():
     assert token_weights(queries, "last").tolist() == [0.0] * 9 + [1.0]
     with pytest.raises(InvalidRequest):
         token_weights(queries, "psychic")
-    assert probe(queries, 2, "mean").shape == (2, 16)
+    pooled = Probe.from_states(queries, 2, "mean")
+    assert pooled.vectors.shape == (2, 10, 16) and torch.allclose(pooled.vectors[0], queries[:2].mean(0))
+    assert Probe.from_states(queries, 2, "last").vectors.shape == (2, 1, 16)  # zero-weight tokens dropped
 
 
 def test_budget_spread_follows_entropy_within_bounds():
@@ -114,7 +128,7 @@ def _selection_setup(tokens=1000, budget=300):
     kv = SessionKV(keys, [k.clone() for k in keys], torch.arange(tokens))
     index = BlockIndex.build(keys, kv.positions, ROPE, BlockIndexConfig(block_tokens=32))
     config = RetrievalConfig(budget_tokens=budget, sink_tokens=4, recent_tokens=64)
-    probes = [torch.randn(2, 16) for _ in range(3)]
+    probes = [Probe(torch.randn(2, 3, 16), torch.tensor([0.5, 0.3, 0.2])) for _ in range(3)]
     return kv, index, config, probes
 
 
