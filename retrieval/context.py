@@ -42,6 +42,8 @@ class RetrievalConfig:
     sink_tokens: int = 4
     recent_tokens: int = 256  # at most a quarter of the budget
     packed: bool = True  # pack positions even when the session fits the window (measured better, see Layout)
+    margin_tokens: int = 32  # each retrieved block is widened by this many tokens on both sides (facts cut by a block edge)
+    shared: bool = False  # every layer sees the same blocks: the best by mean z-scored score over layers
     dynamic: bool = True  # spread blocks over layers by score entropy (False: same count per layer)
     spread: BudgetSpread = field(default_factory=BudgetSpread)
 
@@ -129,22 +131,64 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig) -> S
         ids, scores = index.search(layer, layer_probe.vectors, shortlist, layer_probe.weights)
         keep = allowed[ids]
         ranked.append((ids[keep], scores[keep]))
+    if config.shared:
+        ranked = [_consensus(ranked, index.num_blocks)] * len(ranked)
     entropies = [normalised_entropy(scores, config.spread.temperature) for _, scores in ranked]
     total_blocks = int(round(mean_blocks * index.num_layers))
-    if config.dynamic:
+    if config.dynamic and not config.shared:
         counts = config.spread.spread(entropies, total_blocks, available)
     else:
         counts = [min(available, int(mean_blocks))] * index.num_layers
     layers = []
     fixed = np.concatenate([np.arange(sink_end), np.arange(recent_start, total)])
     for (ids, scores), entropy, count in zip(ranked, entropies, counts):
-        chosen = np.sort(ids[:count])
-        chosen_scores = scores[:count][np.argsort(ids[:count])]
-        spans = [np.arange(*index.blocks[b]) for b in chosen]
-        tokens = np.sort(np.concatenate([fixed] + spans)) if spans else fixed
+        chosen, mask = _widened(index, ids, count * block_tokens, config.margin_tokens, sink_end, recent_start)
+        by_block = dict(zip(ids.tolist(), scores.tolist()))
+        chosen_scores = np.array([by_block[b] for b in chosen], dtype=np.float32)
+        tokens = np.sort(np.concatenate([fixed, np.nonzero(mask)[0]]))
         layers.append(LayerSelection(chosen, chosen_scores, entropy, tokens.astype(np.int64)))
     cap_tokens = max((len(l.tokens) - len(fixed) for l in layers), default=0)
     return Selection(layers, sink_end, recent_start, cap_tokens)
+
+
+def _widened(index: BlockIndex, ranked_ids: np.ndarray, budget: int, margin: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Take blocks best first, each widened by ``margin`` tokens on both sides (within [lo, hi)),
+    until their union holds exactly ``budget`` tokens (the last one may be cut: its own tokens go
+    first, then its margins). Returns (chosen block ids ascending, bool [T] mask)."""
+    mask = np.zeros(index.num_tokens, dtype=bool)
+    chosen = []
+    remaining = budget
+    for block in ranked_ids:
+        if remaining <= 0:
+            break
+        start, end = (int(x) for x in index.blocks[block])
+        core = np.arange(max(lo, start), min(hi, end))
+        margins = np.concatenate([np.arange(max(lo, start - margin), max(lo, start)), np.arange(min(hi, end), min(hi, end + margin))])
+        take = np.concatenate([core[~mask[core]], margins[~mask[margins]]])[:remaining]
+        if len(take) == 0:
+            continue
+        mask[take] = True
+        remaining -= len(take)
+        chosen.append(int(block))
+    return np.sort(np.asarray(chosen, dtype=np.int64)), mask
+
+
+def _consensus(ranked: list[tuple[np.ndarray, np.ndarray]], num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """One ranking for all layers: each layer's shortlist scores z-scored (blocks off a shortlist
+    get its minimum), averaged over layers."""
+    total = np.zeros(num_blocks)
+    seen = np.zeros(num_blocks, dtype=bool)
+    for ids, scores in ranked:
+        if len(scores) == 0:
+            continue
+        z = (scores - scores.mean()) / (scores.std() + 1e-6)
+        layer = np.full(num_blocks, z.min())
+        layer[ids] = z
+        total += layer
+        seen[ids] = True
+    ids = np.nonzero(seen)[0]
+    order = np.argsort(-total[ids], kind="stable")
+    return ids[order], (total[ids] / max(len(ranked), 1))[order].astype(np.float32)
 
 
 @dataclass(frozen=True)
