@@ -43,7 +43,7 @@ class RetrievalConfig:
     recent_tokens: int = 256  # at most a quarter of the budget
     packed: bool = True  # pack positions even when the session fits the window (measured better, see Layout)
     margin_tokens: int = 32  # each retrieved block is widened by this many tokens on both sides (facts cut by a block edge)
-    shared: bool = False  # every layer sees the same blocks: the best by mean z-scored score over layers
+    shared: bool = True  # one ranking for all layers (mean z-scored score over layers); False: each layer its own
     dynamic: bool = True  # spread blocks over layers by score entropy (False: same count per layer)
     spread: BudgetSpread = field(default_factory=BudgetSpread)
 
@@ -131,11 +131,11 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig) -> S
         ids, scores = index.search(layer, layer_probe.vectors, shortlist, layer_probe.weights)
         keep = allowed[ids]
         ranked.append((ids[keep], scores[keep]))
-    if config.shared:
-        ranked = [_consensus(ranked, index.num_blocks)] * len(ranked)
     entropies = [normalised_entropy(scores, config.spread.temperature) for _, scores in ranked]
+    if config.shared:  # one ranking for every layer; how deep each layer goes still follows its entropy
+        ranked = [_consensus(ranked, index.num_blocks)] * len(ranked)
     total_blocks = int(round(mean_blocks * index.num_layers))
-    if config.dynamic and not config.shared:
+    if config.dynamic:
         counts = config.spread.spread(entropies, total_blocks, available)
     else:
         counts = [min(available, int(mean_blocks))] * index.num_layers
