@@ -55,3 +55,44 @@ def test_budget_of_the_whole_session_reproduces_the_full_cache(smollm2, long_tex
     result = answer(model, kv, index, question[0], config, max_new_tokens=8)
     assert result.layout.original and result.selection.tokens_per_layer == [768] * 30
     assert torch.equal(result.token_ids, full[0, 768 + question.shape[1]:])
+
+
+# ---------------------------------------------------------------------------- acceptance: 16k needles
+NEEDLE_TASKS = [("single", 0.2, 100), ("single", 0.4, 101), ("single", 0.6, 102)]  # (kind, depth, seed)
+
+
+@pytest.fixture(scope="module")
+def needle_sessions(smollm2):
+    """Three 16k-token needle tasks (twice the model's window), their windowed-prefill KV and index."""
+    from bench.tasks import TaskFactory
+
+    model, tokenizer = smollm2
+    factory = TaskFactory(tokenizer)
+    sessions = []
+    for kind, depth, seed in NEEDLE_TASKS:
+        task = factory.make(kind, 16000, depth, seed)
+        keys, values = windowed_prefill(model, task.context_ids, window_tokens=2048)
+        kv = SessionKV(keys, values, torch.arange(16000))
+        sessions.append((task, kv, BlockIndex.build(keys, kv.positions, Rope.from_model(model))))
+    return sessions
+
+
+def test_actqkv_finds_needles_in_16k_tokens_where_truncation_cannot(smollm2, needle_sessions):
+    from bench.tasks import score_answer
+
+    model, tokenizer = smollm2
+    retrieved, truncated = [], []
+    for task, kv, index in needle_sessions:
+        result = answer(model, kv, index, task.question_ids[0], RetrievalConfig(method="actqkv", budget_tokens=2048))
+        needle = [n for n in task.needles if n["asked"]][0]["position"]
+        needle_tokens = set(range(needle, needle + 15))  # " The secret code for <word> is <7 digits>."
+        assert all(needle_tokens <= set(layer.tokens.tolist()) for layer in result.selection.layers), task.name
+        assert result.layout.question_start < 8192 and np.mean(result.selection.tokens_per_layer) == pytest.approx(2048, abs=64)
+        retrieved.append(score_answer(tokenizer.decode(result.token_ids), task.code))
+        tail = torch.cat([task.context_ids[:, -2048:], task.question_ids], 1)  # the last 2k tokens cannot hold the needle
+        assert needle < 16000 - 2048
+        with torch.no_grad():
+            out = model.generate(tail, max_new_tokens=24, do_sample=False)
+        truncated.append(score_answer(tokenizer.decode(out[0, tail.shape[1]:]), task.code))
+    assert sum(truncated) == 0
+    assert sum(retrieved) >= 2, retrieved
