@@ -144,7 +144,7 @@ class BlockIndex:
         return out
 
     # ------------------------------------------------------------------ search
-    def search(self, layer: int, probe: torch.Tensor, candidates: int, weights: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, layer: int, probe: torch.Tensor, candidates: int, weights: torch.Tensor | None = None, exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Best blocks of ``layer`` for ``probe``: [H, D] (one vector per KV head) or [H, n, D]
         (n vectors per head, combined with ``weights`` [n], default uniform; any norm).
 
@@ -163,7 +163,7 @@ class BlockIndex:
         weights = torch.full((n,), 1.0 / n) if weights is None else weights.float()
         per_block = self.config.per_block
         k = min(self.num_blocks, max(int(candidates), 1))
-        shortlist = min(self.num_blocks * per_block, k * per_block)
+        shortlist = self.num_blocks * per_block if exhaustive else min(self.num_blocks * per_block, 4 * k)  # a block's best key is near the top
         query = np.ascontiguousarray(torch.nn.functional.normalize(probe.float(), dim=-1).numpy())  # [H, n, D]
         w = weights.numpy().astype(np.float32)
         scores = np.zeros(self.num_blocks, dtype=np.float32)
@@ -182,7 +182,7 @@ class BlockIndex:
 
     def block_scores(self, layer: int, probe: torch.Tensor, weights: torch.Tensor | None = None) -> np.ndarray:
         """float32 [nb]: the score of every block of ``layer`` (exact, for small indexes and tests)."""
-        ids, scores = self.search(layer, probe, self.num_blocks, weights)
+        ids, scores = self.search(layer, probe, self.num_blocks, weights, exhaustive=True)
         out = np.empty(self.num_blocks, dtype=np.float32)
         out[ids] = scores
         return out
