@@ -37,6 +37,8 @@ bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.dedup --quick
 	$(BIN)/python -m bench.am_ablation --quick
 	$(BIN)/python -m bench.compaction --quick
+	$(BIN)/python -m bench.retrieval_latency --quick
+	$(BIN)/python -m bench.retrieval --quick
 
 bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.throughput
@@ -44,6 +46,8 @@ bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.dedup
 	$(BIN)/python -m bench.am_ablation
 	$(BIN)/python -m bench.compaction
+	$(BIN)/python -m bench.retrieval_latency
+	$(BIN)/python -m bench.retrieval
 	# needs kvpress in its own virtualenv (see bench/kvpress_crosscheck.py): python -m bench.kvpress_crosscheck
 
 proto: install  ## regenerate the committed gRPC stubs from proto/
