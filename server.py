@@ -479,6 +479,9 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
     from kvstore.model_host import ModelHost
 
     store = store or SessionStore.open(config.store)
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # searches are one probe at a time: OpenMP wake-ups cost more than they save
     host = ModelHost(config.model.name, model_cache_dir(config)) if config.model.name else None
     limit = config.server.max_message_bytes
     server = grpc.server(

@@ -51,6 +51,9 @@ def time_steps(index: BlockIndex, steps: int, seed: int = 1) -> np.ndarray:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     pin_threads(1)
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # one probe per search: waking OpenMP workers costs more than it saves (measured)
     sessions = [32_768] if args.quick else [32_768, 262_144]
     layers = 2  # layers are independent indexes of equal size: time a few, report per layer
     steps = 20 if args.quick else 100
