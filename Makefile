@@ -39,6 +39,7 @@ bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.compaction --quick
 	$(BIN)/python -m bench.retrieval_latency --quick
 	$(BIN)/python -m bench.retrieval --quick
+	$(BIN)/python -m bench.retrieval_probes --quick
 
 bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.throughput
@@ -48,6 +49,7 @@ bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.compaction
 	$(BIN)/python -m bench.retrieval_latency
 	$(BIN)/python -m bench.retrieval
+	$(BIN)/python -m bench.retrieval_probes
 	# needs kvpress in its own virtualenv (see bench/kvpress_crosscheck.py): python -m bench.kvpress_crosscheck
 
 proto: install  ## regenerate the committed gRPC stubs from proto/
