@@ -29,6 +29,13 @@ class ModelHost:
                 self._loaded = load_model(self.name_or_path, cache_dir=self.cache_dir, device=self.device)
             return self._loaded
 
+    def might_host(self, spec: ModelSpec) -> bool:
+        """Cheap check for background work: the exact spec once the model is loaded; before that,
+        only whether the names agree (so a session of another model never triggers a load)."""
+        if self._loaded is not None:
+            return self.spec == spec
+        return Path(spec.name).name == Path(self.name_or_path).name
+
     @property
     def spec(self) -> ModelSpec:
         return ModelSpec.from_model(self._load()[0])

@@ -202,6 +202,13 @@ class IndexBuilder:
             except Exception:  # keep the worker alive; the next request rebuilds on demand
                 log.exception("background index build failed")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop after the build in progress (waiting at most ``timeout``); queued builds are
+        dropped: indexes are derived data, rebuilt on demand."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
         self._queue.put(("", None))
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
