@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kvmem.client import Client
-from kvmem.config import ServerConfig, ServiceConfig
+from kvmem.config import RetrievalSettings, ServerConfig, ServiceConfig
 from kvstore.spec import ModelSpec
 from kvstore.store import StoreConfig
 
@@ -137,7 +137,9 @@ def run_server(name: str = "kvmem", process: bool = False, **store_overrides: An
     """
     with disk_tempdir(f"kvmem-bench-{name}-") as data_dir:
         store = replace(StoreConfig(), data_dir=data_dir, **store_overrides)
-        config = ServiceConfig(server=ServerConfig(host="127.0.0.1", port=0, max_message_bytes=64 << 20), store=store)
+        # store benchmarks measure the store: no background block indexing competing for the CPU
+        config = ServiceConfig(server=ServerConfig(host="127.0.0.1", port=0, max_message_bytes=64 << 20), store=store,
+                               retrieval=RetrievalSettings(index_on_save=False))
         if process:
             with _server_process(data_dir, config) as port:
                 yield RunningServer(None, f"127.0.0.1:{port}", data_dir, config, port)
@@ -158,7 +160,7 @@ def _server_process(data_dir: Path, config: ServiceConfig) -> Iterator[int]:
     command = [
         sys.executable, str(REPO / "server.py"), "--port", "0", "--data-dir", str(data_dir / "store"),
         "--set", f"server.port_file={port_file}", "--set", "model.prepare=false", "--set", "server.log_level=WARNING",
-        "--set", f"server.max_message_bytes={config.server.max_message_bytes}",
+        "--set", f"server.max_message_bytes={config.server.max_message_bytes}", "--set", f"retrieval.index_on_save={str(config.retrieval.index_on_save).lower()}",
     ]
     for item in overrides:
         command += ["--set", item]

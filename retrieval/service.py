@@ -202,9 +202,9 @@ class IndexBuilder:
             except Exception:  # keep the worker alive; the next request rebuilds on demand
                 log.exception("background index build failed")
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop after the build in progress (waiting at most ``timeout``); queued builds are
-        dropped: indexes are derived data, rebuilt on demand."""
+    def close(self, timeout: float = 120.0) -> None:
+        """Stop after the build in progress (it runs native code that must not be cut off at
+        interpreter exit); queued builds are dropped: indexes are derived data, rebuilt on demand."""
         while True:
             try:
                 self._queue.get_nowait()
