@@ -50,7 +50,7 @@ class RetrievalSettings:
     index_on_save: bool = True  # build a session's block index in the background after save/append
     block_tokens: int = 64  # tokens per retrievable KV block
     representatives: int = 4  # representative keys per block and KV head
-    exact_max_vectors: int = 1 << 20  # per (layer, head) index; HNSW above (bench/retrieval_latency.py)
+    exact_max_vectors: int = 1 << 15  # per (layer, head) index; HNSW above (bench/retrieval_latency.py)
     sink_tokens: int = 4  # always-kept first tokens
     recent_tokens: int = 256  # always-kept last tokens (at most a quarter of the budget)
     text_search: bool = True  # SearchText with the bundled all-MiniLM-L6-v2 (loaded on first use)

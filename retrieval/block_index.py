@@ -36,7 +36,7 @@ from retrieval.rope import Rope
 class BlockIndexConfig:
     block_tokens: int = 64  # tokens per retrievable block
     representatives: int = 0  # unit vectors per block and KV head; 0 = every key (exact max), 1 = the mean direction
-    exact_max_vectors: int = 1 << 20  # above this many vectors per (layer, head) index: HNSW
+    exact_max_vectors: int = 1 << 15  # above this many vectors per (layer, head) index: HNSW (flat p99 passes 5 ms near 65k; bench/retrieval_latency.py)
     hnsw_neighbors: int = 32
 
     def __post_init__(self) -> None:
