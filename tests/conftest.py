@@ -104,7 +104,7 @@ class ServerProcess:
         command = [
             sys.executable, str(REPO / "server.py"), "--port", "0", "--data-dir", str(self.data_dir),
             "--set", f"server.port_file={port_file}", "--set", "model.prepare=false", "--set", "server.log_format=text",
-            "--set", "server.grace_seconds=5", *self.extra,
+            "--set", "server.grace_seconds=15", *self.extra,
         ]
         self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + timeout
