@@ -30,33 +30,13 @@ from bench.tasks import TaskFactory
 DESIGNS = ("queries, pooled, 4 reps", "queries, late interaction", "keys, pooled", "keys, late interaction")
 
 
-def probe_states(model, kv, question_ids, rope):
-    """Per layer (queries [Hq, n, D], keys [H, n, D]) of the question, position-free."""
-    from compaction.inference import CompactedCache
-    from compaction.queries import recording_queries
-    from retrieval.context import Layout, LayerSelection, RetrievalConfig, Selection, gather_layers
-
-    config = RetrievalConfig()
-    total = kv.num_tokens
-    recent_start = total - config.recent
-    fixed = np.concatenate([np.arange(config.sink_tokens), np.arange(recent_start, total)]).astype(np.int64)
-    bare = Selection([LayerSelection(np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0, fixed) for _ in kv.keys], config.sink_tokens, recent_start, 0)
-    layout = Layout.plan(kv, bare, question_ids.numel(), 8192, True)
-    cache = CompactedCache.for_model(model, gather_layers(kv, bare, layout, rope), [None] * len(kv.keys), layout.question_start)
-    positions = torch.arange(layout.question_start, layout.question_start + question_ids.numel())
-    with torch.no_grad(), recording_queries(model) as queries:
-        model(input_ids=question_ids.view(1, -1), past_key_values=cache, position_ids=positions[None], use_cache=True)
-    n = question_ids.numel()
-    return [(rope.rotate(queries[l], -positions), rope.rotate(cache.layers[l].keys[0, :, -n:], -positions)) for l in range(len(kv.keys))], config, recent_start
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     pin_threads()
     from kvstore.models import load_model
     from retrieval.actqkv import Probe
     from retrieval.block_index import BlockIndex, BlockIndexConfig
-    from retrieval.context import SessionKV, retrievable_blocks
+    from retrieval.context import RetrievalConfig, SessionKV, always_kept, probe_pass, retrievable_blocks
     from retrieval.long_prefill import windowed_prefill
     from retrieval.rope import Rope
 
@@ -70,13 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv = SessionKV(keys, values, torch.arange(length))
         every = BlockIndex.build(keys, kv.positions, rope)
         reps4 = BlockIndex.build(keys, kv.positions, rope, BlockIndexConfig(representatives=4))
-        states, config, recent_start = probe_states(model, kv, task.question_ids[0], rope)
+        config = RetrievalConfig()
+        states = probe_pass(model, kv, task.question_ids[0], config, rope, 8192, record_queries=True)
+        sink_end, recent_start, _ = always_kept(length, config)
         needle = [n for n in task.needles if n["asked"]][0]["position"]
         code_block = (needle + 12) // 64  # the block holding the code's digits
-        allowed = retrievable_blocks(every, config.sink_tokens, recent_start)
+        allowed = retrievable_blocks(every, sink_end, recent_start)
         for design in DESIGNS:
             ranks = []
-            for layer, (queries, qkeys) in enumerate(states):
+            for layer, (queries, qkeys) in enumerate(zip(states.queries, states.keys)):
                 source = queries if design.startswith("queries") else qkeys
                 probe = Probe.from_states(source, 3, "actqkv")
                 index = reps4 if "4 reps" in design else every

@@ -22,6 +22,7 @@ their new positions by a RoPE rotation (retrieval/rope.py), exactly.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from compaction.inference import CompactedCache, generation_inputs
+from compaction.queries import recording_queries
 from kvstore.errors import FailedPrecondition, InvalidRequest
 from retrieval.actqkv import METHODS, BudgetSpread, Probe, normalised_entropy
 from retrieval.block_index import BlockIndex
@@ -111,6 +113,13 @@ def retrievable_blocks(index: BlockIndex, sink_end: int, recent_start: int) -> n
     return (index.blocks[:, 0] >= sink_end) & (index.blocks[:, 1] <= recent_start)
 
 
+def always_kept(total: int, config: RetrievalConfig) -> tuple[int, int, np.ndarray]:
+    """(sink_end, recent_start, their token indices int64 [s + r]) for a session of ``total`` tokens."""
+    sink_end = min(config.sink_tokens, total)
+    recent_start = max(sink_end, total - config.recent)
+    return sink_end, recent_start, np.concatenate([np.arange(sink_end), np.arange(recent_start, total)]).astype(np.int64)
+
+
 def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig) -> Selection:
     """Per-layer selection from one probe per layer; see the module docstring."""
     total = index.num_tokens
@@ -118,8 +127,7 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig) -> S
         raise InvalidRequest(f"budget of {config.budget_tokens} tokens exceeds the session's {total} tokens; use the full cache instead")
     if len(probes) != index.num_layers:
         raise InvalidRequest(f"{len(probes)} probes for {index.num_layers} layers")
-    sink_end = min(config.sink_tokens, total)
-    recent_start = max(sink_end, total - config.recent)
+    sink_end, recent_start, fixed = always_kept(total, config)
     allowed = retrievable_blocks(index, sink_end, recent_start)
     available = int(allowed.sum())
     block_tokens = index.config.block_tokens
@@ -140,7 +148,6 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig) -> S
     else:
         counts = [min(available, int(mean_blocks))] * index.num_layers
     layers = []
-    fixed = np.concatenate([np.arange(sink_end), np.arange(recent_start, total)])
     for (ids, scores), entropy, count in zip(ranked, entropies, counts):
         chosen, mask = _widened(index, ids, count * block_tokens, config.margin_tokens, sink_end, recent_start)
         by_block = dict(zip(ids.tolist(), scores.tolist()))
@@ -240,6 +247,31 @@ def gather_layers(kv: SessionKV, selection: Selection, layout: Layout, rope: Rop
     return out
 
 
+@dataclass
+class QuestionStates:
+    """The question's states from the probe pass, per layer and rotated back to position 0:
+    keys [H, n, D], and queries [Hq, n, D] when they were recorded."""
+
+    keys: list[torch.Tensor]
+    queries: list[torch.Tensor] | None
+
+
+def probe_pass(model: Any, kv: SessionKV, question_ids: torch.Tensor, config: RetrievalConfig, rope: Rope, window: int, record_queries: bool = False) -> QuestionStates:
+    """Run the question ([n]) once over the sinks and the recent window, in the layout generation
+    would use, and return its states."""
+    sink_end, recent_start, fixed = always_kept(kv.num_tokens, config)
+    bare = Selection([LayerSelection(np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0, fixed) for _ in kv.keys], sink_end, recent_start, 0)
+    layout = Layout.plan(kv, bare, question_ids.numel(), window, config.packed)
+    cache = CompactedCache.for_model(model, gather_layers(kv, bare, layout, rope), [None] * len(kv.keys), layout.question_start)
+    ids = question_ids.view(1, -1)
+    positions = torch.arange(layout.question_start, layout.question_start + ids.shape[1])
+    with torch.no_grad(), recording_queries(model) if record_queries else contextlib.nullcontext({}) as recorded:
+        model(input_ids=ids, past_key_values=cache, position_ids=positions[None], use_cache=True)
+    keys = [rope.rotate(cache.layers[l].keys[0, :, -ids.shape[1]:].float(), -positions) for l in range(len(kv.keys))]
+    queries = [rope.rotate(recorded[l], -positions) for l in range(len(kv.keys))] if record_queries else None
+    return QuestionStates(keys, queries)
+
+
 def question_probes(model: Any, kv: SessionKV, question_ids: torch.Tensor, config: RetrievalConfig, rope: Rope, window: int) -> list[Probe]:
     """Probe pass: one Probe per layer from the question run over sinks + recent window.
 
@@ -247,26 +279,10 @@ def question_probes(model: Any, kv: SessionKV, question_ids: torch.Tensor, confi
     weighted per token by ``config.method`` (ActQKV's activation bias by default). Keys live in
     the space the index searches, and a question word's key matches the same word's key in the
     context; measured against the question's query states (the ActQKV paper's choice), keys find
-    the needle block in far more layers (docs/retrieval.md).
+    the needle block in far more layers (docs/retrieval.md, bench/retrieval_probes.py).
     """
-    total = kv.num_tokens
-    sink_end = min(config.sink_tokens, total)
-    recent_start = max(sink_end, total - config.recent)
-    fixed = np.concatenate([np.arange(sink_end), np.arange(recent_start, total)]).astype(np.int64)
-    bare = Selection([LayerSelection(np.zeros(0, np.int64), np.zeros(0, np.float32), 0.0, fixed) for _ in kv.keys], sink_end, recent_start, 0)
-    layout = Layout.plan(kv, bare, question_ids.numel(), window, config.packed)
-    layers = gather_layers(kv, bare, layout, rope)
-    cache = CompactedCache.for_model(model, layers, [None] * len(layers), layout.question_start)
-    ids = question_ids.view(1, -1)
-    positions = torch.arange(layout.question_start, layout.question_start + ids.shape[1])
-    with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, position_ids=positions[None], use_cache=True)
-    kv_heads = kv.keys[0].shape[0]
-    probes = []
-    for layer in range(len(kv.keys)):
-        question_keys = rope.rotate(cache.layers[layer].keys[0, :, -ids.shape[1]:].float(), -positions)  # [H, n, D]
-        probes.append(Probe.from_states(question_keys, kv_heads, config.method))
-    return probes
+    states = probe_pass(model, kv, question_ids, config, rope, window)
+    return [Probe.from_states(keys, kv.keys[0].shape[0], config.method) for keys in states.keys]
 
 
 def model_window(model: Any) -> int:

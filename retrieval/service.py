@@ -62,11 +62,18 @@ def _load_block_index(store: SessionStore, tenant: str, session_id: str, record:
     return index
 
 
-def build_block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, config: BlockIndexConfig, kv: SessionKV | None = None) -> tuple[SessionRecord, BlockIndex]:
-    """Build a session's block index from its stored KV and store it beside the session."""
+def _load_source(store: SessionStore, tenant: str, session_id: str) -> tuple[SessionRecord, SessionKV]:
     plan = store.restore(tenant, session_id)
-    record = plan.record
-    kv = kv or SessionKV.from_plan(plan)
+    return plan.record, SessionKV.from_plan(plan)
+
+
+def build_block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, config: BlockIndexConfig,
+                      source: tuple[SessionRecord, SessionKV] | None = None) -> tuple[SessionRecord, BlockIndex]:
+    """Build a session's block index from its stored KV and store it beside the session.
+
+    ``source``: the record and KV the caller already loaded (the index is tagged with that
+    record's generation, so an index of KV that changed meanwhile is refused by the store)."""
+    record, kv = source or _load_source(store, tenant, session_id)
     index = BlockIndex.build(kv.keys, kv.positions, rope, config)
     records = {_layer_name(l): index.layer_to_bytes(l) for l in range(index.num_layers)}
     records[BLOCK_META] = json.dumps({"layers": index.num_layers, "config": asdict(config)}).encode()
@@ -77,9 +84,12 @@ def build_block_index(store: SessionStore, rope: Rope, tenant: str, session_id: 
     return record, index
 
 
-def block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, config: BlockIndexConfig, kv: SessionKV | None = None) -> Loaded:
-    """The session's block index: stored, or rebuilt (and stored) when missing/stale/corrupt."""
-    record = store.get(tenant, session_id)
+def block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, config: BlockIndexConfig,
+                source: tuple[SessionRecord, SessionKV] | None = None) -> Loaded:
+    """The session's block index: stored, or rebuilt (and stored) when missing/stale/corrupt.
+
+    With ``source`` (record, KV) the index must match that generation of the session."""
+    record = source[0] if source is not None else store.get(tenant, session_id)
     try:
         return Loaded(_load_block_index(store, tenant, session_id, record), False)
     except LookupError as exc:
@@ -87,7 +97,7 @@ def block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, c
     except CorruptData as exc:
         reason = f"corrupt: {exc}"
         log.warning("block index damaged; rebuilding", extra={"fields": {"session": session_id, "error": str(exc)}})
-    _, index = build_block_index(store, rope, tenant, session_id, config, kv)
+    _, index = build_block_index(store, rope, tenant, session_id, config, source)
     return Loaded(index, True, reason)
 
 
@@ -103,13 +113,11 @@ def retrieve(store: SessionStore, model: Any, tenant: str, session_id: str, conf
              question_ids: torch.Tensor | None = None, query_vectors: list[torch.Tensor] | None = None) -> Retrieved:
     """Select blocks of a stored session for a question (token ids, run through ``model``) or for
     caller-supplied position-free query vectors (per layer [Hq, n, D])."""
-    plan = store.restore(tenant, session_id)
-    record = plan.record
-    if config.budget_tokens > record.num_tokens:
+    record, kv = _load_source(store, tenant, session_id)
+    if config.budget_tokens > record.num_tokens:  # before any index is built or stored
         raise InvalidRequest(f"budget of {config.budget_tokens} tokens exceeds the session's {record.num_tokens} tokens; restore the full session instead")
-    kv = SessionKV.from_plan(plan)
     rope = Rope.from_model(model)
-    loaded = block_index(store, rope, tenant, session_id, index_config, kv)
+    loaded = block_index(store, rope, tenant, session_id, index_config, (record, kv))
     spec = record.spec
     if query_vectors is not None:
         if len(query_vectors) != spec.num_layers:

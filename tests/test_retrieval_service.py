@@ -29,6 +29,17 @@ def _pieces(store, spec, layers, start, end):
     return pieces
 
 
+def _flip_aux_byte(store, key: bytes, offset: int, mask: int) -> None:
+    """Damage one byte of a stored aux record in place (as a disk fault would)."""
+
+    def flip(txn):
+        raw = bytearray(txn.get(key, db=store.backend.db["aux"]))
+        raw[offset] ^= mask
+        txn.put(key, bytes(raw), db=store.backend.db["aux"])
+
+    store.backend.write(flip)
+
+
 def _toy_session(store, session_id="s", tokens=40, text=None, overwrite=False):
     pieces = _pieces(store, TOY_SPEC, random_layers(TOY_SPEC, tokens), 0, tokens)
     return store.save("t", session_id, TOY_SPEC, np.arange(tokens), pieces, text=text, overwrite=overwrite).record
@@ -64,14 +75,7 @@ def test_text_follows_appends_and_forks(store):
 def test_damaged_aux_record_is_detected(store):
     record = _toy_session(store)
     store.put_aux("t", "s", {"index/x": b"payload" * 10}, record)
-    key = aux_key(session_key("t", "s"), "index/x")
-
-    def flip(txn):
-        raw = bytearray(txn.get(key, db=store.backend.db["aux"]))
-        raw[-3] ^= 0x40
-        txn.put(key, bytes(raw), db=store.backend.db["aux"])
-
-    store.backend.write(flip)
+    _flip_aux_byte(store, aux_key(session_key("t", "s"), "index/x"), -3, 0x40)
     with pytest.raises(errors.CorruptData):
         store.get_aux("t", "s", "index/x")
 
@@ -120,13 +124,9 @@ def test_block_index_is_stored_reloaded_and_rebuilt(store_config, smollm2, real_
         rebuilt = block_index(store, rope, "t", "doc", config)
         assert rebuilt.rebuilt and np.array_equal(rebuilt.index.search(7, probe, 5)[0], expected[7][0])
         key = aux_key(session_key("t", "doc"), "index/blocks/3")
-
-        def damage(txn):
-            raw = bytearray(txn.get(key, db=store.backend.db["aux"]))
-            raw[len(raw) // 2] ^= 0xFF
-            txn.put(key, bytes(raw), db=store.backend.db["aux"])
-
-        store.backend.write(damage)  # a damaged record: detected, rebuilt, never searched
+        with store.backend.read() as txn:
+            middle = len(txn.get(key, db=store.backend.db["aux"])) // 2
+        _flip_aux_byte(store, key, middle, 0xFF)  # a damaged record: detected, rebuilt, never searched
         repaired = block_index(store, rope, "t", "doc", config)
         assert repaired.rebuilt and repaired.reason.startswith("corrupt")
         assert np.array_equal(repaired.index.search(3, probe, 5)[0], expected[3][0])
@@ -204,15 +204,7 @@ def test_search_text_finds_the_planted_fact_and_survives_damage(real_client, ser
     assert FACT in response.hits[0].text and response.hits[0].score > response.hits[1].score
     again = real_client.search_text("doc", "What is the secret code for falcon?", k=3)
     assert not again.index_rebuilt and [h.chunk for h in again.hits] == [h.chunk for h in response.hits]
-    store = service.store
-    key = aux_key(session_key("default", "doc"), TEXT_INDEX)
-
-    def damage(txn):
-        raw = bytearray(txn.get(key, db=store.backend.db["aux"]))
-        raw[-5] ^= 0x01
-        txn.put(key, bytes(raw), db=store.backend.db["aux"])
-
-    store.backend.write(damage)
+    _flip_aux_byte(service.store, aux_key(session_key("default", "doc"), TEXT_INDEX), -5, 0x01)
     repaired = real_client.search_text("doc", "What is the secret code for falcon?", k=3)
     assert repaired.index_rebuilt and [h.chunk for h in repaired.hits] == [h.chunk for h in response.hits]
     with pytest.raises(errors.InvalidRequest, match="empty"):
