@@ -78,13 +78,11 @@ class TaskFactory:
     def _ids(self, text: str) -> torch.Tensor:
         return self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
-    def make(self, kind: str, length: int, depth: float, seed: int) -> NeedleTask:
-        rng = random.Random(f"{kind}-{length}-{depth}-{seed}")
-        keys = rng.sample(WORDS, 1 if kind == "single" else rng.choice((3, 4)))
-        codes = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
-        needle_ids = [self._ids(f" The secret code for {w} is {c}.") for w, c in zip(keys, codes)]
-        depths = [depth] + [d for d in rng.sample([x for x in DEPTHS if abs(x - depth) > 0.05], len(keys) - 1)]
-        hay_len = length - sum(len(n) for n in needle_ids)
+    def plant(self, rng: random.Random, length: int, inserts: list[torch.Tensor], depths: list[float]) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """A ``length``-token slice of the filler with each of ``inserts`` (token ids) placed after
+        the line or sentence end nearest its depth. Returns (context [1, length], the position of
+        every insert in the context (in the order given), continuation [1, CONTINUATION])."""
+        hay_len = length - sum(len(n) for n in inserts)
         total = len(self.text_ids)
         # start in the first 60% of the text (the middle of some document), never in its first 200 tokens
         start = rng.randint(200, max(201, int(0.6 * total) - length - CONTINUATION))
@@ -92,26 +90,35 @@ class TaskFactory:
             raise ValueError(f"filler text too short for a {length}-token task ({total} tokens)")
         hay = self.text_ids[start : start + hay_len]
         bounds = self.boundary[start : start + hay_len]
-        # insertion points (in haystack coordinates): the boundary nearest each depth, distinct
-        places = []
+        candidates = torch.nonzero(bounds).squeeze(1) + 1
+        candidates = [int(c) for c in candidates[(candidates > 0) & (candidates < hay_len)]]
+        places = []  # insertion points in haystack coordinates: the boundary nearest each depth, distinct
         for d in depths:
             target = int(d * hay_len)
-            candidates = torch.nonzero(bounds).squeeze(1) + 1
-            candidates = candidates[(candidates > 0) & (candidates < hay_len)]
-            candidates = [int(c) for c in candidates if int(c) not in places]
-            places.append(min(candidates, key=lambda c: abs(c - target)) if candidates else target)
-        order = sorted(range(len(keys)), key=lambda i: places[i])
-        parts, needles, cursor, offset = [], [], 0, 0
+            free = [c for c in candidates if c not in places]
+            places.append(min(free, key=lambda c: abs(c - target)) if free else target)
+        order = sorted(range(len(inserts)), key=lambda i: (places[i], i))
+        parts, positions, cursor, offset = [], [0] * len(inserts), 0, 0
         for i in order:
             parts.append(hay[cursor : places[i]])
-            needles.append({"word": keys[i], "code": codes[i], "position": places[i] + offset, "asked": i == 0})
-            parts.append(needle_ids[i])
-            offset += len(needle_ids[i])
+            positions[i] = places[i] + offset
+            parts.append(inserts[i])
+            offset += len(inserts[i])
             cursor = places[i]
         parts.append(hay[cursor:])
         context = torch.cat(parts).view(1, -1)
         assert context.shape[1] == length, (context.shape, length)
         continuation = self.text_ids[start + hay_len : start + hay_len + CONTINUATION].view(1, -1)
+        return context, positions, continuation
+
+    def make(self, kind: str, length: int, depth: float, seed: int) -> NeedleTask:
+        rng = random.Random(f"{kind}-{length}-{depth}-{seed}")
+        keys = rng.sample(WORDS, 1 if kind == "single" else rng.choice((3, 4)))
+        codes = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
+        needle_ids = [self._ids(f" The secret code for {w} is {c}.") for w, c in zip(keys, codes)]
+        depths = [depth] + [d for d in rng.sample([x for x in DEPTHS if abs(x - depth) > 0.05], len(keys) - 1)]
+        context, positions, continuation = self.plant(rng, length, needle_ids, depths)
+        needles = sorted(({"word": w, "code": c, "position": p, "asked": i == 0} for i, (w, c, p) in enumerate(zip(keys, codes, positions))), key=lambda n: n["position"])
         word = keys[0]
         question = self._ids(f"\n\nQuestion: What is the secret code for {word}? Answer: The secret code for {word} is").view(1, -1)
         return NeedleTask(f"{kind}-{length}-d{depth}-s{seed}", kind, length, depth, seed, word, codes[0], context, continuation, question, needles)

@@ -1,0 +1,278 @@
+"""The five ways kvmem can answer a question about a stored session, on the hosted model.
+
+Every executor takes an ``AnswerRequest`` (model, tokenizer, store, session, question) and returns
+an ``Execution``: the greedy answer and the seconds each stage took. Stages are split into
+*preparation* that later questions on the same session reuse (building a block or text index,
+compacting the cache; stored beside the session) and the per-question work, so the planner's cost
+model can amortise preparation over expected follow-up questions.
+
+* ``rag``: top text chunks (all-MiniLM-L6-v2) filling ``rag_budget_tokens``, in document order,
+  then the question. Needs the session's text; no KV.
+* ``kv_retrieval``: KV blocks chosen by ActQKV probes (retrieval/context.py) at
+  ``kv_budget_tokens`` per layer, generation on them. Works past the model's window.
+* ``full``: the whole stored cache in context. Only while context + question + answer fit the window.
+* ``compacted``: the session's compacted version (``compact_method`` at ``compact_ratio``; made
+  and stored on first use) in context.
+* ``ttt``: qTTT (retrieval/ttt.py) on the stored cache, then the full cache in context with the
+  adapted query projections. Same window limit as ``full``.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from compaction.inference import CompactedCache, generation_inputs
+from kvstore.errors import FailedPrecondition, InvalidRequest, NotFound
+from kvstore.store import SessionStore
+from retrieval.ttt import TTTConfig
+
+OPTIONS = ("rag", "kv_retrieval", "full", "compacted", "ttt")
+OPTION_HELP = {
+    "rag": "top-k text chunks in context",
+    "kv_retrieval": "top-k KV blocks (ActQKV probes)",
+    "full": "the full stored cache in context",
+    "compacted": "the compacted cache in context",
+    "ttt": "query-only test-time training, then the full cache",
+}
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """How each option runs. Budgets are tokens of context the model attends to."""
+
+    rag_budget_tokens: int = 1024
+    kv_budget_tokens: int = 2048
+    retrieval_method: str = "actqkv"
+    compact_method: str = "streaming_llm"
+    compact_ratio: float = 0.5
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+    max_new_tokens: int = 24
+
+
+@dataclass
+class AnswerRequest:
+    model: Any
+    tokenizer: Any
+    store: SessionStore
+    tenant: str
+    session_id: str
+    question: str  # the text appended after the context (the caller formats it)
+    settings: ExecutorSettings
+    embedder: Callable[[], Any] | None = None  # lazily loads the text embedder (rag only)
+
+    @property
+    def question_ids(self) -> torch.Tensor:
+        """[n] token ids of the question, as appended to the context."""
+        ids = self.tokenizer(self.question, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        if ids.numel() == 0:
+            raise InvalidRequest("the question is empty; give the text to answer")
+        return ids
+
+
+@dataclass
+class Execution:
+    option: str
+    text: str
+    token_ids: list[int]
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    prepared: list[str] = field(default_factory=list)  # preparation stages that ran (not reused)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return float(sum(self.stages.values()))
+
+
+class _Stages:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def model_window(model: Any) -> int:
+    return int(model.config.get_text_config().max_position_embeddings)
+
+
+def check_fits(option: str, tokens: int, question_tokens: int, new_tokens: int, window: int) -> None:
+    need = tokens + question_tokens + new_tokens
+    if need > window:
+        raise FailedPrecondition(
+            f"{option} needs the whole context in the model's window: {tokens} context + {question_tokens} question + "
+            f"{new_tokens} answer tokens = {need} > {window}; use kv_retrieval or rag for this session"
+        )
+
+
+def generate_on(model: Any, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], bias: Sequence[torch.Tensor | None], logical_length: int,
+                question_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """Greedy answer to question_ids [n] continuing a cache of per-layer keys/values [H, t, D]
+    (with optional per-slot bias [H, t]) that stands for ``logical_length`` positions."""
+    cache = CompactedCache.for_model(model, [(k.clone(), v.clone()) for k, v in layers], list(bias), logical_length)
+    inputs = generation_inputs(logical_length, question_ids.view(1, -1))
+    with torch.no_grad():
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs.shape[1]:].tolist()
+
+
+def _finish(option: str, request: AnswerRequest, ids: list[int], stages: _Stages, prepared: list[str], **details: Any) -> Execution:
+    eos = request.tokenizer.eos_token_id
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos)]
+    return Execution(option, request.tokenizer.decode(ids, skip_special_tokens=True), ids, stages.seconds, prepared, details)
+
+
+def _load_full(request: AnswerRequest, stages: _Stages, option: str):
+    record = request.store.get(request.tenant, request.session_id)
+    if record.logical_length != record.num_tokens or record.has_bias:
+        raise FailedPrecondition(f"session {request.session_id!r} is itself compacted; {option} needs a full cache (answer from its source session)")
+    question_ids = request.question_ids
+    check_fits(option, record.num_tokens, question_ids.numel(), request.settings.max_new_tokens, model_window(request.model))
+    with stages("load"):
+        plan = request.store.restore(request.tenant, request.session_id)
+        keys, values, _ = plan.tensors()
+    return plan.record, keys, values, question_ids
+
+
+def run_full(request: AnswerRequest) -> Execution:
+    stages = _Stages()
+    record, keys, values, question_ids = _load_full(request, stages, "full")
+    with stages("generate"):
+        ids = generate_on(request.model, list(zip(keys, values)), [None] * len(keys), record.num_tokens, question_ids, request.settings.max_new_tokens)
+    return _finish("full", request, ids, stages, [])
+
+
+def run_ttt(request: AnswerRequest) -> Execution:
+    from retrieval.ttt import adapt
+
+    stages = _Stages()
+    record, keys, values, question_ids = _load_full(request, stages, "ttt")
+    context_ids = torch.from_numpy(record.token_ids.astype(np.int64))
+    keys = [k.to(request.model.dtype) for k in keys]
+    values = [v.to(request.model.dtype) for v in values]
+    with stages("train"):
+        shadow, report = adapt(request.model, context_ids, keys, values, request.settings.ttt)
+    with stages("generate"):
+        ids = generate_on(shadow, list(zip(keys, values)), [None] * len(keys), record.num_tokens, question_ids, request.settings.max_new_tokens)
+    return _finish("ttt", request, ids, stages, [], losses=report.losses, weights_unchanged=report.weights_unchanged)
+
+
+def compacted_session_id(session_id: str, settings: ExecutorSettings) -> str:
+    from compaction.base import Target
+    from compaction.service import default_target_id
+
+    return default_target_id(session_id, settings.compact_method, Target(ratio=settings.compact_ratio))
+
+
+def run_compacted(request: AnswerRequest) -> Execution:
+    from compaction.base import Target
+    from compaction.service import COMPACTION_LABEL, QUERY_METHODS_WITHOUT_HOST, compact_session
+
+    stages = _Stages()
+    settings = request.settings
+    record = request.store.get(request.tenant, request.session_id)
+    if COMPACTION_LABEL in record.labels:
+        target_id = request.session_id  # already a compacted session: use it as it is
+    else:
+        target_id = compacted_session_id(request.session_id, settings)
+    question_ids = request.question_ids
+    window = model_window(request.model)
+    if record.logical_length + question_ids.numel() + settings.max_new_tokens > window:
+        raise FailedPrecondition(f"compacted keeps the session's {record.logical_length} positions, past the model's window of {window}; use kv_retrieval or rag")
+    prepared = []
+    try:
+        request.store.get(request.tenant, target_id)
+    except NotFound:
+        queries = held_out = None
+        if settings.compact_method not in QUERY_METHODS_WITHOUT_HOST:
+            from compaction.references import reference_queries
+
+            with stages("compact"):
+                refs = reference_queries(request.model, request.tokenizer, torch.from_numpy(record.token_ids.astype(np.int64)))
+            queries, held_out = refs.queries, refs.held_out
+        with stages("compact"):
+            compact_session(request.store, None, request.tenant, request.session_id, settings.compact_method, Target(ratio=settings.compact_ratio),
+                            target_session_id=target_id, queries=queries, held_out=held_out)
+        prepared.append("compact")
+    with stages("load"):
+        plan = request.store.restore(request.tenant, target_id)
+        keys, values, bias = plan.tensors()
+    with stages("generate"):
+        ids = generate_on(request.model, list(zip(keys, values)), bias or [None] * len(keys), plan.record.logical_length, question_ids, settings.max_new_tokens)
+    return _finish("compacted", request, ids, stages, prepared, compacted_session=target_id, slots=plan.record.num_tokens)
+
+
+def run_kv_retrieval(request: AnswerRequest) -> Execution:
+    from retrieval.block_index import BlockIndexConfig
+    from retrieval.context import RetrievalConfig, answer
+    from retrieval.rope import Rope
+    from retrieval.service import _load_source, block_index
+
+    stages = _Stages()
+    settings = request.settings
+    question_ids = request.question_ids
+    with stages("load"):
+        record, kv = _load_source(request.store, request.tenant, request.session_id)
+    budget = min(settings.kv_budget_tokens, record.num_tokens)
+    config = RetrievalConfig(method=settings.retrieval_method, budget_tokens=budget)
+    with stages("index"):
+        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, request.session_id, BlockIndexConfig(), (record, kv))
+    if not loaded.rebuilt:  # a stored index was only read: that is load time, not preparation
+        stages.seconds["load"] += stages.seconds.pop("index")
+    with stages("generate"):
+        result = answer(request.model, kv, loaded.index, question_ids, config, max_new_tokens=settings.max_new_tokens)
+    return _finish("kv_retrieval", request, result.token_ids.tolist(), stages, ["index"] if loaded.rebuilt else [], budget_tokens=budget)
+
+
+def run_rag(request: AnswerRequest) -> Execution:
+    from retrieval.service import text_index
+    from retrieval.text_index import select_for_budget
+
+    if request.embedder is None:
+        raise FailedPrecondition("rag needs the text embedder; this server has text search disabled")
+    stages = _Stages()
+    settings = request.settings
+    tokenizer = request.tokenizer
+    question_ids = request.question_ids
+    with stages("index"):
+        embedder = request.embedder()
+        loaded = text_index(request.store, embedder, request.tenant, request.session_id)
+    if not loaded.rebuilt:
+        stages.seconds["load"] = stages.seconds.pop("index")
+    with stages("generate"):
+        hits = loaded.index.search(request.question.strip(), embedder, len(loaded.index))
+        room = max(0, settings.rag_budget_tokens - question_ids.numel())
+        chosen = select_for_budget(hits, room, lambda s: len(tokenizer(s, add_special_tokens=False).input_ids))
+        context = tokenizer("\n".join(h.text for h in chosen), return_tensors="pt", add_special_tokens=False).input_ids[0, :room]
+        prompt = torch.cat([context, question_ids]).view(1, -1)
+        with torch.no_grad():
+            out = request.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=settings.max_new_tokens, do_sample=False)
+    ids = out[0, prompt.shape[1]:].tolist()
+    top = [h.score for h in hits[:2]]
+    return _finish("rag", request, ids, stages, ["index"] if loaded.rebuilt else [], chunks=len(chosen), top1=top[0] if top else 0.0,
+                   gap=(top[0] - top[1]) if len(top) > 1 else 0.0)
+
+
+EXECUTORS: dict[str, Callable[[AnswerRequest], Execution]] = {
+    "rag": run_rag,
+    "kv_retrieval": run_kv_retrieval,
+    "full": run_full,
+    "compacted": run_compacted,
+    "ttt": run_ttt,
+}
+
+
+def execute(option: str, request: AnswerRequest) -> Execution:
+    if option not in EXECUTORS:
+        raise InvalidRequest(f"unknown option {option!r}; choose one of {', '.join(OPTIONS)}")
+    return EXECUTORS[option](request)
