@@ -26,7 +26,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvmem import convert, wire
-from kvmem.config import ConfigError, RetrievalSettings, ServiceConfig, load_config
+from kvmem.config import ConfigError, PlannerSettings, RetrievalSettings, ServiceConfig, load_config
 from kvmem.status import code_for
 from kvmem.v1 import kvmem_pb2 as pb
 from kvmem.v1 import kvmem_pb2_grpc as pb_grpc
@@ -164,8 +164,10 @@ def _reference_queries(message: pb.ReferenceQueries, spec) -> list | None:
 
 
 class KVMemServicer(pb_grpc.KVMemServicer):
-    def __init__(self, store: SessionStore, host=None, retrieval: RetrievalSettings | None = None, indexer=None):
+    def __init__(self, store: SessionStore, host=None, retrieval: RetrievalSettings | None = None, indexer=None, planner: PlannerSettings | None = None):
         self.store = store
+        self.planner = planner or PlannerSettings()
+        self._planner_model = None
         self.host = host  # the hosted model (kvstore.model_host.ModelHost) or None
         self.retrieval = retrieval or RetrievalSettings()
         self.indexer = indexer  # retrieval.service.IndexBuilder or None
@@ -380,6 +382,72 @@ class KVMemServicer(pb_grpc.KVMemServicer):
             index_rebuilt=loaded.rebuilt,
         )
 
+    # ------------------------------------------------------------------ planner
+    def _question(self, request):
+        from retrieval.plan_service import Question
+
+        return Question(
+            request.tenant or convert.DEFAULT_TENANT, request.session_id, request.query,
+            latency_budget_s=request.latency_budget_ms / 1000.0 if request.latency_budget_ms else None,
+            force=request.force_option, forbid=list(request.forbid_options), expected_followups=request.expected_followups,
+            max_new_tokens=request.max_new_tokens or 24,
+        )
+
+    def _decide(self, request, model, tokenizer, question):
+        from retrieval.plan_service import executor_settings, load_planner_model, plan
+
+        if self._planner_model is None:
+            self._planner_model = load_planner_model(self.planner.model_path)
+        settings = executor_settings(self.planner, question.max_new_tokens)
+        embedder = self._text_embedder if self.retrieval.text_search else None
+        decision, seconds = plan(self.store, model, tokenizer, self._planner_model, question, settings, embedder, self.planner.tolerance)
+        return decision, seconds, settings, embedder
+
+    def _planned(self, request):
+        """(record, question) after the checks every planner request needs."""
+        question = self._question(request)
+        record = self.store.get(question.tenant, question.session_id)
+        if self.host is None:
+            raise FailedPrecondition("Plan and Answer need a hosted model (set [model] name); this server hosts none")
+        self.host.require_spec(record.spec, "answering", "(it runs every option)", "ask a server that hosts that model")
+        return record, question
+
+    @unary
+    def Plan(self, request, context):
+        _, question = self._planned(request)
+        with self.host.use() as (model, tokenizer):
+            decision, seconds, _, _ = self._decide(request, model, tokenizer, question)
+        return _decision_pb(decision, seconds)
+
+    @unary
+    def Answer(self, request, context):
+        from retrieval.plan_service import run
+
+        _, question = self._planned(request)
+        with self.host.use() as (model, tokenizer):
+            decision, seconds, settings, embedder = self._decide(request, model, tokenizer, question)
+            execution = run(self.store, model, tokenizer, decision, question, settings, embedder)
+        return pb.AnswerResponse(decision=_decision_pb(decision, seconds), text=execution.text, token_ids=execution.token_ids,
+                                 seconds=execution.seconds, stages=execution.stages)
+
+
+def _decision_pb(decision, planning_seconds: float) -> pb.Decision:
+    f = decision.features
+    features = pb.PlanFeatures(
+        context_tokens=f.context_tokens, question_tokens=f.question_tokens, window=f.window, query_type=f.query_type, has_text=f.has_text,
+        compacted_stored=f.compacted_stored, block_index_stored=f.block_index_stored, text_index_stored=f.text_index_stored,
+        expected_followups=f.expected_followups,
+    )
+    if f.top1 is not None:
+        features.top1, features.gap = f.top1, f.gap
+    return pb.Decision(
+        choice=decision.choice, reason=decision.reason, forced=decision.forced, latency_budget_s=decision.latency_budget_s or 0.0,
+        features=features, planning_seconds=planning_seconds,
+        options=[pb.OptionEstimate(option=o.option, feasible=o.feasible, seconds=o.seconds, question_seconds=o.question_seconds,
+                                   preparation_seconds=o.preparation_seconds, quality=o.quality, quality_basis=o.quality_basis, ruled_out=o.ruled_out)
+                 for o in decision.options],
+    )
+
 
 def _token_runs(tokens: np.ndarray) -> list[tuple[int, int]]:
     """Contiguous [start, end) runs of ascending token indices."""
@@ -420,6 +488,8 @@ def method_handlers(servicer: KVMemServicer) -> dict[str, grpc.RpcMethodHandler]
         "Retrieve": grpc.unary_stream_rpc_method_handler(
             servicer.Retrieve, request_deserializer=pb.RetrieveRequest.FromString, response_serializer=pb.RetrieveResponse.SerializeToString),
         "SearchText": plain(servicer.SearchText, pb.SearchTextRequest, pb.SearchTextResponse),
+        "Plan": plain(servicer.Plan, pb.PlanRequest, pb.Decision),
+        "Answer": plain(servicer.Answer, pb.PlanRequest, pb.AnswerResponse),
     }
 
 
@@ -427,8 +497,9 @@ def method_handlers(servicer: KVMemServicer) -> dict[str, grpc.RpcMethodHandler]
 class Service:
     """A running kvmem service: store, gRPC server, health, maintenance thread."""
 
-    def __init__(self, config: ServiceConfig, store: SessionStore, server: grpc.Server, port: int, health_servicer: health.HealthServicer, indexer=None):
+    def __init__(self, config: ServiceConfig, store: SessionStore, server: grpc.Server, port: int, health_servicer: health.HealthServicer, indexer=None, host=None):
         self.config = config
+        self.host = host  # kvstore.model_host.ModelHost or None
         self.indexer = indexer
         self.store = store
         self.server = server
@@ -489,7 +560,7 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
     )
     indexer = _index_builder(config, store, host) if host is not None and config.retrieval.index_on_save else None
-    servicer = KVMemServicer(store, host, config.retrieval, indexer)
+    servicer = KVMemServicer(store, host, config.retrieval, indexer, config.planner)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(servicer)),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -499,7 +570,7 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
             indexer.close()
         store.close()
         raise ConfigError(f"cannot bind {config.server.host}:{config.server.port} (in use?)")
-    return Service(config, store, server, port, health_servicer, indexer)
+    return Service(config, store, server, port, health_servicer, indexer, host)
 
 
 def _index_builder(config: ServiceConfig, store: SessionStore, host):

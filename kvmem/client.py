@@ -408,6 +408,29 @@ class Client:
         """Top-k passages of the session's saved text for ``query``."""
         return self._stub.SearchText(pb.SearchTextRequest(tenant=self.tenant, session_id=session_id, query=query, k=k), timeout=self.timeout)
 
+    def _plan_request(self, session_id: str, query: str, latency_budget_s: float | None, force: str, forbid: Sequence[str],
+                      expected_followups: int, max_new_tokens: int) -> pb.PlanRequest:
+        return pb.PlanRequest(
+            tenant=self.tenant, session_id=session_id, query=query, latency_budget_ms=int(round(latency_budget_s * 1000)) if latency_budget_s else 0,
+            force_option=force, forbid_options=list(forbid), expected_followups=expected_followups, max_new_tokens=max_new_tokens,
+        )
+
+    @_translate_errors
+    def plan(self, session_id: str, query: str, *, latency_budget_s: float | None = None, force: str = "", forbid: Sequence[str] = (),
+             expected_followups: int = 0) -> pb.Decision:
+        """How the server would answer ``query`` (text appended after the session's context) and
+        why: every option's estimated cost and quality, what was ruled out, the choice. Runs nothing."""
+        request = self._plan_request(session_id, query, latency_budget_s, force, forbid, expected_followups, 0)
+        return self._stub.Plan(request, timeout=self.timeout)
+
+    @_translate_errors
+    def answer(self, session_id: str, query: str, *, latency_budget_s: float | None = None, force: str = "", forbid: Sequence[str] = (),
+               expected_followups: int = 0, max_new_tokens: int = 24) -> pb.AnswerResponse:
+        """Decide, run the chosen option on the server's model, and return the generated answer
+        with its decision record and the measured seconds per stage."""
+        request = self._plan_request(session_id, query, latency_budget_s, force, forbid, expected_followups, max_new_tokens)
+        return self._stub.Answer(request, timeout=self.timeout)
+
     @_translate_errors
     def lookup(self, token_ids: Any, *, spec: ModelSpec | None = None) -> int:
         """How many leading tokens are already stored for this tenant and model."""

@@ -57,11 +57,25 @@ class RetrievalSettings:
 
 
 @dataclass(frozen=True)
+class PlannerSettings:
+    model_path: str = ""  # fitted planner model (cost curves + quality tables); "" = the bundled one
+    tolerance: float = 0.05  # take the cheapest option within this much of the best expected quality
+    rag_budget_tokens: int = 1024  # context tokens of text chunks for rag
+    kv_budget_tokens: int = 2048  # context tokens per layer for kv_retrieval
+    compact_method: str = "streaming_llm"  # compacted option: method and kept ratio (made on first use)
+    compact_ratio: float = 0.5
+    ttt_steps: int = 8  # qTTT: AdamW steps, span length, learning rate (bench/ttt_sweep.py)
+    ttt_span_tokens: int = 128
+    ttt_learning_rate: float = 1e-3
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    planner: PlannerSettings = field(default_factory=PlannerSettings)
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:

@@ -521,3 +521,108 @@ class SearchTextResponse(_message.Message):
     hits: _containers.RepeatedCompositeFieldContainer[TextHit]
     index_rebuilt: bool
     def __init__(self, hits: _Optional[_Iterable[_Union[TextHit, _Mapping]]] = ..., index_rebuilt: _Optional[bool] = ...) -> None: ...
+
+class PlanRequest(_message.Message):
+    __slots__ = ("tenant", "session_id", "query", "latency_budget_ms", "force_option", "forbid_options", "expected_followups", "max_new_tokens")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    FORCE_OPTION_FIELD_NUMBER: _ClassVar[int]
+    FORBID_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FOLLOWUPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    session_id: str
+    query: str
+    latency_budget_ms: int
+    force_option: str
+    forbid_options: _containers.RepeatedScalarFieldContainer[str]
+    expected_followups: int
+    max_new_tokens: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., query: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ..., force_option: _Optional[str] = ..., forbid_options: _Optional[_Iterable[str]] = ..., expected_followups: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+
+class PlanFeatures(_message.Message):
+    __slots__ = ("context_tokens", "question_tokens", "window", "query_type", "has_text", "compacted_stored", "block_index_stored", "text_index_stored", "top1", "gap", "expected_followups")
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    HAS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    COMPACTED_STORED_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_INDEX_STORED_FIELD_NUMBER: _ClassVar[int]
+    TEXT_INDEX_STORED_FIELD_NUMBER: _ClassVar[int]
+    TOP1_FIELD_NUMBER: _ClassVar[int]
+    GAP_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FOLLOWUPS_FIELD_NUMBER: _ClassVar[int]
+    context_tokens: int
+    question_tokens: int
+    window: int
+    query_type: str
+    has_text: bool
+    compacted_stored: bool
+    block_index_stored: bool
+    text_index_stored: bool
+    top1: float
+    gap: float
+    expected_followups: int
+    def __init__(self, context_tokens: _Optional[int] = ..., question_tokens: _Optional[int] = ..., window: _Optional[int] = ..., query_type: _Optional[str] = ..., has_text: _Optional[bool] = ..., compacted_stored: _Optional[bool] = ..., block_index_stored: _Optional[bool] = ..., text_index_stored: _Optional[bool] = ..., top1: _Optional[float] = ..., gap: _Optional[float] = ..., expected_followups: _Optional[int] = ...) -> None: ...
+
+class OptionEstimate(_message.Message):
+    __slots__ = ("option", "feasible", "seconds", "question_seconds", "preparation_seconds", "quality", "quality_basis", "ruled_out")
+    OPTION_FIELD_NUMBER: _ClassVar[int]
+    FEASIBLE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREPARATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_BASIS_FIELD_NUMBER: _ClassVar[int]
+    RULED_OUT_FIELD_NUMBER: _ClassVar[int]
+    option: str
+    feasible: bool
+    seconds: float
+    question_seconds: float
+    preparation_seconds: float
+    quality: float
+    quality_basis: str
+    ruled_out: str
+    def __init__(self, option: _Optional[str] = ..., feasible: _Optional[bool] = ..., seconds: _Optional[float] = ..., question_seconds: _Optional[float] = ..., preparation_seconds: _Optional[float] = ..., quality: _Optional[float] = ..., quality_basis: _Optional[str] = ..., ruled_out: _Optional[str] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("choice", "reason", "forced", "latency_budget_s", "features", "options", "planning_seconds")
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PLANNING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    choice: str
+    reason: str
+    forced: bool
+    latency_budget_s: float
+    features: PlanFeatures
+    options: _containers.RepeatedCompositeFieldContainer[OptionEstimate]
+    planning_seconds: float
+    def __init__(self, choice: _Optional[str] = ..., reason: _Optional[str] = ..., forced: _Optional[bool] = ..., latency_budget_s: _Optional[float] = ..., features: _Optional[_Union[PlanFeatures, _Mapping]] = ..., options: _Optional[_Iterable[_Union[OptionEstimate, _Mapping]]] = ..., planning_seconds: _Optional[float] = ...) -> None: ...
+
+class AnswerResponse(_message.Message):
+    __slots__ = ("decision", "text", "token_ids", "seconds", "stages")
+    class StagesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    seconds: float
+    stages: _containers.ScalarMap[str, float]
+    def __init__(self, decision: _Optional[_Union[Decision, _Mapping]] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ..., stages: _Optional[_Mapping[str, float]] = ...) -> None: ...

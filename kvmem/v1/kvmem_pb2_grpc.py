@@ -95,6 +95,16 @@ class KVMemStub:
                 request_serializer=kvmem_dot_v1_dot_kvmem__pb2.SearchTextRequest.SerializeToString,
                 response_deserializer=kvmem_dot_v1_dot_kvmem__pb2.SearchTextResponse.FromString,
                 _registered_method=True)
+        self.Plan = channel.unary_unary(
+                '/kvmem.v1.KVMem/Plan',
+                request_serializer=kvmem_dot_v1_dot_kvmem__pb2.PlanRequest.SerializeToString,
+                response_deserializer=kvmem_dot_v1_dot_kvmem__pb2.Decision.FromString,
+                _registered_method=True)
+        self.Answer = channel.unary_unary(
+                '/kvmem.v1.KVMem/Answer',
+                request_serializer=kvmem_dot_v1_dot_kvmem__pb2.PlanRequest.SerializeToString,
+                response_deserializer=kvmem_dot_v1_dot_kvmem__pb2.AnswerResponse.FromString,
+                _registered_method=True)
 
 
 class KVMemServicer:
@@ -188,6 +198,22 @@ class KVMemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Plan(self, request, context):
+        """Decides how to answer a question about a session (retrieval, test-time training or
+        in-context use of the full or compacted cache) without running it: the decision record.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Answer(self, request, context):
+        """Decides, runs the chosen option on the hosted model, and returns the answer with the
+        decision record and the measured cost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVMemServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +276,16 @@ def add_KVMemServicer_to_server(servicer, server):
                     servicer.SearchText,
                     request_deserializer=kvmem_dot_v1_dot_kvmem__pb2.SearchTextRequest.FromString,
                     response_serializer=kvmem_dot_v1_dot_kvmem__pb2.SearchTextResponse.SerializeToString,
+            ),
+            'Plan': grpc.unary_unary_rpc_method_handler(
+                    servicer.Plan,
+                    request_deserializer=kvmem_dot_v1_dot_kvmem__pb2.PlanRequest.FromString,
+                    response_serializer=kvmem_dot_v1_dot_kvmem__pb2.Decision.SerializeToString,
+            ),
+            'Answer': grpc.unary_unary_rpc_method_handler(
+                    servicer.Answer,
+                    request_deserializer=kvmem_dot_v1_dot_kvmem__pb2.PlanRequest.FromString,
+                    response_serializer=kvmem_dot_v1_dot_kvmem__pb2.AnswerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -577,6 +613,60 @@ class KVMem:
             '/kvmem.v1.KVMem/SearchText',
             kvmem_dot_v1_dot_kvmem__pb2.SearchTextRequest.SerializeToString,
             kvmem_dot_v1_dot_kvmem__pb2.SearchTextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Plan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmem.v1.KVMem/Plan',
+            kvmem_dot_v1_dot_kvmem__pb2.PlanRequest.SerializeToString,
+            kvmem_dot_v1_dot_kvmem__pb2.Decision.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Answer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvmem.v1.KVMem/Answer',
+            kvmem_dot_v1_dot_kvmem__pb2.PlanRequest.SerializeToString,
+            kvmem_dot_v1_dot_kvmem__pb2.AnswerResponse.FromString,
             options,
             channel_credentials,
             insecure,

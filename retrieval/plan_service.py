@@ -1,0 +1,95 @@
+"""Plan and Answer for stored sessions: features from the store, the decision, the execution."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from kvstore.errors import InvalidRequest, NotFound
+from kvstore.store import SessionStore
+from retrieval.executors import AnswerRequest, Execution, ExecutorSettings, compacted_session_id, execute, model_window
+from retrieval.planner import Decision, Features, PlannerModel, classify_query, decide
+from retrieval.ttt import TTTConfig
+
+MAX_NEW_TOKENS = 256
+
+
+def executor_settings(settings: Any, max_new_tokens: int = 24) -> ExecutorSettings:
+    """ExecutorSettings from kvmem.config.PlannerSettings."""
+    return ExecutorSettings(
+        rag_budget_tokens=settings.rag_budget_tokens, kv_budget_tokens=settings.kv_budget_tokens, compact_method=settings.compact_method,
+        compact_ratio=settings.compact_ratio, max_new_tokens=max_new_tokens,
+        ttt=TTTConfig(steps=settings.ttt_steps, span_tokens=settings.ttt_span_tokens, learning_rate=settings.ttt_learning_rate),
+    )
+
+
+def load_planner_model(path: str | Path = "") -> PlannerModel:
+    return PlannerModel.load(Path(path) if path else None)
+
+
+@dataclass
+class Question:
+    tenant: str
+    session_id: str
+    query: str
+    latency_budget_s: float | None = None
+    force: str = ""
+    forbid: Sequence[str] = ()
+    expected_followups: int = 0
+    max_new_tokens: int = 24
+
+    def __post_init__(self) -> None:
+        if not self.query.strip():
+            raise InvalidRequest("query is empty; give the question text to answer")
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise InvalidRequest(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {self.max_new_tokens}")
+
+
+def _stored(store: SessionStore, tenant: str, session_id: str) -> bool:
+    try:
+        store.get(tenant, session_id)
+        return True
+    except NotFound:
+        return False
+
+
+def features_for(store: SessionStore, model: Any, tokenizer: Any, question: Question, settings: ExecutorSettings,
+                 embedder: Callable[[], Any] | None) -> tuple[Features, float]:
+    """The planner's features for a question about a stored session, and the seconds they took.
+    Text-search signals come from the session's text index (built and stored once if missing)."""
+    from retrieval.service import BLOCK_META, TEXT_INDEX, text_index
+
+    started = time.perf_counter()
+    record = store.get(question.tenant, question.session_id)
+    has_text = store.session_text(question.tenant, question.session_id) is not None
+    text_stored = has_text and store.get_aux(question.tenant, question.session_id, TEXT_INDEX) is not None
+    block_stored = store.get_aux(question.tenant, question.session_id, BLOCK_META) is not None
+    top1 = gap = None
+    if has_text and embedder is not None:
+        emb = embedder()
+        hits = text_index(store, emb, question.tenant, question.session_id).index.search(question.query.strip(), emb, 2)
+        if hits:
+            top1 = hits[0].score
+            gap = hits[0].score - hits[1].score if len(hits) > 1 else hits[0].score
+    features = Features(
+        context_tokens=record.logical_length, question_tokens=len(tokenizer(question.query, add_special_tokens=False).input_ids),
+        window=model_window(model), query_type=classify_query(question.query), has_text=has_text,
+        compacted_stored=_stored(store, question.tenant, compacted_session_id(question.session_id, settings)),
+        block_index_stored=block_stored, text_index_stored=text_stored, top1=top1, gap=gap,
+        expected_followups=question.expected_followups, new_tokens=settings.max_new_tokens,
+    )
+    return features, time.perf_counter() - started
+
+
+def plan(store: SessionStore, model: Any, tokenizer: Any, planner: PlannerModel, question: Question, settings: ExecutorSettings,
+         embedder: Callable[[], Any] | None, tolerance: float) -> tuple[Decision, float]:
+    features, seconds = features_for(store, model, tokenizer, question, settings, embedder)
+    decision = decide(features, planner, question.latency_budget_s, question.force, question.forbid, tolerance)
+    return decision, seconds
+
+
+def run(store: SessionStore, model: Any, tokenizer: Any, decision: Decision, question: Question, settings: ExecutorSettings,
+        embedder: Callable[[], Any] | None) -> Execution:
+    request = AnswerRequest(model, tokenizer, store, question.tenant, question.session_id, question.query, settings, embedder)
+    return execute(decision.choice, request)
