@@ -40,6 +40,9 @@ bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.retrieval_latency --quick
 	$(BIN)/python -m bench.retrieval --quick
 	$(BIN)/python -m bench.retrieval_probes --quick
+	$(BIN)/python -m bench.ttt_sweep --quick
+	$(BIN)/python -m bench.planner_matrix --quick
+	$(BIN)/python -m bench.planner --quick
 
 bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.throughput
@@ -50,6 +53,9 @@ bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.retrieval_latency
 	$(BIN)/python -m bench.retrieval
 	$(BIN)/python -m bench.retrieval_probes
+	$(BIN)/python -m bench.ttt_sweep
+	$(BIN)/python -m bench.planner_matrix  # about an hour: regenerates bench/data/planner_outcomes.jsonl
+	$(BIN)/python -m bench.planner --fit
 	# needs kvpress in its own virtualenv (see bench/kvpress_crosscheck.py): python -m bench.kvpress_crosscheck
 
 proto: install  ## regenerate the committed gRPC stubs from proto/

@@ -4,6 +4,7 @@
     kvmem ls | info ID | rm ID | stats      # against --address (default 127.0.0.1:50051)
     kvmem prepare-model --cache-dir DIR     # convert the bundled SmolLM2 once
     kvmem compact --method attention_matching --ratio 0.1 --sessions a b c   # or --all
+    kvmem answer ID "question" [--dry-run] [--budget-s 5] [--force full] [--forbid ttt]
 """
 from __future__ import annotations
 
@@ -52,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     chosen.add_argument("--sessions", nargs="+", metavar="ID")
     chosen.add_argument("--all", action="store_true", help="every uncompacted session of the tenant")
     compact.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. selection=omp")
+    answer = commands.add_parser("answer", help="answer a question about a session (the planner decides how; --dry-run: decision only)")
+    answer.add_argument("session_id")
+    answer.add_argument("question", help="text appended after the session's context")
+    answer.add_argument("--dry-run", action="store_true", help="print the decision record without running it")
+    answer.add_argument("--budget-s", type=float, default=None, help="latency budget in seconds")
+    answer.add_argument("--force", default="", help="run this option: rag, kv_retrieval, full, compacted, ttt")
+    answer.add_argument("--forbid", action="append", default=[], help="never choose this option (repeatable)")
+    answer.add_argument("--followups", type=int, default=0, help="further questions expected on this session")
+    answer.add_argument("--max-new-tokens", type=int, default=24)
     prepare = commands.add_parser("prepare-model", help="convert the bundled SmolLM2 GGUF once")
     prepare.add_argument("--cache-dir", type=Path, default=Path("data/models"))
     args = parser.parse_args(argv)
@@ -73,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                 _print(client.stats())
             elif args.command == "compact":
                 return _compact(client, args)
+            elif args.command == "answer":
+                common = dict(latency_budget_s=args.budget_s, force=args.force, forbid=args.forbid, expected_followups=args.followups)
+                if args.dry_run:
+                    _print(client.plan(args.session_id, args.question, **common))
+                else:
+                    _print(client.answer(args.session_id, args.question, max_new_tokens=args.max_new_tokens, **common))
     except KvmemError as exc:
         print(f"kvmem: {exc}", file=sys.stderr)
         return 1

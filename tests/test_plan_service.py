@@ -111,3 +111,17 @@ def test_bad_planner_requests_get_clear_errors_and_change_nothing(planner_client
     long_plan = planner_client.plan("long", QUESTION)
     assert long_plan.choice == "kv_retrieval" and not long_plan.features.has_text
     assert _sessions(planner_client) == before
+
+
+def test_cli_answer_dry_run_prints_the_decision(planner_client, service, capsys):
+    import json
+
+    from kvmem.cli import main
+
+    address = f"127.0.0.1:{service.port}"
+    assert main(["--address", address, "answer", "doc", QUESTION, "--dry-run", "--followups", "2"]) == 0
+    decision = json.loads(capsys.readouterr().out)
+    assert decision["choice"] in OPTIONS and len(decision["options"]) == len(OPTIONS)
+    assert decision["features"]["expected_followups"] == 2
+    assert main(["--address", address, "answer", "doc", QUESTION, "--force", "magic"]) == 1
+    assert "unknown option 'magic'" in capsys.readouterr().err
