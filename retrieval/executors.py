@@ -118,8 +118,10 @@ def generate_on(model: Any, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
                 question_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
     """Greedy answer to question_ids [n] continuing a cache of per-layer keys/values [H, t, D]
     (with optional per-slot bias [H, t]) that stands for ``logical_length`` positions."""
-    cache = CompactedCache.for_model(model, [(k.clone(), v.clone()) for k, v in layers], list(bias), logical_length)
-    inputs = generation_inputs(logical_length, question_ids.view(1, -1))
+    device = model.device
+    cache = CompactedCache.for_model(model, [(k.to(device, copy=True), v.to(device, copy=True)) for k, v in layers],
+                                     [b.to(device) if b is not None else None for b in bias], logical_length)
+    inputs = generation_inputs(logical_length, question_ids.view(1, -1)).to(device)
     with torch.no_grad():
         out = model.generate(inputs, attention_mask=torch.ones_like(inputs), past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs.shape[1]:].tolist()
@@ -254,7 +256,7 @@ def run_rag(request: AnswerRequest) -> Execution:
         room = max(0, settings.rag_budget_tokens - question_ids.numel())
         chosen = select_for_budget(hits, room, lambda s: len(tokenizer(s, add_special_tokens=False).input_ids))
         context = tokenizer("\n".join(h.text for h in chosen), return_tensors="pt", add_special_tokens=False).input_ids[0, :room]
-        prompt = torch.cat([context, question_ids]).view(1, -1)
+        prompt = torch.cat([context, question_ids]).view(1, -1).to(request.model.device)
         with torch.no_grad():
             out = request.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=settings.max_new_tokens, do_sample=False)
     ids = out[0, prompt.shape[1]:].tolist()

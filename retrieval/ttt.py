@@ -156,8 +156,10 @@ def adapt(model: Any, context_ids: torch.Tensor, keys: Sequence[torch.Tensor], v
     report = TTTReport(config.steps)
     if config.steps:
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-        frozen_k = [k.detach() for k in keys]
-        frozen_v = [v.detach() for v in values]
+        device = next(model.parameters()).device
+        context_ids = context_ids.to(device)
+        frozen_k = [k.detach().to(device) for k in keys]
+        frozen_v = [v.detach().to(device) for v in values]
         for start in span_starts(num_tokens, config):
             with torch.enable_grad():
                 loss = span_loss(shadow, context_ids, frozen_k, frozen_v, start, config.span_tokens)
