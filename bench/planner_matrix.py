@@ -28,7 +28,7 @@ from bench.common import RESULTS_DIR, disk_tempdir, environment, pin_threads
 
 DATA = Path(__file__).resolve().parent / "data" / "planner_outcomes.jsonl"
 LENGTHS = [1000, 2000, 4000, 8000, 16000, 32000]
-SEEDS = {1000: 2, 2000: 2, 4000: 2, 8000: 2, 16000: 1, 32000: 1}
+SEEDS = {1000: 4, 2000: 4, 4000: 4, 8000: 4, 16000: 2, 32000: 2}
 
 
 def prefill(model, context_ids: torch.Tensor, window: int) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:

@@ -145,29 +145,44 @@ class PlannerModel:
     prefill: Curve = field(default_factory=Curve)
     quality: dict[str, dict[str, QualityCell]] = field(default_factory=dict)  # option -> situation key -> cell
     prior: dict[str, float] = field(default_factory=dict)  # option -> overall success rate
+    pooled: dict[str, QualityCell] = field(default_factory=dict)  # situation -> every option's runs together
+    overall: float = 0.0  # success rate of every run of every option
     gap_threshold: float = 0.05
-    strength: float = 2.0  # pseudo-counts pulling a situation's rate towards the option's overall rate
+    strength: float = 2.0  # pseudo-counts pulling a situation's rate towards its baseline
+    use_signals: bool = True  # split situations by the text-search gap (clear / ambiguous)
     meta: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ estimates
     def situation(self, features: Features) -> str:
-        return f"{features.query_type}|{length_bucket(features.context_tokens, features.window)}|{signal_bucket(features.gap, self.gap_threshold)}"
+        signal = signal_bucket(features.gap, self.gap_threshold) if self.use_signals else "*"
+        return f"{features.query_type}|{length_bucket(features.context_tokens, features.window)}|{signal}"
+
+    @staticmethod
+    def _lookup(table: dict[str, QualityCell], key: str) -> tuple[QualityCell | None, str]:
+        """The cell of a situation, else the pooled cells of its type and length (any signal)."""
+        if key in table:
+            return table[key], key
+        coarse = key.rsplit("|", 1)[0]
+        cells = [c for k, c in table.items() if k.rsplit("|", 1)[0] == coarse]
+        if cells:
+            return QualityCell(sum(c.right for c in cells), sum(c.seen for c in cells)), coarse + "|*"
+        return None, key
 
     def quality_of(self, option: str, features: Features) -> tuple[float, str]:
-        """Expected quality in [0, 1] and where it came from."""
+        """Expected quality in [0, 1] and what it rests on.
+
+        The option's own record in the situation, shrunk towards a baseline: the option's overall
+        rate scaled by how hard the situation is for every option together (so a situation no
+        option ever answers pulls every estimate to 0, and one they all answer lifts them)."""
         prior = self.prior.get(option, 0.5)
-        table = self.quality.get(option, {})
         key = self.situation(features)
-        cell = table.get(key)
-        if cell is None:  # back off: same type and length, any signal; then the option's rate
-            coarse = key.rsplit("|", 1)[0]
-            cells = [c for k, c in table.items() if k.rsplit("|", 1)[0] == coarse]
-            if cells:
-                cell = QualityCell(sum(c.right for c in cells), sum(c.seen for c in cells))
-                key = coarse + "|*"
+        pooled, _ = self._lookup(self.pooled, key)
+        difficulty = pooled.mean(self.overall, self.strength) / self.overall if pooled is not None and self.overall > 0 else 1.0
+        base = min(1.0, prior * difficulty)
+        cell, where = self._lookup(self.quality.get(option, {}), key)
         if cell is None:
-            return prior, f"no similar task measured; {option}'s overall rate {prior:.2f}"
-        return cell.mean(prior, self.strength), f"{cell.right:g}/{cell.seen} right on {key} tasks"
+            return base, f"no {option} run on {key} tasks; its overall rate {prior:.2f} x situation difficulty {difficulty:.2f}"
+        return cell.mean(base, self.strength), f"{cell.right:g}/{cell.seen} right on {where} tasks"
 
     def cost_of(self, option: str, features: Features) -> tuple[float, float, dict[str, float]]:
         """(per-question seconds, preparation seconds before amortisation, breakdown)."""
@@ -190,7 +205,7 @@ class PlannerModel:
             "costs": {o: {s: asdict(c) for s, c in st.items()} for o, st in self.costs.items()},
             "prefill": asdict(self.prefill),
             "quality": {o: {k: asdict(c) for k, c in t.items()} for o, t in self.quality.items()},
-            "prior": self.prior, "gap_threshold": self.gap_threshold, "strength": self.strength, "meta": self.meta,
+            "prior": self.prior, "pooled": {k: asdict(c) for k, c in self.pooled.items()}, "overall": self.overall, "use_signals": self.use_signals, "gap_threshold": self.gap_threshold, "strength": self.strength, "meta": self.meta,
         }, indent=1, sort_keys=True)
 
     @classmethod
@@ -201,7 +216,7 @@ class PlannerModel:
                 costs={o: {s: Curve(**c) for s, c in st.items()} for o, st in raw["costs"].items()},
                 prefill=Curve(**raw["prefill"]),
                 quality={o: {k: QualityCell(**c) for k, c in t.items()} for o, t in raw["quality"].items()},
-                prior=dict(raw["prior"]), gap_threshold=float(raw["gap_threshold"]), strength=float(raw["strength"]), meta=dict(raw.get("meta", {})),
+                prior=dict(raw["prior"]), pooled={k: QualityCell(**c) for k, c in raw["pooled"].items()}, overall=float(raw["overall"]), use_signals=bool(raw["use_signals"]), gap_threshold=float(raw["gap_threshold"]), strength=float(raw["strength"]), meta=dict(raw.get("meta", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidRequest(f"not a planner model file: {exc!r}") from exc
@@ -219,12 +234,12 @@ class PlannerModel:
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def fit(cls, tasks: Iterable[dict], meta: dict | None = None, strength: float = 2.0) -> "PlannerModel":
+    def fit(cls, tasks: Iterable[dict], meta: dict | None = None, strength: float = 2.0, use_signals: bool = True) -> "PlannerModel":
         """Fit from outcome-matrix records (bench/planner_matrix.py): cost curves from the measured
         stage seconds, quality tables from the scores, per situation."""
         tasks = list(tasks)
         gaps = [task_signals(t)["gap"] for t in tasks if task_signals(t).get("gap") is not None]
-        model = cls(gap_threshold=float(np.median(gaps)) if gaps else 0.05, strength=strength, meta=dict(meta or {}))
+        model = cls(gap_threshold=float(np.median(gaps)) if gaps else 0.05, strength=strength, use_signals=use_signals, meta=dict(meta or {}))
         samples: dict[tuple[str, str], list[tuple[int, float]]] = {}
         for task in tasks:
             tokens = task["context_tokens"]
@@ -244,7 +259,12 @@ class PlannerModel:
                 cell = table.setdefault(model.situation(features), QualityCell(0.0, 0))
                 cell.right += quality
                 cell.seen += 1
+                pooled = model.pooled.setdefault(model.situation(features), QualityCell(0.0, 0))
+                pooled.right += quality
+                pooled.seen += 1
             model.quality[option] = table
+        runs = sum(c.seen for c in model.pooled.values())
+        model.overall = sum(c.right for c in model.pooled.values()) / runs if runs else 0.0
         model.meta.setdefault("tasks", len(tasks))
         model.meta.setdefault("fitted_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         return model

@@ -4,7 +4,7 @@ Pure (numpy only): no model runs. Each task of the matrix gets a seeded scenario
 and a number of expected follow-up questions (preparation such as index builds is shared by them).
 An option's *measured* cost in a scenario is its per-question stage seconds plus its preparation
 seconds divided by (1 + follow-ups). The oracle takes the best-quality option whose measured cost
-fits the budget (ties to the cheaper). The planner is fitted on one half of the tasks and scored on
+fits the budget (ties to the cheaper), and refuses when none fits. The planner is fitted on one half of the tasks and scored on
 the other (and the other way round: 2-fold cross-fitting, every task scored by a planner that did
 not see it).
 """
@@ -54,12 +54,12 @@ def quality(task: dict, option: str) -> float:
 
 
 def oracle(task: dict, scen: Scenario) -> str | None:
-    """Best quality within the budget, cheaper on ties; the cheapest feasible if none fits."""
+    """Best quality among options whose measured cost fits the budget, cheaper on ties; None
+    (refuse, as the planner must) when none fits."""
     costs = {o: measured_cost(task, o, scen.followups) for o in OPTIONS}
-    feasible = [o for o, c in costs.items() if c is not None]
-    if not feasible:
+    inside = [o for o, c in costs.items() if c is not None and c <= scen.budget_s]
+    if not inside:
         return None
-    inside = [o for o in feasible if costs[o] <= scen.budget_s] or [min(feasible, key=lambda o: costs[o])]
     return max(inside, key=lambda o: (quality(task, o), -costs[o]))
 
 
@@ -186,14 +186,14 @@ class Evaluation:
         }
 
 
-def evaluate(tasks: Sequence[dict], tolerance: float = 0.05, folds: int = 2, seed: int = 0, strength: float = 2.0) -> Evaluation:
+def evaluate(tasks: Sequence[dict], tolerance: float = 0.05, folds: int = 2, seed: int = 0, strength: float = 2.0, use_signals: bool = True) -> Evaluation:
     """Cross-fitted planner, oracle and baselines over every task of the matrix."""
     parts = split(tasks, folds)
     scores = {name: PolicyScore(name) for name in ("planner",) + BASELINES}
     oracle_score = PolicyScore("oracle")
     for held in range(folds):
         train = [t for i, part in enumerate(parts) if i != held for t in part]
-        model = PlannerModel.fit(train, strength=strength)
+        model = PlannerModel.fit(train, strength=strength, use_signals=use_signals)
         policy = planner_policy(model, tolerance)
         for task in parts[held]:
             scen = scenario(task, seed)
