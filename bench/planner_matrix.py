@@ -7,7 +7,7 @@ server's Answer RPC would. Per task and option the matrix keeps the answer, its 
 of every stage (preparation such as index builds or compaction kept apart from per-question work),
 or the reason the option is infeasible. The prefill time and the text-search signals are kept too.
 
-    python -m bench.planner_matrix                     # full suite (~1 h on 2 CPU cores)
+    python -m bench.planner_matrix                     # full suite (~80 min on 2 CPU cores)
     python -m bench.planner_matrix --quick             # CI smoke: two 1k tasks, results not kept
     python -m bench.planner_matrix --resume            # continue an interrupted run
 
