@@ -10,8 +10,10 @@ not see it).
 """
 from __future__ import annotations
 
+import itertools
 import random
 import zlib
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -19,7 +21,7 @@ import numpy as np
 
 from kvstore.errors import FailedPrecondition
 from retrieval.executors import OPTIONS
-from retrieval.planner import PREPARATION, PlannerModel, decide, task_features
+from retrieval.planner import PREPARATION, PlannerModel, classify_query, decide, length_bucket, task_features
 
 BUDGETS_S = (4.0, 10.0, 30.0)
 FOLLOWUPS = (0, 2, 8)
@@ -169,11 +171,39 @@ def threshold_policy(task: dict, scen: Scenario) -> tuple[str | None, str]:
     return ("full" if fits else "rag"), ""
 
 
+def hindsight_ceiling(tasks: Sequence[dict], seed: int = 0) -> PolicyScore:
+    """The best any policy seeing only (query class, length bucket) could do: per situation, the
+    preference order of options that answers most of its tasks in hindsight, each task taking the
+    first option of the order whose measured cost fits its budget. In-sample on purpose: a ceiling,
+    not a policy."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for task in tasks:
+        groups[(classify_query(task["question"]), length_bucket(task["context_tokens"], task["window"]))].append(task)
+    score = PolicyScore("hindsight-by-situation")
+
+    def first_inside(task: dict, order: Sequence[str]) -> str | None:
+        scen = scenario(task, seed)
+        for option in order:
+            cost = measured_cost(task, option, scen.followups)
+            if cost is not None and cost <= scen.budget_s:
+                return option
+        return None
+
+    for group in groups.values():
+        best = max(itertools.permutations(OPTIONS),
+                   key=lambda order: (sum(quality(t, o) for t in group if (o := first_inside(t, order))),
+                                      -sum(measured_cost(t, o, scenario(t, seed).followups) for t in group if (o := first_inside(t, order)))))
+        for task in group:
+            score.choices.append(_score(task, scenario(task, seed), first_inside(task, best)))
+    return score
+
+
 @dataclass
 class Evaluation:
     policies: dict[str, PolicyScore]
     oracle: PolicyScore
     tolerance: float
+    ceiling: PolicyScore | None = None
 
     def goals(self) -> dict:
         planner, oracle = self.policies["planner"], self.oracle
@@ -208,4 +238,4 @@ def evaluate(tasks: Sequence[dict], tolerance: float = 0.05, folds: int = 2, see
     for choice in scores["planner"].choices:
         task = next(t for t in tasks if t["name"] == choice.task)
         scores["random-same-mix"].choices.append(_score(task, scenario(task, seed), rng.choice(mix) if mix else None))
-    return Evaluation(scores, oracle_score, tolerance)
+    return Evaluation(scores, oracle_score, tolerance, hindsight_ceiling(tasks, seed))

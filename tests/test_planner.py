@@ -182,6 +182,22 @@ def test_replay_scores_planner_and_baselines_consistently(tasks):
     assert evaluate(tasks).policies["planner"].row() == planner.row()  # deterministic
 
 
+def test_hindsight_ceiling_stays_inside_budgets_and_below_the_oracle(tasks):
+    from retrieval.planner_eval import hindsight_ceiling
+
+    ceiling = hindsight_ceiling(tasks)
+    assert len(ceiling.choices) == len(tasks)
+    assert ceiling.violations == 0
+    assert ceiling.quality <= evaluate(tasks).oracle.quality
+    # one fixed order for everything is among the orders it tried: never better than the ceiling
+    for option in OPTIONS:
+        strict = []
+        for task in tasks:
+            cost = measured_cost(task, option, scenario(task).followups)
+            strict.append(quality(task, option) if cost is not None and cost <= scenario(task).budget_s else 0.0)
+        assert ceiling.quality >= np.mean(strict) - 1e-9
+
+
 def test_replayed_decisions_respect_budget_and_tolerance(tasks):
     """Every decision on a real matrix task, from a planner fitted on the other tasks: the choice
     is estimated inside the budget, within tolerance of the best estimate, and the cheapest such."""
