@@ -1,7 +1,7 @@
 """KV compaction on SmolLM2: Attention Matching against every eviction method, side by side.
 
 For seeded needle-in-a-haystack contexts (bench/tasks.py: natural licence text, single-key and
-multi-key needles at several depths) of 2k and 4k tokens, and every method in ``REGISTRY`` at kept
+multi-key needles at several depths) of 2k, 4k and 6k tokens, and every method in ``REGISTRY`` at kept
 ratios 50%, 25%, 10%, 5%, 2%, one run measures:
 
 * attention error: ``mean_attention_error`` (relative L2 error of the attention outputs, mean over
@@ -31,20 +31,21 @@ right-hand sides: 127 ms vs 1.5 ms; Cholesky and matmul were unaffected), and ma
 nothing from the second thread; Attention Matching on a 2k context, all five ratios: ~500 s with
 two threads vs ~70 s with one. Every method runs under the same setting.
 
-No method ever sees the question. Attention Matching gets ``repeat_prefill_queries(context)``
-(query-agnostic: repeat-prefill + the context's recent queries); the eviction methods that use
+No method ever sees the question. Attention Matching gets ``reference_queries(context)``, the
+references the server's Compact RPC uses by default (query-agnostic: 128 self-study tokens sampled
+after the context + the context's recent queries); the eviction methods that use
 queries (h2o, snapkv, tova) get the context's own prefill queries (positions < T of one causal
 pass over context + continuation, so they do not depend on the continuation either); the
 continuation's queries are used only to measure. Each context's prefill and reference queries are
 computed once and reused across methods and ratios.
 
-The full run works to a time budget (``--budget-min``, default 40): tasks run in a fixed seeded
+The full run works to a time budget (``--budget-min``, default 75): tasks run in a fixed seeded
 order while the projected cost of the next one fits; each finished task is written to the result
 file at once. Contexts longer than 2048 tokens skip the 50% ratio (Attention Matching at 50% of a
 4k context alone takes ~200 s with one thread, five times its 25% cost), so the 50% row covers
 the 2k tasks only.
 
-    python -m bench.compaction [--quick] [--budget-min 40] [--lengths 2048,2048,4096]
+    python -m bench.compaction [--quick] [--budget-min 75] [--lengths 2048,4096,6144]
 """
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ def make_methods() -> dict[str, Any]:
     from compaction.base import REGISTRY, make_compactor
 
     names = sorted(REGISTRY, key=lambda n: (n != AM, n))
-    # the repeat-prefill references come after the context and see every key (their count may
+    # the self-study references come after the context and see every key (their count may
     # equal T by chance, which the default would take for causal context queries)
     return {name: make_compactor(name, **({"causal": False} if name == AM else {})) for name in names}
 
@@ -175,7 +176,7 @@ def run_task(model, tokenizer, task: NeedleTask, methods: dict, ratios: Sequence
     from compaction.base import CompactionInput, Target
     from compaction.metrics import mean_attention_error
     from compaction.queries import capture_queries
-    from compaction.references import repeat_prefill_queries
+    from compaction.references import reference_queries
 
     started = time.perf_counter()
     length = task.length
@@ -202,7 +203,7 @@ def run_task(model, tokenizer, task: NeedleTask, methods: dict, ratios: Sequence
     record["full_nll"] = nll_and_kl(full_logits, full_logprobs, targets)[0]
 
     t0 = time.perf_counter()
-    refs = repeat_prefill_queries(model, tokenizer, task.context_ids)  # never sees the question
+    refs = reference_queries(model, tokenizer, task.context_ids)  # the server's default; never sees the question
     record["reference_seconds"] = time.perf_counter() - t0
     record["reference_queries"] = int(refs.queries[0].shape[1])
     inputs = {
@@ -386,8 +387,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke run: one 1k context, one needle task, ratios 0.25 and 0.1 (< 90 s)")
     parser.add_argument("--repeats", type=int, default=0, help="accepted for uniformity with the other benchmarks; unused")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
-    parser.add_argument("--budget-min", type=float, default=40.0, help="wall-clock budget of the full run in minutes")
-    parser.add_argument("--lengths", default="2048,2048,4096,2048", help="context lengths, cycled over the task plan")
+    parser.add_argument("--budget-min", type=float, default=75.0, help="wall-clock budget of the full run in minutes")
+    parser.add_argument("--lengths", default="2048,4096,6144", help="context lengths, cycled over the task plan")
     parser.add_argument("--render", metavar="JSON", help="recompute tables, goal checks and plot from a result file's records (no model runs)")
     parser.add_argument("--max-tasks", type=int, default=30, help="most needle tasks to generate")
     return parser.parse_args(argv)
@@ -434,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "model": "smollm2-135m-instruct", "ratios": list(ratios), "methods": list(methods), "lengths": lengths,
                 "budget_s": None if math.isinf(budget) else budget, "new_tokens": NEW_TOKENS, "continuation_tokens": CONTINUATION,
                 "skip_half_above": SKIP_HALF_ABOVE, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                "am_references": "repeat_prefill_queries(context) (repeat + recent context queries); question never seen",
+                "am_references": "reference_queries(context): the Compact RPC's default (self-study + recent context queries); question never seen",
                 "eviction_queries": "the context's own causal prefill queries; question never seen",
                 "held_out": "queries of the 64 continuation tokens (full cache)",
                 "memory": "peak increase of process RSS during compact(), sampled every 1 ms from /proc/self/statm",
