@@ -74,9 +74,12 @@ def test_training_lowers_held_out_loss_and_leaves_the_hosted_model_bit_exact(smo
 
 
 def test_concurrent_adaptations_never_see_each_other(smollm2, context):
-    """Two requests training at once (different seeds) end exactly where they end alone."""
+    """Two requests training at once (different seeds) end where they end alone. Not bit for bit:
+    concurrent requests share torch's intra-op thread pool, which changes the reduction order of
+    some kernels (~1e-5 per weight); a leaked update would move them by the size of an update."""
     model, _ = smollm2
     ids, keys, values = context
+    original = {name: param.detach().clone() for name, param in query_parameters(model)}
     configs = [TTTConfig(steps=3, seed=1), TTTConfig(steps=3, seed=2, learning_rate=3e-3)]
     alone = [dict(query_parameters(adapt(model, ids, keys, values, c)[0])) for c in configs]
     together: list = [None, None]
@@ -91,7 +94,10 @@ def test_concurrent_adaptations_never_see_each_other(smollm2, context):
         t.join()
     for i in range(2):
         for name, param in alone[i].items():
-            torch.testing.assert_close(together[i][name], param, rtol=0, atol=1e-6)
+            update = torch.linalg.norm(param - original[name])
+            assert update > 1e-3  # the request did train this weight
+            assert torch.linalg.norm(together[i][name] - param) <= 0.01 * update
+    assert all(torch.equal(param, original[name]) for name, param in query_parameters(model))  # hosted model untouched
     name = next(iter(alone[0]))
     assert not torch.allclose(alone[0][name], alone[1][name])
 
