@@ -133,16 +133,22 @@ def _mmap_threshold(size: int) -> bool:
         return False
 
 
-def make_methods() -> dict[str, Any]:
-    """Every registered compactor, Attention Matching first."""
+def make_methods(only: Sequence[str] | None = None, am_window: bool = False) -> dict[str, Any]:
+    """Every registered compactor (or those in ``only``), Attention Matching first. ``am_window``:
+    Attention Matching also keeps 4 sinks and the most recent tokens (together half of each head's
+    budget) exactly, fitting biases and values for the rest."""
     import compaction.attention_matching  # noqa: F401 - registers attention_matching
     import compaction.registry  # noqa: F401 - registers the eviction methods
     from compaction.base import REGISTRY, make_compactor
 
-    names = sorted(REGISTRY, key=lambda n: (n != AM, n))
+    names = sorted((n for n in REGISTRY if not only or n in only), key=lambda n: (n != AM, n))
+    unknown = sorted(set(only or ()) - set(REGISTRY))
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(sorted(REGISTRY))}")
+    am_options = {"causal": False, **({"sinks": 4, "recent": 1 << 30, "recent_share": 0.5} if am_window else {})}
     # the self-study references come after the context and see every key (their count may
     # equal T by chance, which the default would take for causal context queries)
-    return {name: make_compactor(name, **({"causal": False} if name == AM else {})) for name in names}
+    return {name: make_compactor(name, **(am_options if name == AM else {})) for name in names}
 
 
 def answer(model, tokenizer, layers, biases, length: int, question: torch.Tensor) -> str:
@@ -363,7 +369,7 @@ def plot(rows: list[dict], methods: Sequence[str], path) -> str:
 
 
 # ---------------------------------------------------------------------------- main
-def render(path: str) -> int:
+def render(path: str, name: str = NAME) -> int:
     """Re-aggregate a result file's per-run records (after a change to the tables or goal rules)."""
     import json
     from pathlib import Path
@@ -375,8 +381,8 @@ def render(path: str) -> int:
     info = {"generated": result["tasks"]["generated"], "kept": result["tasks"]["kept"],
             "lengths": ",".join(str(x) for x in sorted(set(result["tasks"]["lengths_kept"]))) or "-"}
     result["table"] = print_tables(result["rows"], result["goal_checks"], info)
-    out = write_result(NAME, result)
-    png = RESULTS_DIR / (f"{NAME}.quick.png" if result.get("quick") else f"{NAME}.png")
+    out = write_result(name, result)
+    png = RESULTS_DIR / (f"{name}.quick.png" if result.get("quick") else f"{name}.png")
     print(plot(result["rows"], methods, png))
     print(f"results re-rendered into {out}", flush=True)
     return 0
@@ -391,13 +397,17 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lengths", default="2048,4096,6144", help="context lengths, cycled over the task plan")
     parser.add_argument("--render", metavar="JSON", help="recompute tables, goal checks and plot from a result file's records (no model runs)")
     parser.add_argument("--max-tasks", type=int, default=30, help="most needle tasks to generate")
+    parser.add_argument("--methods", default="", help="comma-separated subset of the methods (default: every one)")
+    parser.add_argument("--ratios", default="", help="comma-separated kept ratios (default 0.5,0.25,0.1,0.05,0.02)")
+    parser.add_argument("--am-window", action="store_true", help="Attention Matching keeps 4 sinks + the recent window exactly (half its budget)")
+    parser.add_argument("--name", default=NAME, help="result name: bench/results/<name>.json and .png")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.render:
-        return render(args.render)
+        return render(args.render, args.name)
     pin_threads(args.threads)
     mmap_threshold = _mmap_threshold(32 << 20)
     run_started = time.perf_counter()
@@ -409,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m-instruct", cache_dir=MODEL_CACHE)
-    methods = make_methods()
+    methods = make_methods([m for m in args.methods.split(",") if m] or None, args.am_window)
     factory = TaskFactory(tokenizer)
     log(f"model loaded; methods: {', '.join(methods)}; filler text {len(factory.text_ids)} tokens")
 
@@ -417,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratios, lengths, budget = QUICK_RATIOS, [1024], math.inf
         plan = [("single", 1024, depth, seed) for seed, depth in enumerate((0.5, 0.3, 0.7, 0.1))]
     else:
-        ratios, budget = RATIOS, args.budget_min * 60
+        ratios, budget = tuple(float(r) for r in args.ratios.split(",")) if args.ratios else RATIOS, args.budget_min * 60
         lengths = [int(x) for x in args.lengths.split(",")]
         plan = task_plan(lengths, args.max_tasks)
 
@@ -436,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "budget_s": None if math.isinf(budget) else budget, "new_tokens": NEW_TOKENS, "continuation_tokens": CONTINUATION,
                 "skip_half_above": SKIP_HALF_ABOVE, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                 "am_references": "reference_queries(context): the Compact RPC's default (self-study + recent context queries); question never seen",
+                "am_window": args.am_window,
                 "eviction_queries": "the context's own causal prefill queries; question never seen",
                 "held_out": "queries of the 64 continuation tokens (full cache)",
                 "memory": "peak increase of process RSS during compact(), sampled every 1 ms from /proc/self/statm",
@@ -464,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         records.append(record)
         if record["full_correct"]:
             per_length_cost.setdefault(length, []).append(record["seconds"])
-        write_result(NAME, payload(final=False))
+        write_result(args.name, payload(final=False))
         gc.collect()
 
     result = payload(final=True)
@@ -475,8 +486,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result["table"] = print_tables(result["rows"], result["goal_checks"], info)
     if skipped:
         print(f"\n{len(skipped)} planned task(s) skipped to stay within the budget", flush=True)
-    path = write_result(NAME, result)
-    png = RESULTS_DIR / (f"{NAME}.quick.png" if args.quick else f"{NAME}.png")
+    path = write_result(args.name, result)
+    png = RESULTS_DIR / (f"{args.name}.quick.png" if args.quick else f"{args.name}.png")
     print(plot(result["rows"], list(methods), png))
     print(f"results written to {path}; total {result['total_seconds']:.0f}s", flush=True)
     return 0 if result["tasks"]["kept"] else 1
