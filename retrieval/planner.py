@@ -256,12 +256,10 @@ class PlannerModel:
             model.prior[option] = float(np.mean([q for _, q in scored])) if scored else 0.0
             table: dict[str, QualityCell] = {}
             for features, quality in scored:
-                cell = table.setdefault(model.situation(features), QualityCell(0.0, 0))
-                cell.right += quality
-                cell.seen += 1
-                pooled = model.pooled.setdefault(model.situation(features), QualityCell(0.0, 0))
-                pooled.right += quality
-                pooled.seen += 1
+                key = model.situation(features)
+                for cell in (table.setdefault(key, QualityCell(0.0, 0)), model.pooled.setdefault(key, QualityCell(0.0, 0))):
+                    cell.right += quality
+                    cell.seen += 1
             model.quality[option] = table
         runs = sum(c.seen for c in model.pooled.values())
         model.overall = sum(c.right for c in model.pooled.values()) / runs if runs else 0.0

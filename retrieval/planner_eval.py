@@ -179,22 +179,26 @@ def hindsight_ceiling(tasks: Sequence[dict], seed: int = 0) -> PolicyScore:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for task in tasks:
         groups[(classify_query(task["question"]), length_bucket(task["context_tokens"], task["window"]))].append(task)
+    scenarios = {task["name"]: scenario(task, seed) for task in tasks}
     score = PolicyScore("hindsight-by-situation")
 
     def first_inside(task: dict, order: Sequence[str]) -> str | None:
-        scen = scenario(task, seed)
+        scen = scenarios[task["name"]]
         for option in order:
             cost = measured_cost(task, option, scen.followups)
             if cost is not None and cost <= scen.budget_s:
                 return option
         return None
 
+    def answered_then_cheaper(picks: list[tuple[dict, str | None]]) -> tuple[float, float]:
+        answered = [(task, option) for task, option in picks if option]
+        return (sum(quality(task, option) for task, option in answered),
+                -sum(measured_cost(task, option, scenarios[task["name"]].followups) for task, option in answered))
+
     for group in groups.values():
-        best = max(itertools.permutations(OPTIONS),
-                   key=lambda order: (sum(quality(t, o) for t in group if (o := first_inside(t, order))),
-                                      -sum(measured_cost(t, o, scenario(t, seed).followups) for t in group if (o := first_inside(t, order)))))
-        for task in group:
-            score.choices.append(_score(task, scenario(task, seed), first_inside(task, best)))
+        picks = max(([(task, first_inside(task, order)) for task in group] for order in itertools.permutations(OPTIONS)), key=answered_then_cheaper)
+        for task, option in picks:
+            score.choices.append(_score(task, scenarios[task["name"]], option))
     return score
 
 
