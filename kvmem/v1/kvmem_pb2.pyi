@@ -19,7 +19,7 @@ DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "num_layers", "num_kv_heads", "head_dim", "dtype", "rope_json", "max_position")
+    __slots__ = ("name", "num_layers", "num_kv_heads", "head_dim", "dtype", "rope_json", "max_position", "weights_fingerprint")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class ModelSpec(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ROPE_JSON_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_layers: int
     num_kv_heads: int
@@ -34,7 +35,8 @@ class ModelSpec(_message.Message):
     dtype: DType
     rope_json: str
     max_position: int
-    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., rope_json: _Optional[str] = ..., max_position: _Optional[int] = ...) -> None: ...
+    weights_fingerprint: str
+    def __init__(self, name: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., rope_json: _Optional[str] = ..., max_position: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("layer", "token_start", "num_tokens", "dtype", "keys", "values", "bias")
@@ -312,8 +314,26 @@ class DeleteSessionResponse(_message.Message):
     def __init__(self, bytes_freed: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class TenantUsage(_message.Message):
+    __slots__ = ("tenant", "sessions", "stored_bytes", "logical_bytes", "max_sessions", "max_stored_bytes")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOGICAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    sessions: int
+    stored_bytes: int
+    logical_bytes: int
+    max_sessions: int
+    max_stored_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., sessions: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_stored_bytes: _Optional[int] = ...) -> None: ...
 
 class TierStats(_message.Message):
     __slots__ = ("name", "bytes_used", "capacity_bytes", "entries", "hits", "misses", "hit_rate", "promotions", "evictions")
@@ -338,7 +358,7 @@ class TierStats(_message.Message):
     def __init__(self, name: _Optional[str] = ..., bytes_used: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., promotions: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("tiers", "sessions", "chunks", "logical_bytes", "stored_bytes", "lmdb_map_bytes", "lmdb_used_bytes", "chunk_tokens")
+    __slots__ = ("tiers", "sessions", "chunks", "logical_bytes", "stored_bytes", "lmdb_map_bytes", "lmdb_used_bytes", "chunk_tokens", "usage")
     TIERS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
@@ -347,6 +367,7 @@ class GetStatsResponse(_message.Message):
     LMDB_MAP_BYTES_FIELD_NUMBER: _ClassVar[int]
     LMDB_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
     sessions: int
     chunks: int
@@ -355,7 +376,8 @@ class GetStatsResponse(_message.Message):
     lmdb_map_bytes: int
     lmdb_used_bytes: int
     chunk_tokens: int
-    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., chunks: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., lmdb_map_bytes: _Optional[int] = ..., lmdb_used_bytes: _Optional[int] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...
+    usage: TenantUsage
+    def __init__(self, tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., sessions: _Optional[int] = ..., chunks: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., lmdb_map_bytes: _Optional[int] = ..., lmdb_used_bytes: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., usage: _Optional[_Union[TenantUsage, _Mapping]] = ...) -> None: ...
 
 class ReferenceQueries(_message.Message):
     __slots__ = ("num_query_heads", "num_queries", "layers")
