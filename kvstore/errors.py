@@ -44,3 +44,15 @@ class CorruptData(KvmemError):
 
 class Unavailable(KvmemError):
     """The store is closed or shutting down; retry on another replica or later."""
+
+
+class Unauthenticated(KvmemError):
+    """The call carries no credentials, or credentials the server does not know."""
+
+
+class PermissionDenied(KvmemError):
+    """The caller is known but may not act for the tenant the request names."""
+
+
+class TimedOut(KvmemError):
+    """A stream stayed silent past the server's idle limit; its partial data was dropped."""
