@@ -6,7 +6,8 @@ kvmem.status). Run ``python server.py --help``.
 from __future__ import annotations
 
 import argparse
-import functools
+import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -14,28 +15,26 @@ import signal
 import sys
 import threading
 import time
-import traceback
-import uuid
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Iterator
 
 import grpc
 import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvmem import convert, wire
+from kvmem import convert, tls, wire
+from kvmem.auth import KeyRing, KeysFileError
 from kvmem.config import ConfigError, PlannerSettings, RetrievalSettings, ServiceConfig, load_config
-from kvmem.status import code_for
+from kvmem.frontend import SERVICE_NAME, FrontEnd, FrontEndSettings
 from kvmem.v1 import kvmem_pb2 as pb
-from kvmem.v1 import kvmem_pb2_grpc as pb_grpc
-from kvstore.errors import FailedPrecondition, InvalidRequest, KvmemError
+from kvstore.errors import FailedPrecondition, InvalidRequest
 from kvstore.pieces import KVPieces
 from kvstore.store import RestorePlan, SessionStore
 
 log = logging.getLogger("kvmem.server")
-SERVICE_NAME = "kvmem.v1.KVMem"
 
 
 # ---------------------------------------------------------------------------- logging
@@ -63,71 +62,30 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
-# ---------------------------------------------------------------------------- errors
-def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
-    if isinstance(exc, KvmemError):
-        code = code_for(exc)
-        log.info("request failed", extra={"fields": {"method": method, "code": code.name, "error": str(exc)}})
-        context.abort(code, str(exc))
-    request_id = uuid.uuid4().hex[:12]
-    log.error("internal error", extra={"fields": {"method": method, "request_id": request_id, "traceback": traceback.format_exc()}})
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details")
-
-
-def unary(method: Callable) -> Callable:
-    """Wrap a unary-response handler: kvmem errors -> status codes, anything else -> INTERNAL."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status, none is swallowed
-            if isinstance(exc, grpc.RpcError) and not context.is_active():
-                raise
-            _abort(context, method.__name__, exc)
-
-    return wrapper
-
-
-def streaming(method: Callable) -> Callable:
-    """Like ``unary`` for handlers that yield responses."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            yield from method(self, request, context)
-        except Exception as exc:  # noqa: BLE001
-            _abort(context, method.__name__, exc)
-
-    return wrapper
-
-
 # ---------------------------------------------------------------------------- servicer
-def _collect_pieces(parts: Iterator, pieces: KVPieces) -> None:
-    """Feed chunk messages into ``pieces`` until the Commit; raise if the stream ends first."""
-    received = 0
-    for part in map(wire.as_part, parts):
-        if part.kind == "chunks":
-            for chunk in part.chunks:
-                pieces.add(chunk.layer, chunk.token_start, chunk.num_tokens, chunk.dtype, chunk.keys, chunk.values, chunk.bias if len(chunk.bias) else None)
-                received += 1
-        elif part.kind == "commit":
-            if part.message.num_chunks != received:
-                raise InvalidRequest(f"commit says {part.message.num_chunks} chunks were sent but {received} arrived; nothing was stored")
-            return
-        elif part.kind == "malformed":
-            raise InvalidRequest(f"malformed stream message ({part.message}); nothing was stored")
-        else:
-            raise InvalidRequest(f"unexpected {part.kind or 'empty'} message after the header; send chunks, then one commit")
-    raise InvalidRequest("the stream ended before its commit message; nothing was stored")
+U62 = 1 << 62
 
 
-def _first_header(parts: Iterator, what: str):
-    first = next(parts, None)
-    part = wire.as_part(first) if first is not None else None
-    if part is None or part.kind != "header":
-        raise InvalidRequest(f"the first message of {what} must be its header")
-    return part.message
+@dataclass
+class PendingWrite:
+    """A Save/Append whose header was accepted; chunks go into ``pieces`` until the Commit."""
+
+    tenant: str
+    header: Any
+    spec: Any
+    tokens: np.ndarray
+    pieces: KVPieces
+    positions: np.ndarray | None = None
+
+
+def _positions(values) -> np.ndarray | None:
+    """uint64 wire positions -> int64, refusing what int64 (and the store) cannot hold."""
+    if not len(values):
+        return None
+    positions = np.asarray(values, dtype=np.uint64)
+    if positions.max() >= U62:
+        raise InvalidRequest(f"position {int(positions.max())} is out of range; positions must be below 2^62 (and below the model's max_position)")
+    return positions.astype(np.int64)
 
 
 def _option_value(text: str):
@@ -163,37 +121,83 @@ def _reference_queries(message: pb.ReferenceQueries, spec) -> list | None:
     return tensors
 
 
-class KVMemServicer(pb_grpc.KVMemServicer):
-    def __init__(self, store: SessionStore, host=None, retrieval: RetrievalSettings | None = None, indexer=None, planner: PlannerSettings | None = None):
+class KVMemServicer:
+    """The domain side of every RPC: protobuf in, store call, protobuf out (synchronous; the
+    front end, kvmem.frontend, runs these on its thread pool after identifying the caller).
+
+    Every method takes the Call first: ``call.tenant_for(request.tenant)`` is the only way a
+    tenant is chosen.
+    """
+
+    def __init__(self, store: SessionStore, host=None, retrieval: RetrievalSettings | None = None, indexer=None, planner: PlannerSettings | None = None, quota_for=None):
         self.store = store
         self.planner = planner or PlannerSettings()
         self._planner_model = None
         self.host = host  # the hosted model (kvstore.model_host.ModelHost) or None
         self.retrieval = retrieval or RetrievalSettings()
         self.indexer = indexer  # retrieval.service.IndexBuilder or None
+        self.quota_for = quota_for  # tenant -> kvstore.quota.Quota (for GetStats), or None
         self._embedder = None
         self._embedder_lock = threading.Lock()
 
-    @unary
-    def SaveSession(self, request_iterator, context):
-        messages = iter(request_iterator)
-        header = _first_header(messages, "SaveSession")
+    # ------------------------------------------------------------------ writes
+    def open_save(self, call, header) -> PendingWrite:
+        tenant = call.tenant_for(header.tenant)
         spec = convert.spec_from_pb(header.model)
         tokens = np.asarray(header.token_ids, dtype=np.uint32)
+        if header.reuse_prefix_tokens > len(tokens):
+            raise InvalidRequest(f"reuse_prefix_tokens={header.reuse_prefix_tokens} exceeds the {len(tokens)} token ids of the header")
+        positions = _positions(header.positions)
         pieces = self.store.new_pieces(spec, header.reuse_prefix_tokens, len(tokens), header.has_bias)
-        _collect_pieces(messages, pieces)
+        return PendingWrite(tenant, header, spec, tokens, pieces, positions)
+
+    def commit_save(self, call, pending: PendingWrite) -> pb.SaveSessionResponse:
+        header = pending.header
         result = self.store.save(
-            header.tenant or convert.DEFAULT_TENANT, header.session_id, spec, tokens, pieces,
-            positions=np.asarray(header.positions, dtype=np.int64) if len(header.positions) else None,
-            logical_length=header.logical_length, ttl_seconds=header.ttl_seconds, overwrite=header.overwrite,
+            pending.tenant, header.session_id, pending.spec, pending.tokens, pending.pieces,
+            positions=pending.positions, logical_length=header.logical_length, ttl_seconds=header.ttl_seconds, overwrite=header.overwrite,
             reuse_prefix_tokens=header.reuse_prefix_tokens, text=header.text or None,
         )
+        call.bytes = result.bytes_written
         self._index_later(result.record)
         return pb.SaveSessionResponse(session=convert.session_info(result.record), deduplicated_tokens=result.deduplicated_tokens, bytes_written=result.bytes_written)
 
-    @streaming
-    def RestoreSession(self, request, context):
-        tenant = request.tenant or convert.DEFAULT_TENANT
+    def open_append(self, call, header) -> PendingWrite:
+        tenant = call.tenant_for(header.tenant)
+        spec = convert.spec_from_pb(header.model)
+        current = self.store.get(tenant, header.session_id)
+        current.spec.require_same(spec, f"session {header.session_id!r}")
+        tokens = convert.tokens_array(header.token_ids)
+        pieces = self.store.new_pieces(spec, current.num_tokens, current.num_tokens + len(tokens), current.has_bias)
+        return PendingWrite(tenant, header, spec, tokens, pieces)
+
+    def commit_append(self, call, pending: PendingWrite) -> pb.AppendSessionResponse:
+        header = pending.header
+        expected = header.expected_num_tokens if header.HasField("expected_num_tokens") else None
+        result = self.store.append(pending.tenant, header.session_id, pending.spec, pending.tokens, pending.pieces, expected_num_tokens=expected, ttl_seconds=header.ttl_seconds, text=header.text or None)
+        call.bytes = result.bytes_written
+        self._index_later(result.record)
+        return pb.AppendSessionResponse(session=convert.session_info(result.record), bytes_written=result.bytes_written)
+
+    def fork(self, call, request) -> pb.ForkSessionResponse:
+        tenant = call.tenant_for(request.tenant)
+        call.session = request.target_session_id
+        at = request.at_token if request.HasField("at_token") else None
+        result = self.store.fork(tenant, request.source_session_id, request.target_session_id, at, ttl_seconds=request.ttl_seconds, overwrite=request.overwrite)
+        call.bytes = result.copied_tokens * result.record.spec.bytes_per_token
+        return pb.ForkSessionResponse(session=convert.session_info(result.record), shared_tokens=result.shared_tokens, copied_tokens=result.copied_tokens)
+
+    def delete_session(self, call, request) -> pb.DeleteSessionResponse:
+        tenant = call.tenant_for(request.tenant)
+        call.session = request.session_id
+        freed = self.store.delete(tenant, request.session_id)
+        call.bytes = freed
+        return pb.DeleteSessionResponse(bytes_freed=freed)
+
+    # ------------------------------------------------------------------ reads
+    def restore(self, call, request) -> Iterator:
+        """Header message, then pre-encoded chunk messages (no extra copies)."""
+        tenant = call.tenant_for(request.tenant)
         if request.session_id:
             expected = convert.spec_from_pb(request.model) if request.HasField("model") else None
             plan = self.store.restore(tenant, request.session_id, expected, request.token_start, request.token_end)
@@ -201,10 +205,14 @@ class KVMemServicer(pb_grpc.KVMemServicer):
             if not request.HasField("model") or not len(request.lookup_token_ids):
                 raise InvalidRequest("give a session_id, or lookup_token_ids together with the model spec")
             plan = self.store.restore_prefix(tenant, convert.spec_from_pb(request.model), convert.tokens_array(request.lookup_token_ids))
-        yield pb.RestoreSessionResponse(header=self._restore_header(plan))
-        dtype = convert.DTYPE_TO_PB[plan.record.spec.dtype]
-        pieces = ((p.layer, p.token_start, p.num_tokens, dtype, p.keys, p.values, p.bias) for p in plan.pieces())
-        yield from wire.encode_chunk_messages(pieces, convert.MAX_CHUNK_BYTES)  # pre-encoded: no extra copies
+
+        def messages():
+            yield pb.RestoreSessionResponse(header=self._restore_header(plan))
+            dtype = convert.DTYPE_TO_PB[plan.record.spec.dtype]
+            pieces = ((p.layer, p.token_start, p.num_tokens, dtype, p.keys, p.values, p.bias) for p in plan.pieces())
+            yield from wire.encode_chunk_messages(pieces, convert.MAX_CHUNK_BYTES)
+
+        return messages()
 
     @staticmethod
     def _restore_header(plan: RestorePlan) -> pb.RestoreHeader:
@@ -213,68 +221,45 @@ class KVMemServicer(pb_grpc.KVMemServicer):
             token_ids=plan.token_ids.tolist(), positions=plan.positions.tolist(), num_chunks=plan.num_pieces,
         )
 
-    @unary
-    def AppendSession(self, request_iterator, context):
-        messages = iter(request_iterator)
-        header = _first_header(messages, "AppendSession")
-        tenant = header.tenant or convert.DEFAULT_TENANT
-        spec = convert.spec_from_pb(header.model)
-        current = self.store.get(tenant, header.session_id)
-        tokens = convert.tokens_array(header.token_ids)
-        pieces = self.store.new_pieces(spec, current.num_tokens, current.num_tokens + len(tokens), current.has_bias)
-        _collect_pieces(messages, pieces)
-        expected = header.expected_num_tokens if header.HasField("expected_num_tokens") else None
-        result = self.store.append(tenant, header.session_id, spec, tokens, pieces, expected_num_tokens=expected, ttl_seconds=header.ttl_seconds, text=header.text or None)
-        self._index_later(result.record)
-        return pb.AppendSessionResponse(session=convert.session_info(result.record), bytes_written=result.bytes_written)
-
-    @unary
-    def ForkSession(self, request, context):
-        at = request.at_token if request.HasField("at_token") else None
-        result = self.store.fork(
-            request.tenant or convert.DEFAULT_TENANT, request.source_session_id, request.target_session_id, at,
-            ttl_seconds=request.ttl_seconds, overwrite=request.overwrite,
-        )
-        return pb.ForkSessionResponse(session=convert.session_info(result.record), shared_tokens=result.shared_tokens, copied_tokens=result.copied_tokens)
-
-    @unary
-    def Lookup(self, request, context):
-        matched = self.store.lookup(request.tenant or convert.DEFAULT_TENANT, convert.spec_from_pb(request.model), convert.tokens_array(request.token_ids))
+    def lookup(self, call, request) -> pb.LookupResponse:
+        matched = self.store.lookup(call.tenant_for(request.tenant), convert.spec_from_pb(request.model), convert.tokens_array(request.token_ids))
         return pb.LookupResponse(matched_tokens=matched, chunk_tokens=self.store.config.chunk_tokens)
 
-    @unary
-    def GetSession(self, request, context):
-        return convert.session_info(self.store.get(request.tenant or convert.DEFAULT_TENANT, request.session_id))
+    def get_session(self, call, request) -> pb.SessionInfo:
+        return convert.session_info(self.store.get(call.tenant_for(request.tenant), request.session_id))
 
-    @unary
-    def ListSessions(self, request, context):
-        records, next_token = self.store.list(request.tenant or convert.DEFAULT_TENANT, request.page_size, request.page_token)
+    def list_sessions(self, call, request) -> pb.ListSessionsResponse:
+        records, next_token = self.store.list(call.tenant_for(request.tenant), request.page_size, request.page_token)
         return pb.ListSessionsResponse(sessions=[convert.session_info(r) for r in records], next_page_token=next_token)
 
-    @unary
-    def DeleteSession(self, request, context):
-        return pb.DeleteSessionResponse(bytes_freed=self.store.delete(request.tenant or convert.DEFAULT_TENANT, request.session_id))
-
-    @unary
-    def GetStats(self, request, context):
+    def get_stats(self, call, request) -> pb.GetStatsResponse:
+        """Admins (and servers without auth) see the totals; a tenant sees only its own usage."""
+        tenant = call.tenant_for(request.tenant)
+        response = pb.GetStatsResponse(chunk_tokens=self.store.config.chunk_tokens, usage=self._usage(tenant))
+        if not call.is_admin:
+            return response
         stats = self.store.stats()
-        tiers = []
         for tier in stats["tiers"]:
             lookups = tier["hits"] + tier["misses"]
-            tiers.append(pb.TierStats(**tier, hit_rate=tier["hits"] / lookups if lookups else 0.0))
-        return pb.GetStatsResponse(
-            tiers=tiers, sessions=stats["sessions"], chunks=stats["chunks"], logical_bytes=stats["logical_bytes"],
-            stored_bytes=stats["stored_bytes"], lmdb_map_bytes=stats["lmdb_map_bytes"], lmdb_used_bytes=stats["lmdb_used_bytes"],
-            chunk_tokens=stats["chunk_tokens"],
+            response.tiers.append(pb.TierStats(**tier, hit_rate=tier["hits"] / lookups if lookups else 0.0))
+        for name in ("sessions", "chunks", "logical_bytes", "stored_bytes", "lmdb_map_bytes", "lmdb_used_bytes"):
+            setattr(response, name, stats[name])
+        return response
+
+    def _usage(self, tenant: str) -> pb.TenantUsage:
+        usage = self.store.usage(tenant)
+        quota = self.quota_for(tenant) if self.quota_for is not None else None
+        return pb.TenantUsage(
+            tenant=tenant, sessions=usage.sessions, stored_bytes=usage.stored_bytes, logical_bytes=usage.logical_bytes,
+            max_sessions=quota.max_sessions if quota else 0, max_stored_bytes=quota.max_stored_bytes if quota else 0,
         )
 
-
-    @unary
-    def Compact(self, request, context):
+    def compact(self, call, request) -> pb.CompactResponse:
         from compaction.base import Target
         from compaction.service import compact_session
 
-        tenant = request.tenant or convert.DEFAULT_TENANT
+        tenant = call.tenant_for(request.tenant)
+        call.session = request.session_id
         if (request.ratio != 0) == (request.budget > 0):
             raise InvalidRequest("give exactly one of ratio in (0, 1] or budget > 0")
         target = Target(ratio=request.ratio) if request.ratio != 0 else Target(budget=request.budget)
@@ -285,13 +270,13 @@ class KVMemServicer(pb_grpc.KVMemServicer):
             queries=_reference_queries(request.queries, spec), held_out=_reference_queries(request.held_out, spec),
             options={key: _option_value(value) for key, value in request.options.items()},
         )
+        call.session, call.bytes = report.record.session_id, report.bytes_after
         log.info("session compacted", extra={"fields": {"tenant": tenant, "session": request.session_id, "method": report.method, "kept": report.kept_tokens, "seconds": round(report.seconds, 3)}})
         return pb.CompactResponse(
             session=convert.session_info(report.record), method=report.method, kept_tokens=report.kept_tokens, slots=report.slots,
             bytes_before=report.bytes_before, bytes_after=report.bytes_after, seconds=report.seconds,
             heldout_attention_error=report.heldout_attention_error,
         )
-
 
     # ------------------------------------------------------------------ retrieval
     def _index_later(self, record) -> None:
@@ -304,13 +289,15 @@ class KVMemServicer(pb_grpc.KVMemServicer):
         cfg = self.retrieval
         return BlockIndexConfig(block_tokens=cfg.block_tokens, representatives=cfg.representatives, exact_max_vectors=cfg.exact_max_vectors)
 
-    @streaming
-    def Retrieve(self, request, context):
+    def retrieve(self, call, request) -> Iterator:
+        """Header, one RetrievedLayer per layer, then (include_kv) KV chunks; the selection is
+        computed when the first message is asked for (on the front end's pool)."""
+        return self._retrieve_messages(call.tenant_for(request.tenant), request, time.perf_counter())
+
+    def _retrieve_messages(self, tenant: str, request, started: float) -> Iterator:
         from retrieval.context import RetrievalConfig
         from retrieval.service import retrieve
 
-        started = time.perf_counter()
-        tenant = request.tenant or convert.DEFAULT_TENANT
         record = self.store.get(tenant, request.session_id)
         given = [bool(len(request.query_token_ids)), bool(request.query_text), request.HasField("query_vectors")]
         if sum(given) != 1:
@@ -367,11 +354,10 @@ class KVMemServicer(pb_grpc.KVMemServicer):
                 self._embedder = TextEmbedder.load()
             return self._embedder
 
-    @unary
-    def SearchText(self, request, context):
+    def search_text(self, call, request) -> pb.SearchTextResponse:
         from retrieval.service import text_index
 
-        tenant = request.tenant or convert.DEFAULT_TENANT
+        tenant = call.tenant_for(request.tenant)
         if not request.query.strip():
             raise InvalidRequest("query is empty; give the text to search for")
         embedder = self._text_embedder()
@@ -383,11 +369,11 @@ class KVMemServicer(pb_grpc.KVMemServicer):
         )
 
     # ------------------------------------------------------------------ planner
-    def _question(self, request):
+    def _question(self, call, request):
         from retrieval.plan_service import Question
 
         return Question(
-            request.tenant or convert.DEFAULT_TENANT, request.session_id, request.query,
+            call.tenant_for(request.tenant), request.session_id, request.query,
             latency_budget_s=request.latency_budget_ms / 1000.0 if request.latency_budget_ms else None,
             force=request.force_option, forbid=list(request.forbid_options), expected_followups=request.expected_followups,
             max_new_tokens=request.max_new_tokens or 24,
@@ -403,27 +389,25 @@ class KVMemServicer(pb_grpc.KVMemServicer):
         decision, seconds = plan(self.store, model, tokenizer, self._planner_model, question, settings, embedder, self.planner.tolerance)
         return decision, seconds, settings, embedder
 
-    def _planned(self, request):
+    def _planned(self, call, request):
         """(record, question) after the checks every planner request needs."""
-        question = self._question(request)
+        question = self._question(call, request)
         record = self.store.get(question.tenant, question.session_id)
         if self.host is None:
             raise FailedPrecondition("Plan and Answer need a hosted model (set [model] name); this server hosts none")
         self.host.require_spec(record.spec, "answering", "(it runs every option)", "ask a server that hosts that model")
         return record, question
 
-    @unary
-    def Plan(self, request, context):
-        _, question = self._planned(request)
+    def plan(self, call, request) -> pb.Decision:
+        _, question = self._planned(call, request)
         with self.host.use() as (model, tokenizer):
             decision, seconds, _, _ = self._decide(request, model, tokenizer, question)
         return _decision_pb(decision, seconds)
 
-    @unary
-    def Answer(self, request, context):
+    def answer(self, call, request) -> pb.AnswerResponse:
         from retrieval.plan_service import run
 
-        _, question = self._planned(request)
+        _, question = self._planned(call, request)
         with self.host.use() as (model, tokenizer):
             decision, seconds, settings, embedder = self._decide(request, model, tokenizer, question)
             execution = run(self.store, model, tokenizer, decision, question, settings, embedder)
@@ -465,39 +449,14 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor_raw_view(tensor.contiguous()).tobytes()
 
 
-def method_handlers(servicer: KVMemServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """The service's handlers: generated (de)serializers, except the zero-copy KV streams."""
-
-    def plain(method, request_cls, response_cls):
-        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request_cls.FromString, response_serializer=response_cls.SerializeToString)
-
-    return {
-        "SaveSession": grpc.stream_unary_rpc_method_handler(
-            servicer.SaveSession, request_deserializer=wire.deserializer(pb.SaveSessionRequest), response_serializer=pb.SaveSessionResponse.SerializeToString),
-        "RestoreSession": grpc.unary_stream_rpc_method_handler(
-            servicer.RestoreSession, request_deserializer=pb.RestoreSessionRequest.FromString, response_serializer=wire.serialize),
-        "AppendSession": grpc.stream_unary_rpc_method_handler(
-            servicer.AppendSession, request_deserializer=wire.deserializer(pb.AppendSessionRequest), response_serializer=pb.AppendSessionResponse.SerializeToString),
-        "ForkSession": plain(servicer.ForkSession, pb.ForkSessionRequest, pb.ForkSessionResponse),
-        "Lookup": plain(servicer.Lookup, pb.LookupRequest, pb.LookupResponse),
-        "GetSession": plain(servicer.GetSession, pb.GetSessionRequest, pb.SessionInfo),
-        "ListSessions": plain(servicer.ListSessions, pb.ListSessionsRequest, pb.ListSessionsResponse),
-        "DeleteSession": plain(servicer.DeleteSession, pb.DeleteSessionRequest, pb.DeleteSessionResponse),
-        "GetStats": plain(servicer.GetStats, pb.GetStatsRequest, pb.GetStatsResponse),
-        "Compact": plain(servicer.Compact, pb.CompactRequest, pb.CompactResponse),
-        "Retrieve": grpc.unary_stream_rpc_method_handler(
-            servicer.Retrieve, request_deserializer=pb.RetrieveRequest.FromString, response_serializer=pb.RetrieveResponse.SerializeToString),
-        "SearchText": plain(servicer.SearchText, pb.SearchTextRequest, pb.SearchTextResponse),
-        "Plan": plain(servicer.Plan, pb.PlanRequest, pb.Decision),
-        "Answer": plain(servicer.Answer, pb.PlanRequest, pb.AnswerResponse),
-    }
-
-
 # ---------------------------------------------------------------------------- composition
 class Service:
-    """A running kvmem service: store, gRPC server, health, maintenance thread."""
+    """A running kvmem service: store, gRPC server (grpc.aio on its own event-loop thread),
+    health, maintenance thread. ``start``/``stop`` are plain blocking calls."""
 
-    def __init__(self, config: ServiceConfig, store: SessionStore, server: grpc.Server, port: int, health_servicer: health.HealthServicer, indexer=None, host=None):
+    def __init__(self, config: ServiceConfig, store: SessionStore, loop: asyncio.AbstractEventLoop, loop_thread: threading.Thread,
+                 server: grpc.aio.Server, port: int, health_servicer, pool: futures.ThreadPoolExecutor, frontend: FrontEnd,
+                 keyring: KeyRing | None = None, indexer=None, host=None):
         self.config = config
         self.host = host  # kvstore.model_host.ModelHost or None
         self.indexer = indexer
@@ -505,16 +464,34 @@ class Service:
         self.server = server
         self.port = port
         self.health = health_servicer
+        self.keyring = keyring
+        self.frontend = frontend
+        self._loop = loop
+        self._loop_thread = loop_thread
+        self._pool = pool
         self._stop = threading.Event()
         self._maintenance = threading.Thread(target=self._maintain, name="kvmem-maintenance", daemon=True)
 
-    def start(self) -> "Service":
-        self.server.start()
-        self._maintenance.start()
+    def _on_loop(self, coroutine, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    async def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"fields": {"port": self.port, "data_dir": str(self.config.store.data_dir), "durable": self.config.store.durable}})
+            await self.health.set(name, status)
+
+    def start(self) -> "Service":
+        async def start():
+            await self.server.start()
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+        self._on_loop(start(), 60)
+        self._maintenance.start()
+        log.info("serving", extra={"fields": {"port": self.port, "data_dir": str(self.config.store.data_dir), "durable": self.config.store.durable, **security_posture(self.config)}})
         return self
+
+    def reload_keys(self) -> bool:
+        """Re-read the keys file (SIGHUP); calls in flight are not affected."""
+        return self.keyring.reload() if self.keyring is not None else False
 
     def _maintain(self) -> None:
         while not self._stop.wait(self.config.server.maintenance_seconds):
@@ -528,18 +505,78 @@ class Service:
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish within ``grace``, close LMDB cleanly."""
         grace = self.config.server.grace_seconds if grace is None else grace
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        async def stop():
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.server.stop(grace)
+
         self._stop.set()
-        self.server.stop(grace).wait()
-        if self.indexer is not None:
-            self.indexer.close()
-        self.store.close()
+        try:
+            self._on_loop(stop(), grace + 30)
+        finally:
+            self._pool.shutdown(wait=True)  # work already handed to the pool finishes before LMDB closes
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(10)
+            if self.indexer is not None:
+                self.indexer.close()
+            self.store.close()
         log.info("stopped", extra={"fields": {"port": self.port}})
 
 
 def model_cache_dir(config: ServiceConfig) -> Path:
     return Path(config.model.cache_dir) if config.model.cache_dir else Path(config.store.data_dir) / "models"
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: could resolve anywhere
+
+
+def tls_enabled(config: ServiceConfig) -> bool:
+    return bool(config.tls.cert_file or config.tls.key_file)
+
+
+def security_posture(config: ServiceConfig) -> dict:
+    return {
+        "auth": "keys" if config.auth.keys_file else "off",
+        "tls": ("mutual" if config.tls.client_ca_file else "on") if tls_enabled(config) else "off",
+        "insecure": config.server.insecure,
+    }
+
+
+def check_security(config: ServiceConfig) -> None:
+    """Refuse to listen beyond loopback without auth and TLS unless insecure is explicit."""
+    if config.tls.client_ca_file and not tls_enabled(config):
+        raise ConfigError("tls.client_ca_file needs tls.cert_file and tls.key_file (mutual TLS is TLS first)")
+    missing = [name for name, on in (("auth.keys_file", bool(config.auth.keys_file)), ("tls.cert_file + tls.key_file", tls_enabled(config))) if not on]
+    if missing and not is_loopback(config.server.host):
+        if not config.server.insecure:
+            raise ConfigError(
+                f"refusing to listen on {config.server.host}, which is not a loopback address, without {' and '.join(missing)}: "
+                "anyone who reaches the port could read every tenant's KV. Set them, bind 127.0.0.1, or pass --insecure "
+                "(server.insecure = true) to accept the risk"
+            )
+        log.warning("INSECURE: listening beyond loopback without " + " and ".join(missing), extra={"fields": {"host": config.server.host, **security_posture(config)}})
+
+
+def quota_resolver(config: ServiceConfig, keyring: KeyRing | None):
+    """tenant -> Quota: the [quota] defaults, overridden by the tenant's keys (read on each call,
+    so a reloaded keys file takes effect at once)."""
+    from kvstore.quota import Quota
+
+    defaults = {"max_stored_bytes": config.quota.max_stored_bytes, "max_sessions": config.quota.max_sessions}
+
+    def quota_for(tenant: str) -> Quota:
+        overrides = keyring.keys.quota_overrides(tenant) if keyring is not None else {}
+        return Quota(**(defaults | overrides))
+
+    return quota_for
 
 
 def create_service(config: ServiceConfig, store: SessionStore | None = None) -> Service:
@@ -549,28 +586,56 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
     """
     from kvstore.model_host import ModelHost
 
+    check_security(config)
+    try:
+        keyring = KeyRing(Path(config.auth.keys_file)) if config.auth.keys_file else None
+        credentials = tls.server_credentials(config.tls.cert_file, config.tls.key_file, config.tls.client_ca_file) if tls_enabled(config) else None
+    except (KeysFileError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    quota_for = quota_resolver(config, keyring)
     store = store or SessionStore.open(config.store)
+    store.quota_for = quota_for
     import faiss
 
     faiss.omp_set_num_threads(1)  # searches are one probe at a time: OpenMP wake-ups cost more than they save
     host = ModelHost(config.model.name, model_cache_dir(config)) if config.model.name else None
-    limit = config.server.max_message_bytes
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="kvmem-rpc"),
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
-    )
     indexer = _index_builder(config, store, host) if host is not None and config.retrieval.index_on_save else None
-    servicer = KVMemServicer(store, host, config.retrieval, indexer, config.planner)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, method_handlers(servicer)),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    servicer = KVMemServicer(store, host, config.retrieval, indexer, config.planner, quota_for)
+    pool = futures.ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="kvmem-rpc")
+    server_settings = config.server
+    frontend = FrontEnd(servicer, pool, keyring, FrontEndSettings(server_settings.stream_idle_timeout_s, server_settings.max_streams_per_tenant, server_settings.max_streams_per_connection))
+    limit = server_settings.max_message_bytes
+    options = [
+        ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0),
+        # connections that stay open without calls are closed; dead peers are found by keepalive pings
+        ("grpc.max_connection_idle_ms", 5 * 60 * 1000), ("grpc.keepalive_time_ms", 60 * 1000), ("grpc.keepalive_timeout_ms", 20 * 1000),
+    ]
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, name="kvmem-grpc-loop", daemon=True)
+    loop_thread.start()
+
+    async def build():
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=server_settings.max_concurrent_rpcs)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, frontend.handlers()),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        address = f"{server_settings.host}:{server_settings.port}"
+        try:
+            port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        return server, health_servicer, port
+
+    server, health_servicer, port = asyncio.run_coroutine_threadsafe(build(), loop).result(60)
     if port == 0:
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(10)
+        pool.shutdown()
         if indexer is not None:
             indexer.close()
         store.close()
-        raise ConfigError(f"cannot bind {config.server.host}:{config.server.port} (in use?)")
-    return Service(config, store, server, port, health_servicer, indexer, host)
+        raise ConfigError(f"cannot bind {server_settings.host}:{server_settings.port} (in use?)")
+    return Service(config, store, loop, loop_thread, server, port, health_servicer, pool, frontend, keyring, indexer, host)
 
 
 def _index_builder(config: ServiceConfig, store: SessionStore, host):
@@ -606,6 +671,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="bind address (server.host)")
     parser.add_argument("--port", type=int, help="port, 0 = any free port (server.port)")
     parser.add_argument("--data-dir", help="data directory for LMDB and models (store.data_dir)")
+    parser.add_argument("--insecure", action="store_true", help="allow a non-loopback address without auth and TLS (server.insecure)")
+    parser.add_argument("--keys-file", help="API keys file; turns auth on (auth.keys_file)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key")
     return parser.parse_args(argv)
 
@@ -613,9 +680,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.set)
-    for flag, key in ((args.host, "server.host"), (args.port, "server.port"), (args.data_dir, "store.data_dir")):
+    for flag, key in ((args.host, "server.host"), (args.port, "server.port"), (args.data_dir, "store.data_dir"), (args.keys_file, "auth.keys_file")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
+    if args.insecure:
+        overrides.append("server.insecure=true")
     try:
         config = load_config(args.config or os.environ.get("KVMEM_CONFIG"), os.environ, overrides)
     except (ConfigError, OSError) as exc:
@@ -623,7 +692,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(config.server.log_level, config.server.log_format)
     prepare_model(config)
-    service = create_service(config).start()
+    try:
+        service = create_service(config).start()
+    except ConfigError as exc:
+        log.error("not started", extra={"fields": {"error": str(exc)}})
+        print(f"kvmem-server: {exc}", file=sys.stderr)
+        return 2
     if config.server.port_file:
         Path(config.server.port_file).write_text(str(service.port))
     stopping = threading.Event()
@@ -632,8 +706,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("shutdown requested", extra={"fields": {"signal": signal.Signals(signum).name}})
         stopping.set()
 
+    def on_hangup(_signum, _frame):
+        threading.Thread(target=service.reload_keys, name="kvmem-reload-keys", daemon=True).start()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     stopping.wait()
     service.stop()
     return 0

@@ -5,11 +5,17 @@
     kvmem prepare-model --cache-dir DIR     # convert the bundled SmolLM2 once
     kvmem compact --method attention_matching --ratio 0.1 --sessions a b c   # or --all
     kvmem answer ID "question" [--dry-run] [--budget-s 5] [--force full] [--forbid ttt]
+    kvmem keys add --keys-file keys.toml --tenant acme [--admin]   # prints a new token once
+    kvmem keys rm --keys-file keys.toml KEY_ID | kvmem keys ls --keys-file keys.toml
+
+Calls to a server send $KVMEM_TOKEN (or --token) as the API key; --tls/--tls-ca/--tls-cert/--tls-key
+for TLS and mutual TLS.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,8 +26,36 @@ from kvstore.errors import KvmemError
 
 def _client(args):
     from kvmem.client import Client
+    from kvmem.tls import ClientTLS
 
-    return Client(args.address, tenant=args.tenant, timeout=args.timeout)
+    tls = ClientTLS(args.tls_ca or "", args.tls_cert or "", args.tls_key or "", args.tls_server_name or "") if (args.tls or args.tls_ca or args.tls_cert) else None
+    return Client(args.address, token=args.token or None, tls=tls, tenant=args.tenant, timeout=args.timeout)
+
+
+def _keys(args) -> int:
+    """kvmem keys add|rm|ls: edit the server's keys file (digests only; a new token is shown once)."""
+    from kvmem import auth
+
+    if not args.keys_file:
+        print("kvmem keys: give --keys-file PATH (the server's auth.keys_file) or set KVMEM_AUTH_KEYS_FILE", file=sys.stderr)
+        return 2
+    path = Path(args.keys_file)
+    try:
+        if args.keys_command == "add":
+            entry, token = auth.add_key(path, args.tenant_name, "admin" if args.admin else "tenant", args.max_stored_bytes, args.max_sessions)
+            print(f"key {entry.key_id} for tenant {entry.tenant!r} ({entry.role}) added to {path}", file=sys.stderr)
+            print("the token is shown once and not stored; send SIGHUP to the server (or restart it) to load the key:", file=sys.stderr)
+            print(token)
+        elif args.keys_command == "rm":
+            entry = auth.remove_key(path, args.key_id)
+            print(f"key {entry.key_id} of tenant {entry.tenant!r} removed from {path}; send SIGHUP to the server to apply", file=sys.stderr)
+        else:
+            for entry in auth.list_keys(path):
+                print(f"{entry.key_id}\t{entry.tenant}\t{entry.role}\t{entry.created_at}")
+    except (auth.KeysFileError, OSError) as exc:
+        print(f"kvmem keys: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _print(message) -> None:
@@ -35,9 +69,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return server.main(argv[1:])
     parser = argparse.ArgumentParser(prog="kvmem", description="Manage a kvmem server (and `kvmem serve` to run one).")
-    parser.add_argument("--address", default="127.0.0.1:50051")
-    parser.add_argument("--tenant", default="default")
+    env = os.environ
+    parser.add_argument("--address", default=env.get("KVMEM_ADDRESS", "127.0.0.1:50051"))
+    parser.add_argument("--tenant", default="", help="act for this tenant (admins); default: the token's tenant, or 'default' without auth")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--token", default=env.get("KVMEM_TOKEN", ""), help="API key (default: $KVMEM_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    parser.add_argument("--tls-ca", default=env.get("KVMEM_TLS_CA", ""), help="CA file that signed the server's certificate ($KVMEM_TLS_CA)")
+    parser.add_argument("--tls-cert", default=env.get("KVMEM_TLS_CERT", ""), help="client certificate for mutual TLS ($KVMEM_TLS_CERT)")
+    parser.add_argument("--tls-key", default=env.get("KVMEM_TLS_KEY", ""), help="client key for mutual TLS ($KVMEM_TLS_KEY)")
+    parser.add_argument("--tls-server-name", default="", help="name to check in the server's certificate")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the server (all server flags follow)")
     commands.add_parser("ls", help="list sessions")
@@ -62,9 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     answer.add_argument("--forbid", action="append", default=[], help="never choose this option (repeatable)")
     answer.add_argument("--followups", type=int, default=0, help="further questions expected on this session")
     answer.add_argument("--max-new-tokens", type=int, default=24)
+    keys = commands.add_parser("keys", help="manage API keys in the server's keys file (auth.keys_file)")
+    keys.add_argument("--keys-file", default=env.get("KVMEM_AUTH_KEYS_FILE", ""), help="the keys file ($KVMEM_AUTH_KEYS_FILE)")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_commands.add_parser("add", help="create a key; prints its token once")
+    add.add_argument("--tenant", dest="tenant_name", required=True)
+    add.add_argument("--admin", action="store_true", help="may act for any tenant and sees totals")
+    add.add_argument("--max-stored-bytes", type=int, default=None, help="quota override (0 = unlimited)")
+    add.add_argument("--max-sessions", type=int, default=None, help="quota override (0 = unlimited)")
+    keys_commands.add_parser("rm", help="remove a key").add_argument("key_id")
+    keys_commands.add_parser("ls", help="list keys (ids, tenants, roles; never tokens)")
     prepare = commands.add_parser("prepare-model", help="convert the bundled SmolLM2 GGUF once")
     prepare.add_argument("--cache-dir", type=Path, default=Path("data/models"))
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return _keys(args)
     try:
         if args.command == "prepare-model":
             from kvstore.models import prepare_model

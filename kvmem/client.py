@@ -129,16 +129,62 @@ def _stream(header_message: Any, chunks: Iterator[tuple], request_cls: Any) -> I
     yield request_cls(commit=pb.Commit(num_chunks=count))
 
 
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call."""
+
+    def __init__(self, token: str):
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _details(self, details):
+        metadata = list(details.metadata or []) + [self._metadata]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials, getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: Any
+    compression: Any
+
+
 class Client:
     """Blocking client. ``spec`` is the default model spec for calls that need one."""
 
-    def __init__(self, address: str, *, tenant: str = convert.DEFAULT_TENANT, spec: ModelSpec | None = None, timeout: float | None = 600.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, address: str, *, token: str | None = None, tls: Any = None, tenant: str = "", spec: ModelSpec | None = None,
+                 timeout: float | None = 600.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        """token: the API key (sent as ``authorization: Bearer``); the server takes the tenant from it.
+        tls: None (plaintext), True (system roots), a CA file path, or kvmem.tls.ClientTLS (mutual TLS).
+        tenant: "" lets the server decide (the token's tenant, or "default" without auth); admins
+        may name any tenant."""
+        from kvmem.tls import client_tls
+
         self.address = address
         self.tenant = tenant
         self.spec = spec
         self.timeout = timeout
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-        self._channel = grpc.insecure_channel(address, options=options)
+        secure = client_tls(tls)
+        if secure is not None:
+            channel = grpc.secure_channel(address, secure.credentials(), options=options + secure.options())
+        else:
+            channel = grpc.insecure_channel(address, options=options)
+        self._raw_channel = channel
+        self._channel = grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
         self._stub = pb_grpc.KVMemStub(self._channel)
         # the KV streams use the zero-copy codec (same wire format as the generated classes)
         self._save = self._channel.stream_unary(wire.SAVE_METHOD, request_serializer=wire.serialize, response_deserializer=pb.SaveSessionResponse.FromString)
@@ -146,7 +192,7 @@ class Client:
         self._restore_stream = self._channel.unary_stream(wire.RESTORE_METHOD, request_serializer=pb.RestoreSessionRequest.SerializeToString, response_deserializer=wire.deserializer(pb.RestoreSessionResponse))
 
     def close(self) -> None:
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -456,10 +502,12 @@ class Client:
                 return
 
     @_translate_errors
-    def stats(self) -> pb.GetStatsResponse:
-        return self._stub.GetStats(pb.GetStatsRequest(), timeout=self.timeout)
+    def stats(self, tenant: str | None = None) -> pb.GetStatsResponse:
+        """Totals (admins, servers without auth) and ``usage`` of the caller's tenant (or, for an
+        admin, of ``tenant``)."""
+        return self._stub.GetStats(pb.GetStatsRequest(tenant=self.tenant if tenant is None else tenant), timeout=self.timeout)
 
     @_translate_errors
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until the server's channel is ready (raises on timeout)."""
-        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        grpc.channel_ready_future(self._raw_channel).result(timeout=timeout)

@@ -21,6 +21,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+# KVMEM_* variables that are not server settings: the config file path, and what the CLI and
+# tests read (a token in the environment must never stop a server from starting)
+CLIENT_ENVIRONMENT = frozenset({"KVMEM_CONFIG", "KVMEM_TOKEN", "KVMEM_ADDRESS", "KVMEM_TLS_CA", "KVMEM_TLS_CERT", "KVMEM_TLS_KEY", "KVMEM_TEST_MODEL_CACHE"})
+
+
 class ConfigError(ValueError):
     """Configuration that must stop start-up (unknown key, bad value)."""
 
@@ -36,6 +41,13 @@ class ServerConfig:
     maintenance_seconds: float = 30.0  # how often expired sessions are collected
     log_level: str = "INFO"
     log_format: str = "json"  # "json" (one object per line) or "text"
+    # listening on a non-loopback address without [auth] and [tls] refuses to start unless this
+    # says so explicitly (every start logs it again)
+    insecure: bool = False
+    stream_idle_timeout_s: float = 30.0  # a stream silent this long is ended (DEADLINE_EXCEEDED)
+    max_streams_per_tenant: int = 64  # concurrent Save/Append/Restore/Retrieve streams
+    max_streams_per_connection: int = 32
+    max_concurrent_rpcs: int = 4096  # all calls in flight; more are refused by gRPC (RESOURCE_EXHAUSTED)
 
 
 @dataclass(frozen=True)
@@ -70,12 +82,37 @@ class PlannerSettings:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    # TOML file of API keys (SHA-256 digests of tokens, never tokens; `kvmem keys add` writes it).
+    # "" = auth off: the request's tenant field names the tenant (only for trusted networks).
+    keys_file: str = ""
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str = ""  # PEM certificate chain of the server; with key_file turns TLS on
+    key_file: str = ""
+    client_ca_file: str = ""  # PEM CA bundle: require client certificates signed by it (mutual TLS)
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    """Per-tenant defaults; a key in the keys file may override them. 0 = unlimited."""
+
+    max_stored_bytes: int = 0
+    max_sessions: int = 0
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
     planner: PlannerSettings = field(default_factory=PlannerSettings)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
@@ -134,7 +171,7 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
                 raise ConfigError(f"{path}: {exc}") from None
     env_updates: dict[str, dict[str, str]] = {}
     for name, value in (env or {}).items():
-        if not name.startswith("KVMEM_") or name in ("KVMEM_CONFIG",):
+        if not name.startswith("KVMEM_") or name in CLIENT_ENVIRONMENT:
             continue
         section, _, key = name[len("KVMEM_"):].lower().partition("_")
         if not key:
