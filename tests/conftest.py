@@ -19,7 +19,7 @@ from kvstore.store import SessionStore, StoreConfig
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = Path(os.environ.get("KVMEM_TEST_MODEL_CACHE", REPO / ".cache" / "models"))
-TOY_SPEC = ModelSpec("toy-model", num_layers=4, num_kv_heads=3, head_dim=8, dtype="float32")
+TOY_SPEC = ModelSpec("toy-model", num_layers=4, num_kv_heads=3, head_dim=8, dtype="float32", max_position=4096)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -144,3 +144,34 @@ def server_process(tmp_path):
     yield start
     for server in servers:
         server.kill()
+
+
+def service_config(tmp_path, **sections) -> ServiceConfig:
+    """The test service's config; ``server={...}`` overrides server fields, other sections whole."""
+    import dataclasses
+
+    server = dataclasses.replace(ServerConfig(port=0, log_format="text", max_message_bytes=8 << 20), **sections.pop("server", {}))
+    return ServiceConfig(
+        server=server,
+        store=StoreConfig(data_dir=tmp_path / "svc", chunk_tokens=16, lmdb_map_bytes=16 << 20, lmdb_max_map_bytes=256 << 20),
+        model=ModelConfig(cache_dir=str(MODEL_CACHE), prepare=False),
+        retrieval=RetrievalSettings(index_on_save=False),
+        **sections,
+    )
+
+
+@pytest.fixture
+def start_service(tmp_path):
+    """start(**sections) -> a started in-process service with that config; all stopped afterwards."""
+    from server import create_service
+
+    running = []
+
+    def start(**sections):
+        service = create_service(service_config(tmp_path, **sections)).start()
+        running.append(service)
+        return service
+
+    yield start
+    for service in running:
+        service.stop(grace=1)

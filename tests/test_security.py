@@ -20,42 +20,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvmem import auth
 from kvmem.client import Client
-from kvmem.config import AuthConfig, ConfigError, ModelConfig, QuotaConfig, RetrievalSettings, ServerConfig, ServiceConfig, TlsConfig
+from kvmem.config import AuthConfig, ConfigError, QuotaConfig, TlsConfig
 from kvmem.convert import spec_to_pb
 from kvmem.tls import ClientTLS
 from kvmem.v1 import kvmem_pb2 as pb
 from kvmem.v1 import kvmem_pb2_grpc as pb_grpc
 from kvstore import errors
-from kvstore.store import StoreConfig
 from tests.certs import CA
-from tests.conftest import MODEL_CACHE, REPO, TOY_SPEC, random_layers
-
-
-def service_config(tmp_path, **sections) -> ServiceConfig:
-    server = dataclasses.replace(ServerConfig(port=0, log_format="text", max_message_bytes=8 << 20), **sections.pop("server", {}))
-    return ServiceConfig(
-        server=server,
-        store=StoreConfig(data_dir=tmp_path / "svc", chunk_tokens=16, lmdb_map_bytes=16 << 20, lmdb_max_map_bytes=256 << 20),
-        model=ModelConfig(cache_dir=str(MODEL_CACHE), prepare=False),
-        retrieval=RetrievalSettings(index_on_save=False),
-        **sections,
-    )
-
-
-@pytest.fixture
-def start_service(tmp_path):
-    from server import create_service
-
-    running = []
-
-    def start(**sections):
-        service = create_service(service_config(tmp_path, **sections)).start()
-        running.append(service)
-        return service
-
-    yield start
-    for service in running:
-        service.stop(grace=1)
+from tests.conftest import REPO, TOY_SPEC, random_layers, service_config
 
 
 @dataclasses.dataclass
