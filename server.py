@@ -544,7 +544,7 @@ def tls_enabled(config: ServiceConfig) -> bool:
 
 def security_posture(config: ServiceConfig) -> dict:
     return {
-        "auth": "keys" if config.auth.keys_file else "off",
+        "auth": "+".join(kind for kind, on in (("keys", config.auth.keys_file), ("certificates", config.tls.client_ca_file)) if on) or "off",
         "tls": ("mutual" if config.tls.client_ca_file else "on") if tls_enabled(config) else "off",
         "insecure": config.server.insecure,
     }
@@ -554,7 +554,8 @@ def check_security(config: ServiceConfig) -> None:
     """Refuse to listen beyond loopback without auth and TLS unless insecure is explicit."""
     if config.tls.client_ca_file and not tls_enabled(config):
         raise ConfigError("tls.client_ca_file needs tls.cert_file and tls.key_file (mutual TLS is TLS first)")
-    missing = [name for name, on in (("auth.keys_file", bool(config.auth.keys_file)), ("tls.cert_file + tls.key_file", tls_enabled(config))) if not on]
+    authenticated = bool(config.auth.keys_file or config.tls.client_ca_file)  # API keys, or client certificates
+    missing = [name for name, on in (("auth.keys_file", authenticated), ("tls.cert_file + tls.key_file", tls_enabled(config))) if not on]
     if missing and not is_loopback(config.server.host):
         if not config.server.insecure:
             raise ConfigError(
@@ -603,7 +604,8 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
     servicer = KVMemServicer(store, host, config.retrieval, indexer, config.planner, quota_for)
     pool = futures.ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="kvmem-rpc")
     server_settings = config.server
-    frontend = FrontEnd(servicer, pool, keyring, FrontEndSettings(server_settings.stream_idle_timeout_s, server_settings.max_streams_per_tenant, server_settings.max_streams_per_connection))
+    frontend = FrontEnd(servicer, pool, keyring, FrontEndSettings(server_settings.stream_idle_timeout_s, server_settings.max_streams_per_tenant, server_settings.max_streams_per_connection),
+                        client_certificates=bool(config.tls.client_ca_file))
     limit = server_settings.max_message_bytes
     options = [
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0),

@@ -97,10 +97,13 @@ class FrontEndSettings:
 class FrontEnd:
     """Async gRPC handlers around a synchronous domain servicer (server.KVMemServicer)."""
 
-    def __init__(self, servicer, pool, keyring: KeyRing | None, settings: FrontEndSettings):
+    def __init__(self, servicer, pool, keyring: KeyRing | None, settings: FrontEndSettings, client_certificates: bool = False):
+        """keyring: API keys (None = no keys file). client_certificates: mutual TLS is on, so a
+        verified certificate identifies its caller even without a keys file."""
         self.servicer = servicer
         self.pool = pool
         self.keyring = keyring
+        self.client_certificates = client_certificates
         self.idle = settings.stream_idle_timeout_s
         self.limits = StreamLimits(settings.max_streams_per_tenant, settings.max_streams_per_connection)
 
@@ -109,19 +112,22 @@ class FrontEnd:
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
 
     def _identify(self, context: grpc.aio.ServicerContext) -> Identity | None:
-        if self.keyring is None:
-            return None
+        if self.keyring is None and not self.client_certificates:
+            return None  # auth off: a trusted network
         token = bearer_token(context.invocation_metadata())
-        if token:
+        if token and self.keyring is not None:
             identity = self.keyring.identify_token(token)
             if identity is None:
                 raise Unauthenticated("unknown or revoked token; ask the operator for a key (`kvmem keys add`)")
             return identity
-        if token is None:
+        if token is None and self.client_certificates:
             auth = context.auth_context() or {}
             names = auth.get("x509_common_name") or []
             if names:
-                return self.keyring.identify_certificate(names[0].decode("utf-8", "replace"))
+                common_name = names[0].decode("utf-8", "replace")
+                if self.keyring is not None:
+                    return self.keyring.identify_certificate(common_name)
+                return Identity(common_name, f"cert:{common_name}", "tenant")
         raise Unauthenticated("this server requires credentials: send `authorization: Bearer <token>` metadata (Client(token=...), KVMEM_TOKEN) or a client certificate")
 
     def _begin(self, method: str, context) -> Call:

@@ -290,6 +290,21 @@ def test_mutual_tls_takes_the_tenant_from_the_certificate(start_service, pki, ke
                 refused.list_page()
 
 
+def test_mutual_tls_alone_is_authentication(start_service, pki, tmp_path):
+    server, ca = pki["server"], pki["ca"].pem.cert_file
+    service = start_service(tls=TlsConfig(cert_file=str(server.cert_file), key_file=str(server.key_file), client_ca_file=str(ca)))
+    good = ClientTLS(ca_file=str(ca), cert_file=str(pki["client"].cert_file), key_file=str(pki["client"].key_file))
+    with _client(service, tls=good) as by_cert:
+        assert by_cert.stats().usage.tenant == "tenant-cert" and by_cert.stats().sessions == 0  # a tenant, no totals
+    with Client(f"127.0.0.1:{service.port}", tls=good, tenant="someone-else", timeout=5) as naming_another:
+        with pytest.raises(errors.PermissionDenied):
+            naming_another.list_page()
+    from server import check_security
+
+    tls = TlsConfig(cert_file=str(server.cert_file), key_file=str(server.key_file), client_ca_file=str(ca))
+    check_security(service_config(tmp_path, server={"host": "0.0.0.0"}, tls=tls))  # certificates authenticate
+
+
 # ---------------------------------------------------------------------------- safe defaults
 def test_refuses_to_listen_beyond_loopback_without_auth_and_tls(tmp_path, keys, pki):
     from server import check_security
