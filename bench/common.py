@@ -39,7 +39,7 @@ MB = 1e6  # benchmarks report decimal megabytes (10^6 bytes)
 GiB = 1 << 30
 
 # SmolLM2-135M KV layout: 30 layers, 3 KV heads, head_dim 64, float32 -> 46,080 bytes per token.
-SMOLLM2_SPEC = ModelSpec("smollm2-135m-instruct", 30, 3, 64, "float32")
+SMOLLM2_SPEC = ModelSpec("smollm2-135m-instruct", 30, 3, 64, "float32", max_position=8192)
 
 
 # ---------------------------------------------------------------------------- setup

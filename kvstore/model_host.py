@@ -2,12 +2,29 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from pathlib import Path
 from typing import Any, Iterator
 
 from kvstore.errors import ModelMismatch
+from kvstore.fingerprint import weights_fingerprint
 from kvstore.spec import ModelSpec
+
+
+def host_differences(host_spec: ModelSpec, spec: ModelSpec) -> list[str]:
+    """Fields in which ``spec`` (a stored session's) differs from the hosted model's spec, for
+    deciding whether the hosted model may run on that session.
+
+    An empty weights_fingerprint means "unknown" here and matches any: sessions saved by clients
+    that built their spec by hand (or by versions before fingerprints) stay usable by the hosted
+    model of the same name and shapes. This leniency is only for the host's own check; chunk
+    keys, spec digests and restores still compare every field exactly, so KV saved with and
+    without a fingerprint is never shared or mixed.
+    """
+    if not spec.weights_fingerprint or not host_spec.weights_fingerprint:
+        spec = dataclasses.replace(spec, weights_fingerprint=host_spec.weights_fingerprint)
+    return host_spec.differences(spec)
 
 
 class ModelHost:
@@ -18,6 +35,7 @@ class ModelHost:
         self.cache_dir = Path(cache_dir)
         self.device = device
         self._loaded: tuple[Any, Any] | None = None
+        self._spec: ModelSpec | None = None
         self._load_lock = threading.Lock()
         self._use_lock = threading.Lock()
 
@@ -26,27 +44,40 @@ class ModelHost:
             if self._loaded is None:
                 from kvstore.models import load_model
 
-                self._loaded = load_model(self.name_or_path, cache_dir=self.cache_dir, device=self.device)
+                model, tokenizer = load_model(self.name_or_path, cache_dir=self.cache_dir, device=self.device)
+                weights_fingerprint(model)  # fingerprint the weights as loaded, before any request can adapt them
+                self._spec = ModelSpec.from_model(model)
+                self._loaded = (model, tokenizer)
             return self._loaded
 
     def might_host(self, spec: ModelSpec) -> bool:
-        """Cheap check for background work: the exact spec once the model is loaded; before that,
-        only whether the names agree (so a session of another model never triggers a load)."""
+        """Cheap check for background work: the full compatibility check (``host_differences``)
+        once the model is loaded; before that, only whether the names agree (so a session of
+        another model never triggers a load)."""
         if self._loaded is not None:
-            return self.spec == spec
+            return not host_differences(self.spec, spec)
         return Path(spec.name).name == Path(self.name_or_path).name
+
+    def accepts(self, spec: ModelSpec) -> bool:
+        """True if the hosted model may run on a session of ``spec`` (loads the model when the
+        names agree). Use this rather than ``host.spec == spec``: see ``host_differences``."""
+        return self.might_host(spec) and not host_differences(self.spec, spec)
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec.from_model(self._load()[0])
+        """The hosted model's spec (weights_fingerprint included), computed once at load."""
+        self._load()
+        return self._spec
 
     def require_spec(self, spec: ModelSpec, what: str, need: str = "to compute reference queries", hint: str = "supply reference queries instead") -> None:
-        """Raise ModelMismatch unless this host runs the model ``spec`` describes."""
+        """Raise ModelMismatch unless this host runs the model ``spec`` describes (an unknown
+        weights_fingerprint in ``spec`` matches; see ``host_differences``)."""
         host_spec = self.spec
-        if host_spec != spec:
+        diffs = host_differences(host_spec, spec)
+        if diffs:
             raise ModelMismatch(
                 f"{what} needs the session's model {need}, but this server hosts "
-                f"{host_spec.name!r} ({'; '.join(host_spec.differences(spec))}); {hint}"
+                f"{host_spec.name!r} ({'; '.join(diffs)}); {hint}"
             )
 
     @contextlib.contextmanager

@@ -8,17 +8,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvstore.errors import InvalidRequest, ModelMismatch
+from kvstore.fingerprint import weights_fingerprint
 
 # Wire/storage dtype codes. The numbers are persisted: never renumber.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 CODE_DTYPES: dict[int, torch.dtype] = {code: dtype for dtype, code in DTYPE_CODES.items()}
 DTYPE_NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+MAX_POSITION_LIMIT = 1 << 62  # positions, logical lengths and max_position stay below/at 2^62
+MAX_FINGERPRINT_CHARS = 128
+MAX_ROPE_JSON_BYTES = 65536
+_HEX = re.compile(r"[0-9a-f]*")
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -37,6 +45,47 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise InvalidRequest(f"unsupported KV dtype {dtype}; use float32, float16 or bfloat16")
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _normalise_json(value: Any) -> Any:
+    """Numbers in canonical form: integral floats become ints, NaN/Infinity are refused."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not a finite number")
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {key: _normalise_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_normalise_json(item) for item in value]
+    return value
+
+
+def canonical_rope_json(text: str) -> str:
+    """The canonical form of a rotary-settings JSON text; "" stays "".
+
+    Sorted keys, compact separators, ASCII escapes, and numbers normalised: an integral float
+    (10000.0) becomes an int (10000), other floats keep their shortest ``repr``; NaN and
+    Infinity are refused. So ``{"theta":10000}`` and ``{"theta": 10000.0}`` are one model.
+    Raises InvalidRequest for text that is not a JSON object (or null).
+    """
+    if not isinstance(text, str):
+        raise InvalidRequest(f"rope_json must be a string of JSON, got {type(text).__name__}")
+    if text == "":
+        return ""
+    try:
+        value = _normalise_json(json.loads(text, parse_constant=_reject_constant))
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"its top level is a {type(value).__name__}, not an object")
+        canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"rope_json is not JSON: {exc}; send a JSON object such as {{\"rope_theta\":10000}}, or \"\" for none") from None
+    if len(canonical) > MAX_ROPE_JSON_BYTES:
+        raise InvalidRequest(f"rope_json is {len(canonical)} bytes in canonical form; the limit is {MAX_ROPE_JSON_BYTES}")
+    return canonical
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Identity and KV layout of a causal LM.
@@ -46,8 +95,11 @@ class ModelSpec:
     num_kv_heads: H, key/value heads per layer
     head_dim:     D, dimension of one head
     dtype:        KV element type name: "float32", "float16" or "bfloat16"
-    rope_json:    canonical JSON of the rotary settings (theta, scaling); "" if none
-    max_position: the model's context window
+    rope_json:    JSON object of the rotary settings (theta, scaling), kept in canonical form
+                  (see ``canonical_rope_json``); "" if none
+    max_position: the model's context window, 1..2^62 (0 only in records of older versions)
+    weights_fingerprint: lowercase hex digest of the model's weights (``from_model`` fills it
+                  with ``kvstore.fingerprint.weights_fingerprint``); "" = unknown
     """
 
     name: str
@@ -57,15 +109,32 @@ class ModelSpec:
     dtype: str = "float32"
     rope_json: str = ""
     max_position: int = 0
+    weights_fingerprint: str = ""
 
     def __post_init__(self) -> None:
-        if not self.name:
+        if not isinstance(self.name, str) or not self.name:
             raise InvalidRequest("model spec needs a name (e.g. 'smollm2-135m-instruct')")
+        try:
+            self.name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest("model spec name is not valid Unicode text (it holds a lone surrogate); send UTF-8") from None
         for field in ("num_layers", "num_kv_heads", "head_dim"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0 or value > 65535:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value > 65535:
                 raise InvalidRequest(f"model spec {field} must be an integer in 1..65535, got {value!r}")
+        if not isinstance(self.dtype, str):
+            raise InvalidRequest(f"model spec dtype must be a name such as 'float32', got {self.dtype!r}")
         dtype_from_name(self.dtype)
+        value = self.max_position
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_POSITION_LIMIT:
+            raise InvalidRequest(f"model spec max_position must be an integer in 1..2^62 (the model's context window; 0 only in old records), got {value!r}")
+        fingerprint = self.weights_fingerprint
+        if not isinstance(fingerprint, str) or len(fingerprint) > MAX_FINGERPRINT_CHARS or not _HEX.fullmatch(fingerprint):
+            raise InvalidRequest(
+                f"model spec weights_fingerprint must be lowercase hex of at most {MAX_FINGERPRINT_CHARS} characters "
+                f"(kvstore.fingerprint.weights_fingerprint(model)), or \"\" when unknown; got {str(fingerprint)[:40]!r}"
+            )
+        object.__setattr__(self, "rope_json", canonical_rope_json(self.rope_json))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -82,11 +151,24 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        """Inverse of ``to_dict``; accepts dicts stored by older versions (no weights_fingerprint)."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidRequest(f"model spec has unknown fields {unknown}; this kvmem knows {sorted(known)}")
         return cls(**data)
 
     def digest(self) -> bytes:
-        """16-byte blake2b of the canonical JSON; part of every chunk key."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        """16-byte blake2b of the canonical JSON of every field; part of every chunk key.
+
+        An unknown (empty) weights_fingerprint is left out of the hashed JSON, so a spec without
+        one has the digest older versions gave it (their stored chunk keys still match); a set
+        fingerprint is hashed like every other field, so two checkpoints never share KV.
+        """
+        fields = self.to_dict()
+        if not fields["weights_fingerprint"]:
+            del fields["weights_fingerprint"]
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.blake2b(canonical, digest_size=16, person=b"kvmem-spec").digest()
 
     def differences(self, other: "ModelSpec") -> list[str]:
@@ -105,7 +187,11 @@ class ModelSpec:
 
     @classmethod
     def from_model(cls, model: Any, name: str | None = None, dtype: torch.dtype | None = None) -> "ModelSpec":
-        """Spec of a transformers causal LM (reads its config; KV dtype defaults to the model's)."""
+        """Spec of a transformers causal LM (reads its config; KV dtype defaults to the model's).
+
+        weights_fingerprint is the digest of the model's weights, computed once per model object
+        (see ``kvstore.fingerprint``); rope_json goes through the same canonical form as any spec.
+        """
         config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -121,4 +207,5 @@ class ModelSpec:
             dtype=dtype_name(kv_dtype),
             rope_json=json.dumps(rope, sort_keys=True, separators=(",", ":"), default=str),
             max_position=getattr(config, "max_position_embeddings", 0) or 0,
+            weights_fingerprint=weights_fingerprint(model),
         )

@@ -77,3 +77,76 @@ def test_missing_paths_raise(tmp_path: Path) -> None:
 def test_bundled_name_needs_cache_dir() -> None:
     with pytest.raises(ValueError, match="cache_dir"):
         load_model(BUNDLED_NAME)
+
+
+# ------------------------------------------------------------------ weights fingerprint
+def _tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A random-initialised Llama of ~110K parameters (shapes and plumbing only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def test_fingerfingerprintfollows_the_weights() -> None:
+    from kvstore.fingerprint import compute_weights_fingerprint, weights_fingerprint
+
+    model = _tiny_llama(seed=1)
+    twin = _tiny_llama(seed=2)
+    twin.load_state_dict(model.state_dict())  # same weights in another object
+    fingerprint = weights_fingerprint(model)
+    assert len(fingerprint) == 32 and fingerprint == fingerprint.lower()
+    assert weights_fingerprint(twin) == fingerprint == compute_weights_fingerprint(model)
+    assert weights_fingerprint(_tiny_llama(seed=3)) != fingerprint
+    changed = _tiny_llama(seed=2)
+    changed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        changed.model.layers[1].self_attn.q_proj.weight[0, 0] += 1e-3  # one weight
+    assert weights_fingerprint(changed) != fingerprint
+    assert weights_fingerprint(model.to(torch.bfloat16)) == fingerprint  # cached per object (computed once)
+    assert weights_fingerprint(_tiny_llama(seed=1, dtype=torch.bfloat16)) not in (fingerprint, "")  # bf16 bytes hash too
+
+
+def test_spec_from_model_carries_the_fingerfingerprintand_it_separates_specs() -> None:
+    import dataclasses
+
+    from kvstore.errors import ModelMismatch
+    from kvstore.fingerprint import weights_fingerprint
+    from kvstore.spec import ModelSpec
+
+    model = _tiny_llama(seed=4)
+    spec = ModelSpec.from_model(model, name="tiny")
+    assert spec.weights_fingerprint == weights_fingerprint(model)
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.max_position) == (2, 2, 16, 512)
+    assert spec.rope_json == '{"rope_theta":10000,"rope_type":"default"}'  # canonical: 10000.0 -> 10000
+    assert ModelSpec.from_model(model, name="tiny") == spec
+    other = dataclasses.replace(spec, weights_fingerprint=weights_fingerprint(_tiny_llama(seed=5)))
+    assert other.digest() != spec.digest()
+    assert dataclasses.replace(spec, weights_fingerprint="").digest() not in (spec.digest(), other.digest())
+    with pytest.raises(ModelMismatch, match="weights_fingerprint"):
+        spec.require_same(other, "session 's'")
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_hosted_model_spec_has_its_fingerfingerprintand_accepts_unknown_ones(cache_dir: Path) -> None:
+    import dataclasses
+
+    from kvstore.errors import ModelMismatch
+    from kvstore.model_host import ModelHost
+    from kvstore.spec import ModelSpec
+
+    host = ModelHost(BUNDLED_NAME, cache_dir)
+    model, _ = load_model(BUNDLED_NAME, cache_dir)  # a second, separately loaded copy
+    client_spec = ModelSpec.from_model(model)
+    assert host.spec == client_spec and len(host.spec.weights_fingerprint) == 32 and host.spec.max_position == 8192
+    hand_built = dataclasses.replace(client_spec, weights_fingerprint="")  # a client without the weights
+    host.require_spec(hand_built, "compacting session 's'")
+    assert host.might_host(hand_built) and host.accepts(hand_built) and host.accepts(client_spec)
+    other = dataclasses.replace(client_spec, weights_fingerprint="0" * 32)
+    with pytest.raises(ModelMismatch, match="weights_fingerprint"):
+        host.require_spec(other, "compacting session 's'")
+    assert not host.might_host(other) and not host.accepts(other)
+    with pytest.raises(ModelMismatch, match="num_layers"):
+        host.require_spec(dataclasses.replace(hand_built, num_layers=29), "compacting session 's'")
