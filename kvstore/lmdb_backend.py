@@ -5,7 +5,12 @@ Sub-databases:
     blocks    chunk key (16) + layer (BE16) -> block record (codec.encode_block)
     refs      chunk key (16)                -> refcount u32, layers u32, record bytes u64
     ttl       expires_at_ms (BE64) + session key -> b""
-    meta      b"counters" / b"schema"        -> small JSON
+    meta      b"counters" / b"schema" / b"tenant_usage" -> small JSON
+    aux       session key \x01 name         -> data attached to a session (codec.encode_aux)
+    usage     tenant                        -> JSON {sessions, stored_bytes, logical_bytes}
+
+Sub-databases are created when missing, so an environment written by an older version opens
+(the store then fills ``usage`` once, see SessionStore.upgrade_usage).
 
 Every change is one write transaction (a session and its blocks commit together or not at
 all), committed with fsync in durable mode. The map starts small and doubles when full, up to a
@@ -83,7 +88,7 @@ class _SharedExclusiveLock:
 class LmdbBackend:
     """Owns the LMDB environment: short read transactions, serialized write transactions."""
 
-    DBS = ("sessions", "blocks", "refs", "ttl", "meta", "aux")
+    DBS = ("sessions", "blocks", "refs", "ttl", "meta", "aux", "usage")
 
     def __init__(self, config: LmdbConfig):
         if config.map_bytes > config.max_map_bytes:

@@ -4,10 +4,16 @@ A session is an ordered list of chunk references (BlockRef) plus its token ids a
 sessions use prefix-chain keys, so identical prefixes are one set of blocks with a reference
 count; a block is freed when no session refers to it. Every operation that changes anything
 (save, append, fork, delete, expiry) is a single LMDB write transaction.
+
+Every request is checked (``kvstore.validation``) before anything is written, so nothing is
+stored that cannot be read back. Per-tenant usage (sessions, stored bytes after dedup, logical
+bytes) is kept in the ``usage`` sub-database inside the same transactions, and a write that
+would take a tenant over its quota (``kvstore.quota``) aborts with CapacityExceeded.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import struct
@@ -22,17 +28,34 @@ import torch
 
 from kvstore.chunking import ROOT_KEY, block_storage_key, chain_key, chain_keys, chunk_ranges, private_key
 from kvstore.codec import AuxRecord, Block, decode_aux, decode_session, encode_aux, encode_block, encode_session, require_little_endian
-from kvstore.errors import AlreadyExists, CapacityExceeded, Conflict, InvalidRequest, NotFound
+from kvstore.errors import AlreadyExists, CapacityExceeded, Conflict, CorruptData, InvalidRequest, NotFound
 from kvstore.lmdb_backend import LmdbBackend, LmdbConfig
 from kvstore.pieces import KVPieces
+from kvstore.quota import Quota, TenantUsage, check_quota
 from kvstore.records import BlockRef, SessionRecord
 from kvstore.spec import DTYPE_CODES, ModelSpec
 from kvstore.tiered import TieredBlockStore
 from kvstore.tiers import MemoryTier
+from kvstore.validation import (
+    MAX_TTL_SECONDS,
+    check_logical_bound,
+    check_logical_length,
+    check_token_count,
+    positions_array,
+    text_bytes,
+    token_ids_array,
+    validate_id,
+    validate_labels,
+    validate_ttl,
+)
 
 log = logging.getLogger("kvmem.store")
 _REF = struct.Struct("<IIQ")  # refcount, layers, record bytes of all layers
 _COUNTER_KEYS = ("sessions", "chunks", "stored_bytes", "logical_bytes")
+_USAGE_KEYS = ("sessions", "stored_bytes", "logical_bytes")  # per tenant, in the "usage" sub-db
+_USAGE_MARKER = b"tenant_usage"  # meta key: {"version": n} once per-tenant usage is complete
+USAGE_VERSION = 1
+_MAX_EXPIRES_MS = (1 << 63) - 1  # expires_at_ms is packed as >Q in the TTL index and int64 in aux
 
 
 @dataclass(frozen=True)
@@ -51,6 +74,12 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_tokens <= 65536:
             raise ValueError(f"store.chunk_tokens must be in 1..65536, got {self.chunk_tokens}")
+        if not 0 <= self.default_ttl_seconds <= MAX_TTL_SECONDS:
+            raise ValueError(f"store.default_ttl_seconds must be in 0..{MAX_TTL_SECONDS} (ten years), got {self.default_ttl_seconds}")
+        if not 1 <= self.max_session_tokens < 1 << 32:  # token counts are packed as u32
+            raise ValueError(f"store.max_session_tokens must be in 1..{(1 << 32) - 1}, got {self.max_session_tokens}")
+        if not 1 <= self.max_id_bytes <= 256:  # session keys (tenant + id) must fit LMDB's 511-byte keys
+            raise ValueError(f"store.max_id_bytes must be in 1..256, got {self.max_id_bytes}")
 
 
 @dataclass(frozen=True)
@@ -125,18 +154,18 @@ class RestorePlan:
                 yield KVPiece(block.layer, lo, hi - lo, *sliced)
 
 
-def validate_id(value: str, what: str, max_bytes: int) -> None:
-    encoded = value.encode("utf-8")
-    if not encoded:
-        raise InvalidRequest(f"{what} is empty; give a non-empty id of at most {max_bytes} bytes")
-    if len(encoded) > max_bytes:
-        raise InvalidRequest(f"{what} is {len(encoded)} bytes; the limit is {max_bytes}")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise InvalidRequest(f"{what} contains control characters; use printable text")
+def _read_usage(txn: lmdb.Transaction, db, tenant: str) -> TenantUsage:
+    raw = txn.get(tenant.encode(), db=db)
+    fields = dict.fromkeys(_USAGE_KEYS, 0) | (json.loads(bytes(raw)) if raw is not None else {})
+    return TenantUsage(tenant, **{key: fields[key] for key in _USAGE_KEYS})
 
 
 class _Txn:
-    """Helpers bound to one write transaction: refcounts, counters, session records."""
+    """Helpers bound to one write transaction: refcounts, counters, usage, session records.
+
+    Whatever changes what a tenant stores takes the tenant explicitly (one transaction may
+    touch several, e.g. expiry), so its usage row changes with the global counters.
+    """
 
     def __init__(self, backend: LmdbBackend, txn: lmdb.Transaction):
         self.txn = txn
@@ -145,6 +174,32 @@ class _Txn:
         self.counters = dict.fromkeys(_COUNTER_KEYS, 0) | (json.loads(bytes(raw)) if raw is not None else {})
         self.freed: list[bytes] = []  # storage keys of blocks deleted in this transaction
         self.written: list[Block] = []
+        self._usage_before: dict[str, TenantUsage] = {}  # tenant -> usage when first touched
+        self._usage: dict[str, dict[str, int]] = {}  # tenant -> usage now (in this transaction)
+
+    def _count(self, tenant: str, key: str, delta: int) -> None:
+        """Add ``delta`` to a global counter and, when it is per tenant, to the tenant's."""
+        self.counters[key] += delta
+        if key in _USAGE_KEYS:
+            row = self._usage.get(tenant)
+            if row is None:
+                before = _read_usage(self.txn, self.db["usage"], tenant)
+                self._usage_before[tenant] = before
+                row = self._usage[tenant] = {name: getattr(before, name) for name in _USAGE_KEYS}
+            row[key] += delta
+
+    def usage(self, tenant: str) -> TenantUsage:
+        row = self._usage.get(tenant)
+        return _read_usage(self.txn, self.db["usage"], tenant) if row is None else TenantUsage(tenant, **row)
+
+    def check_quotas(self, quota_for: Callable[[str], Quota] | None) -> None:
+        """CapacityExceeded if this transaction grows some tenant's usage past its quota."""
+        if quota_for is None:
+            return
+        for tenant, before in self._usage_before.items():
+            after = self.usage(tenant)
+            if after.stored_bytes > before.stored_bytes or after.sessions > before.sessions:
+                check_quota(before, after, quota_for(tenant))
 
     def incref(self, key: bytes) -> bool:
         """Add a reference to a stored chunk; False if it is not stored."""
@@ -155,19 +210,19 @@ class _Txn:
         self.txn.put(key, _REF.pack(count + 1, layers, nbytes), db=self.db["refs"])
         return True
 
-    def put_chunk(self, key: bytes, blocks: list[Block]) -> int:
-        """Store a new chunk (all layers) with one reference; returns bytes written."""
+    def put_chunk(self, tenant: str, key: bytes, blocks: list[Block]) -> int:
+        """Store a new chunk (all layers) of ``tenant`` with one reference; returns bytes written."""
         nbytes = 0
         for block in blocks:
             self.txn.put(block.key, block.data, db=self.db["blocks"])
             nbytes += block.nbytes
         self.txn.put(key, _REF.pack(1, len(blocks), nbytes), db=self.db["refs"])
-        self.counters["chunks"] += 1
-        self.counters["stored_bytes"] += nbytes
+        self._count(tenant, "chunks", 1)
+        self._count(tenant, "stored_bytes", nbytes)
         self.written.extend(blocks)
         return nbytes
 
-    def decref(self, key: bytes) -> int:
+    def decref(self, tenant: str, key: bytes) -> int:
         """Drop a reference; frees the chunk when it was the last. Returns bytes freed."""
         raw = self.txn.get(key, db=self.db["refs"])
         if raw is None:
@@ -181,34 +236,34 @@ class _Txn:
             storage_key = block_storage_key(key, layer)
             self.txn.delete(storage_key, db=self.db["blocks"])
             self.freed.append(storage_key)
-        self.counters["chunks"] -= 1
-        self.counters["stored_bytes"] -= nbytes
+        self._count(tenant, "chunks", -1)
+        self._count(tenant, "stored_bytes", -nbytes)
         return nbytes
 
     def get_session(self, skey: bytes) -> SessionRecord | None:
         raw = self.txn.get(skey, db=self.db["sessions"])
         return None if raw is None else decode_session(skey, raw)
 
-    def put_session(self, skey: bytes, record: SessionRecord, previous: SessionRecord | None) -> None:
+    def put_session(self, tenant: str, skey: bytes, record: SessionRecord, previous: SessionRecord | None) -> None:
         if previous is not None:
-            self._unindex(skey, previous)
+            self._unindex(tenant, skey, previous)
         else:
-            self.counters["sessions"] += 1
+            self._count(tenant, "sessions", 1)
         self.txn.put(skey, encode_session(skey, record), db=self.db["sessions"])
-        self.counters["logical_bytes"] += record.kv_bytes
+        self._count(tenant, "logical_bytes", record.kv_bytes)
         if record.expires_at_ms:
             self.txn.put(_ttl_key(record.expires_at_ms, skey), b"", db=self.db["ttl"])
 
-    def delete_session(self, skey: bytes, record: SessionRecord) -> int:
-        freed = sum(self.decref(ref.key) for ref in record.blocks)
+    def delete_session(self, tenant: str, skey: bytes, record: SessionRecord) -> int:
+        freed = sum(self.decref(tenant, ref.key) for ref in record.blocks)
         self.delete_aux(skey)
-        self._unindex(skey, record)
+        self._unindex(tenant, skey, record)
         self.txn.delete(skey, db=self.db["sessions"])
-        self.counters["sessions"] -= 1
+        self._count(tenant, "sessions", -1)
         return freed
 
-    def _unindex(self, skey: bytes, record: SessionRecord) -> None:
-        self.counters["logical_bytes"] -= record.kv_bytes
+    def _unindex(self, tenant: str, skey: bytes, record: SessionRecord) -> None:
+        self._count(tenant, "logical_bytes", -record.kv_bytes)
         if record.expires_at_ms:
             self.txn.delete(_ttl_key(record.expires_at_ms, skey), db=self.db["ttl"])
 
@@ -239,19 +294,77 @@ class _Txn:
 
     def save_counters(self) -> None:
         self.txn.put(b"counters", json.dumps(self.counters).encode(), db=self.db["meta"])
+        for tenant, row in self._usage.items():
+            if any(row.values()):
+                self.txn.put(tenant.encode(), json.dumps(row).encode(), db=self.db["usage"])
+            else:
+                self.txn.delete(tenant.encode(), db=self.db["usage"])
+
+
+def recompute_usage(txn: lmdb.Transaction, db: dict) -> dict[str, TenantUsage]:
+    """Per-tenant usage computed from scratch: every stored session (expired ones too, until
+    collected) and the unique blocks it refers to. A session record that fails its check still
+    counts as a session of the tenant its key names, without bytes."""
+    sessions: dict[str, int] = {}
+    logical: dict[str, int] = {}
+    chunks: dict[str, set[bytes]] = {}
+    cursor = txn.cursor(db=db["sessions"])
+    for key, raw in cursor:
+        key = bytes(key)
+        tenant = key.split(b"\x00", 1)[0].decode(errors="replace")
+        sessions[tenant] = sessions.get(tenant, 0) + 1
+        try:
+            record = decode_session(key, raw)
+        except CorruptData as exc:
+            log.error("session record unreadable while counting usage", extra={"fields": {"key": key.hex(), "error": str(exc)}})
+            continue
+        logical[tenant] = logical.get(tenant, 0) + record.kv_bytes
+        chunks.setdefault(tenant, set()).update(ref.key for ref in record.blocks)
+    usage = {}
+    for tenant, count in sessions.items():
+        stored = 0
+        for chunk in chunks.get(tenant, ()):
+            raw = txn.get(chunk, db=db["refs"])
+            if raw is not None:
+                stored += _REF.unpack(raw)[2]
+        usage[tenant] = TenantUsage(tenant, count, stored, logical.get(tenant, 0))
+    return usage
 
 
 def _ttl_key(expires_at_ms: int, skey: bytes) -> bytes:
     return struct.pack(">Q", expires_at_ms) + skey
 
 
+# LMDB keys are at most 511 bytes; the longest derived key is an aux key (session key + 1 +
+# name), so session keys stay within MAX_SESSION_KEY_BYTES and aux names within MAX_AUX_NAME_BYTES.
+MAX_SESSION_KEY_BYTES = 440
+MAX_AUX_NAME_BYTES = 64
+_KEY_DIGEST_BYTES = 16
+
+
 def session_key(tenant: str, session_id: str) -> bytes:
-    return tenant.encode() + b"\x00" + session_id.encode()
+    """LMDB key of a session: ``tenant \\0 session_id``, sorted by tenant then id.
+
+    When that would be longer than MAX_SESSION_KEY_BYTES (two ids near their 256-byte limit),
+    the id is cut and a blake2b of the whole id follows a second NUL, giving every such key of a
+    tenant one length. Ids never hold NUL, so a cut key never equals (or prefixes) a plain one;
+    such sessions list in the order of their cut ids.
+    """
+    tenant_bytes, id_bytes = tenant.encode(), session_id.encode()
+    key = tenant_bytes + b"\x00" + id_bytes
+    if len(key) <= MAX_SESSION_KEY_BYTES:
+        return key
+    keep = MAX_SESSION_KEY_BYTES - len(tenant_bytes) - 2 - _KEY_DIGEST_BYTES
+    digest = hashlib.blake2b(id_bytes, digest_size=_KEY_DIGEST_BYTES, person=b"kvmem-sid").digest()
+    return tenant_bytes + b"\x00" + id_bytes[:keep] + b"\x00" + digest
 
 
 def aux_key(skey: bytes, name: str) -> bytes:
     """Key of a session's aux record: its text ("text") or a derived index ("index/...")."""
-    return skey + b"\x01" + name.encode()
+    encoded = name.encode()
+    if len(encoded) > MAX_AUX_NAME_BYTES:
+        raise InvalidRequest(f"aux record name {name[:40]!r}... is {len(encoded)} bytes; the limit is {MAX_AUX_NAME_BYTES}")
+    return skey + b"\x01" + encoded
 
 
 TEXT_AUX = "text"
@@ -260,16 +373,37 @@ TEXT_AUX = "text"
 class SessionStore:
     """The domain API of kvmem's storage: save, restore, append, fork, lookup, delete, list."""
 
-    def __init__(self, config: StoreConfig, backend: LmdbBackend, blocks: TieredBlockStore, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: StoreConfig,
+        backend: LmdbBackend,
+        blocks: TieredBlockStore,
+        clock: Callable[[], float] = time.time,
+        *,
+        quota_for: Callable[[str], Quota] | None = None,
+    ):
+        """``quota_for(tenant)`` gives a tenant's Quota (None: no quotas). It is read on every
+        write, so assigning ``store.quota_for`` later (a reloaded key file) takes effect at once.
+        ``open()`` also brings per-tenant usage up to date; build through it."""
         require_little_endian()
         self.config = config
         self.backend = backend
         self.blocks = blocks
         self.clock = clock
+        self.quota_for = quota_for
 
     @classmethod
-    def open(cls, config: StoreConfig, clock: Callable[[], float] = time.time, cuda_available: bool | None = None) -> "SessionStore":
-        """Open (or create) the store under config.data_dir with tiers sized by config."""
+    def open(
+        cls,
+        config: StoreConfig,
+        clock: Callable[[], float] = time.time,
+        cuda_available: bool | None = None,
+        *,
+        quota_for: Callable[[str], Quota] | None = None,
+    ) -> "SessionStore":
+        """Open (or create) the store under config.data_dir with tiers sized by config.
+
+        A data directory written before per-tenant usage existed gets it computed here, once."""
         import torch
 
         backend = LmdbBackend(LmdbConfig(Path(config.data_dir) / "lmdb", config.lmdb_map_bytes, config.lmdb_max_map_bytes, config.durable))
@@ -279,7 +413,30 @@ class SessionStore:
             tiers.append(MemoryTier("gpu", config.gpu_tier_bytes, device="cuda"))
         if config.cpu_tier_bytes > 0:
             tiers.append(MemoryTier("cpu", config.cpu_tier_bytes))
-        return cls(config, backend, TieredBlockStore(backend, tiers), clock)
+        store = cls(config, backend, TieredBlockStore(backend, tiers), clock, quota_for=quota_for)
+        store.upgrade_usage()
+        return store
+
+    def upgrade_usage(self) -> bool:
+        """Compute per-tenant usage from scratch unless the marker says it is current; True if it
+        was computed. Runs in one write transaction (so an interrupted upgrade is redone)."""
+
+        def apply(txn: lmdb.Transaction) -> bool:
+            db = self.backend.db
+            raw = txn.get(_USAGE_MARKER, db=db["meta"])
+            if raw is not None and json.loads(bytes(raw)).get("version") == USAGE_VERSION:
+                return False
+            usage = recompute_usage(txn, db)
+            txn.drop(db["usage"], delete=False)
+            for tenant, row in usage.items():
+                txn.put(tenant.encode(), json.dumps({key: getattr(row, key) for key in _USAGE_KEYS}).encode(), db=db["usage"])
+            txn.put(_USAGE_MARKER, json.dumps({"version": USAGE_VERSION}).encode(), db=db["meta"])
+            return True
+
+        computed = self.backend.write(apply)
+        if computed:
+            log.info("per-tenant usage computed", extra={"fields": {"data_dir": str(self.config.data_dir)}})
+        return computed
 
     def close(self) -> None:
         self.backend.close()
@@ -289,18 +446,34 @@ class SessionStore:
         return int(self.clock() * 1000)
 
     def _expiry(self, ttl_seconds: int, now_ms: int) -> int:
-        ttl = ttl_seconds or self.config.default_ttl_seconds
-        return now_ms + ttl * 1000 if ttl > 0 else 0
+        ttl = validate_ttl(ttl_seconds) or self.config.default_ttl_seconds
+        expires = now_ms + ttl * 1000 if ttl > 0 else 0
+        if not 0 <= expires <= _MAX_EXPIRES_MS:
+            raise InvalidRequest(f"ttl_seconds {ttl} puts the expiry past what the store can record; use a shorter TTL")
+        return expires
 
     def _validate_ids(self, tenant: str, session_id: str) -> None:
         validate_id(tenant, "tenant", self.config.max_id_bytes)
         validate_id(session_id, "session id", self.config.max_id_bytes)
 
+    def _check_size(self, tokens: int) -> None:
+        if tokens > self.config.max_session_tokens:
+            raise CapacityExceeded(f"session of {tokens} tokens exceeds store.max_session_tokens={self.config.max_session_tokens}; split or compact it")
+
     def new_pieces(self, spec: ModelSpec, start: int, end: int, has_bias: bool = False) -> KVPieces:
         """A KVPieces collector for tokens [start, end), after checking the session size limit."""
-        if end - start > self.config.max_session_tokens or end > self.config.max_session_tokens:
-            raise CapacityExceeded(f"session of {end} tokens exceeds store.max_session_tokens={self.config.max_session_tokens}; split or compact it")
+        if not 0 <= start <= end:
+            raise InvalidRequest(f"token range [{start}, {end}) must have 0 <= start <= end")
+        self._check_size(end)
         return KVPieces(spec, start, end, has_bias)
+
+    @staticmethod
+    def _check_pieces_spec(spec: ModelSpec, pieces: KVPieces) -> None:
+        if not isinstance(spec, ModelSpec):
+            raise InvalidRequest(f"a model spec is required, got {type(spec).__name__}")
+        layout = lambda s: (s.num_layers, s.num_kv_heads, s.head_dim, s.dtype)  # noqa: E731
+        if layout(pieces.spec) != layout(spec):
+            raise InvalidRequest(f"the KV was collected for layout {layout(pieces.spec)} but the spec says {layout(spec)} (layers, heads, head_dim, dtype)")
 
     def _encode_chunk(self, key: bytes, spec: ModelSpec, pieces: KVPieces, start: int, count: int) -> list[Block]:
         code = DTYPE_CODES[spec.torch_dtype]
@@ -310,7 +483,7 @@ class SessionStore:
             blocks.append(encode_block(block_storage_key(key, layer), layer, (spec.num_kv_heads, count, spec.head_dim), code, keys, values, bias))
         return blocks
 
-    def _link_chunks(self, tx: _Txn, refs: list[BlockRef], encoded: dict[bytes, list[Block]], spec: ModelSpec, pieces: KVPieces, reused_until: int = 0) -> tuple[int, int]:
+    def _link_chunks(self, tx: _Txn, tenant: str, refs: list[BlockRef], encoded: dict[bytes, list[Block]], spec: ModelSpec, pieces: KVPieces, reused_until: int = 0) -> tuple[int, int]:
         """Reference every chunk of ``refs``: share stored ones, write the others from ``pieces``.
 
         Chunks starting before ``reused_until`` were not sent and must be stored already.
@@ -324,7 +497,7 @@ class SessionStore:
                 raise Conflict(f"the prefix chunk at token {ref.start} is no longer stored; send the save again without reuse_prefix_tokens")
             else:  # encoded up front unless it vanished since the check (a concurrent delete)
                 blocks = encoded.get(ref.key) or self._encode_chunk(ref.key, spec, pieces, ref.start, ref.count)
-                written += tx.put_chunk(ref.key, blocks)
+                written += tx.put_chunk(tenant, ref.key, blocks)
         return dedup, written
 
     def _missing_chunks(self, keys: list[bytes]) -> set[bytes]:
@@ -332,9 +505,11 @@ class SessionStore:
             return {key for key in keys if txn.get(key, db=self.backend.db["refs"]) is None}
 
     def _write(self, fn: Callable[[_Txn], WriteResult | int]):
+        """Run ``fn`` in one write transaction; refuse (abort) it if it takes a tenant over quota."""
         def run(txn: lmdb.Transaction):
             helper = _Txn(self.backend, txn)
             result = fn(helper)
+            helper.check_quotas(self.quota_for)
             helper.save_counters()
             return result, helper
 
@@ -376,21 +551,26 @@ class SessionStore:
         text, kept beside it for text search (replaced, with every derived index, on overwrite).
         """
         self._validate_ids(tenant, session_id)
-        token_ids = np.asarray(token_ids, dtype=np.uint32)
+        self._check_pieces_spec(spec, pieces)
+        validate_ttl(ttl_seconds)
+        labels = validate_labels(labels)
+        text_data = text_bytes(text)
+        token_ids = token_ids_array(token_ids)
         total = len(token_ids)
         if total == 0:
             raise InvalidRequest("a session needs at least one token")
+        self._check_size(total)
         if positions is not None:
-            positions = np.asarray(positions, dtype=np.int64)
-            if positions.shape != (total,):
-                raise InvalidRequest(f"{len(positions)} positions given for {total} tokens")
+            positions = positions_array(positions, total, spec)
             if np.array_equal(positions, np.arange(total)):
                 positions = None
+        else:
+            check_token_count(total, spec)
         has_bias = pieces.has_bias
         chained = positions is None and not has_bias
-        logical_length = logical_length or (int(positions.max()) + 1 if positions is not None else total)
-        if positions is not None and logical_length <= int(positions.max()):
-            raise InvalidRequest(f"logical_length {logical_length} must exceed the largest position {int(positions.max())}")
+        logical_length = check_logical_length(logical_length, total, positions, spec)
+        if not isinstance(reuse_prefix_tokens, int) or reuse_prefix_tokens < 0:
+            raise InvalidRequest(f"reuse_prefix_tokens must be a non-negative integer, got {reuse_prefix_tokens!r}")
         if pieces.start != reuse_prefix_tokens or pieces.end != total:
             raise InvalidRequest(f"KV covers tokens [{pieces.start}, {pieces.end}) but the session needs [{reuse_prefix_tokens}, {total})")
         chunk = self.config.chunk_tokens
@@ -413,7 +593,7 @@ class SessionStore:
         record = SessionRecord(
             tenant, session_id, spec, token_ids, [BlockRef(k, s, c) for k, (s, c) in zip(keys, ranges)],
             positions=positions, logical_length=logical_length, has_bias=has_bias, chained=chained,
-            created_at_ms=now, updated_at_ms=now, expires_at_ms=self._expiry(ttl_seconds, now), labels=dict(labels or {}),
+            created_at_ms=now, updated_at_ms=now, expires_at_ms=self._expiry(ttl_seconds, now), labels=labels,
         )
         skey = session_key(tenant, session_id)
 
@@ -421,14 +601,14 @@ class SessionStore:
             previous = tx.get_session(skey)
             if previous is not None and not overwrite and not previous.is_expired(now):
                 raise AlreadyExists(f"session {session_id!r} already exists; pass overwrite=true to replace it, or delete it first")
-            dedup, written = self._link_chunks(tx, record.blocks, encoded, spec, pieces, reuse_prefix_tokens)
+            dedup, written = self._link_chunks(tx, tenant, record.blocks, encoded, spec, pieces, reuse_prefix_tokens)
             if previous is not None:
                 for old in previous.blocks:
-                    tx.decref(old.key)
+                    tx.decref(tenant, old.key)
                 tx.delete_aux(skey)
-            tx.put_session(skey, record, previous)
-            if text:
-                tx.put_aux(skey, TEXT_AUX, record, text.encode())
+            tx.put_session(tenant, skey, record, previous)
+            if text_data:
+                tx.put_aux(skey, TEXT_AUX, record, text_data)
             return WriteResult(record, deduplicated_tokens=dedup, bytes_written=written)
 
         result = self._write(apply)
@@ -458,7 +638,7 @@ class SessionStore:
     def restore_prefix(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray) -> RestorePlan:
         """Restore the longest stored prefix of token_ids (no session needed: blocks are content-addressed)."""
         validate_id(tenant, "tenant", self.config.max_id_bytes)
-        token_ids = np.asarray(token_ids, dtype=np.uint32)
+        token_ids = token_ids_array(token_ids)
         matched, keys = self._match_prefix(tenant, spec, token_ids)
         if matched == 0:
             raise NotFound("no stored prefix of these tokens for this tenant and model; prefill and save them first")
@@ -471,7 +651,7 @@ class SessionStore:
     def lookup(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray) -> int:
         """Number of leading token_ids whose KV is stored for this tenant and model."""
         validate_id(tenant, "tenant", self.config.max_id_bytes)
-        return self._match_prefix(tenant, spec, np.asarray(token_ids, dtype=np.uint32))[0]
+        return self._match_prefix(tenant, spec, token_ids_array(token_ids))[0]
 
     def _match_prefix(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray) -> tuple[int, list[bytes]]:
         chunk, digest, refs_db = self.config.chunk_tokens, spec.digest(), self.backend.db["refs"]
@@ -506,12 +686,20 @@ class SessionStore:
         """Add the KV of new tokens; ``pieces`` covers [T_old, T_old + n). Atomic.
 
         ``text`` is appended to the session's stored text."""
+        validate_ttl(ttl_seconds)
+        text_data = text_bytes(text)
         record = self._read_record(tenant, session_id)
+        if not isinstance(spec, ModelSpec):
+            raise InvalidRequest(f"a model spec is required, got {type(spec).__name__}")
         record.spec.require_same(spec, f"session {session_id!r}")
-        new_token_ids = np.asarray(new_token_ids, dtype=np.uint32)
+        self._check_pieces_spec(spec, pieces)
+        new_token_ids = token_ids_array(new_token_ids, "new token ids")
         old_total, added = record.num_tokens, len(new_token_ids)
         if added == 0:
             raise InvalidRequest("append needs at least one new token")
+        self._check_size(old_total + added)
+        check_token_count(old_total + added, record.spec)
+        check_logical_bound(record.logical_length + added, record.spec, f"the logical length after the append ({record.logical_length} + {added})")
         if expected_num_tokens is not None and expected_num_tokens != old_total:
             raise Conflict(f"session {session_id!r} holds {old_total} tokens, not the expected {expected_num_tokens}; restore it and retry")
         if pieces.start != old_total or pieces.end != old_total + added:
@@ -547,9 +735,9 @@ class SessionStore:
             if current is None or current.version != record.version or current.is_expired(now):
                 raise Conflict(f"session {session_id!r} changed or vanished during the append; restore it and retry")
             new_refs = [BlockRef(k, s, c) for k, (s, c) in zip(keys, ranges)]
-            _, written = self._link_chunks(tx, new_refs, encoded, spec, pieces)
+            _, written = self._link_chunks(tx, tenant, new_refs, encoded, spec, pieces)
             for ref in replaced:
-                tx.decref(ref.key)
+                tx.decref(tenant, ref.key)
             updated = SessionRecord(
                 tenant, session_id, record.spec, tokens, kept + new_refs, positions=positions, logical_length=logical,
                 has_bias=record.has_bias, chained=record.chained, created_at_ms=record.created_at_ms, updated_at_ms=now,
@@ -557,10 +745,10 @@ class SessionStore:
                 parent_session_id=record.parent_session_id, fork_offset=record.fork_offset, version=record.version + 1,
                 labels=record.labels,
             )
-            tx.put_session(skey, updated, current)
-            if text:
+            tx.put_session(tenant, skey, updated, current)
+            if text_data:
                 old_text = tx.get_aux(skey, TEXT_AUX)
-                tx.put_aux(skey, TEXT_AUX, updated, (old_text.payload if old_text else b"") + text.encode())
+                tx.put_aux(skey, TEXT_AUX, updated, (old_text.payload if old_text else b"") + text_data)
             return WriteResult(updated, bytes_written=written)
 
         return self._write(apply)
@@ -580,10 +768,11 @@ class SessionStore:
     def fork(self, tenant: str, source_id: str, target_id: str, at_token: int | None = None, *, ttl_seconds: int = 0, overwrite: bool = False) -> WriteResult:
         """Copy-on-write branch: the target shares the source's chunks before ``at_token``."""
         self._validate_ids(tenant, target_id)
+        validate_ttl(ttl_seconds)
         source = self._read_record(tenant, source_id)
         total = source.num_tokens
         at = total if at_token is None else at_token
-        if not 1 <= at <= total:
+        if not isinstance(at, int) or isinstance(at, bool) or not 1 <= at <= total:
             raise InvalidRequest(f"fork offset {at} must be in 1..{total} (the source's token count)")
         shared = [ref for ref in source.blocks if ref.end <= at]
         boundary = next((ref for ref in source.blocks if ref.start < at < ref.end), None)
@@ -624,12 +813,12 @@ class SessionStore:
                 if not tx.incref(ref.key):
                     raise Conflict(f"a chunk of {source_id!r} vanished during the fork; retry")
             if new_ref is not None and not tx.incref(new_ref.key):
-                tx.put_chunk(new_ref.key, new_blocks)
+                tx.put_chunk(tenant, new_ref.key, new_blocks)
             if previous is not None:
                 for old in previous.blocks:
-                    tx.decref(old.key)
+                    tx.decref(tenant, old.key)
                 tx.delete_aux(target_key)
-            tx.put_session(target_key, target, previous)
+            tx.put_session(tenant, target_key, target, previous)
             source_text = tx.get_aux(source_key, TEXT_AUX) if at == total else None
             if source_text is not None:
                 tx.put_aux(target_key, TEXT_AUX, target, source_text.payload)
@@ -686,7 +875,7 @@ class SessionStore:
             record = tx.get_session(skey)
             if record is None:
                 raise NotFound(f"session {session_id!r} of tenant {tenant!r} does not exist")
-            return tx.delete_session(skey, record)
+            return tx.delete_session(tenant, skey, record)
 
         return self._write(apply)
 
@@ -736,7 +925,7 @@ class SessionStore:
                 skey = index_key[8:]
                 record = tx.get_session(skey)
                 if record is not None and record.is_expired(now):
-                    tx.delete_session(skey, record)
+                    tx.delete_session(record.tenant, skey, record)
                     removed += 1
                 else:  # stale index entry: the session was refreshed or replaced
                     tx.txn.delete(index_key, db=tx.db["ttl"])
@@ -747,7 +936,14 @@ class SessionStore:
             log.info("expired sessions collected", extra={"fields": {"count": removed}})
         return removed
 
-    # ----------------------------------------------------------------- stats
+    # ----------------------------------------------------------------- usage / stats
+    def usage(self, tenant: str) -> TenantUsage:
+        """What ``tenant`` stores now: sessions (expired ones until collected), bytes of blocks
+        stored for it after deduplication, and bytes its sessions refer to before it."""
+        validate_id(tenant, "tenant", self.config.max_id_bytes)
+        with self.backend.read() as txn:
+            return _read_usage(txn, self.backend.db["usage"], tenant)
+
     def stats(self) -> dict:
         with self.backend.read() as txn:
             raw = txn.get(b"counters", db=self.backend.db["meta"])

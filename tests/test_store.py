@@ -1,4 +1,6 @@
 """SessionStore behaviour on a real LMDB: dedup, refcounts, fork, append, TTL, limits, atomicity."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,8 @@ from kvstore.errors import AlreadyExists, CapacityExceeded, Conflict, InvalidReq
 from kvstore.spec import ModelSpec
 from kvstore.store import SessionStore, StoreConfig
 from tests.conftest import TOY_SPEC, random_layers
+
+WIDE_SPEC = dataclasses.replace(TOY_SPEC, max_position=1 << 16)  # TOY_SPEC's layout, for sessions past its 4096 window
 
 
 def pieces_for(store, layers, start=0, spec=TOY_SPEC, bias=None):
@@ -17,8 +21,8 @@ def pieces_for(store, layers, start=0, spec=TOY_SPEC, bias=None):
     return pieces
 
 
-def save(store, session_id, tokens, layers, **kwargs):
-    return store.save("t", session_id, TOY_SPEC, np.asarray(tokens), pieces_for(store, layers), **kwargs)
+def save(store, session_id, tokens, layers, spec=TOY_SPEC, **kwargs):
+    return store.save("t", session_id, spec, np.asarray(tokens), pieces_for(store, layers, spec=spec), **kwargs)
 
 
 def restored(store, session_id, start=0, end=0, spec=None):
@@ -74,7 +78,7 @@ def test_lookup_finds_partial_tail_and_respects_tenant_and_model(store):
     assert store.lookup("t", TOY_SPEC, np.arange(45)) == 40
     assert store.lookup("t", TOY_SPEC, np.arange(35)) == 32  # a shorter query matches full chunks
     assert store.lookup("other", TOY_SPEC, np.arange(40)) == 0
-    assert store.lookup("t", ModelSpec("other", 4, 3, 8), np.arange(40)) == 0
+    assert store.lookup("t", ModelSpec("other", 4, 3, 8, max_position=4096), np.arange(40)) == 0
     plan = store.restore_prefix("t", TOY_SPEC, np.arange(45))
     assert plan.end == 40
 
@@ -103,7 +107,7 @@ def test_append_checks_expected_length_model_and_coverage(store):
     with pytest.raises(Conflict):
         store.append("t", "s", TOY_SPEC, np.arange(4), pieces_for(store, extra, 20), expected_num_tokens=19)
     with pytest.raises(ModelMismatch, match="num_layers"):
-        store.append("t", "s", ModelSpec("toy-model", 5, 3, 8), np.arange(4), pieces_for(store, extra, 20))
+        store.append("t", "s", ModelSpec("toy-model", 5, 3, 8, max_position=4096), np.arange(4), pieces_for(store, extra, 20))
     partial = store.new_pieces(TOY_SPEC, 20, 24)
     partial.add_tensors(0, 20, *extra[0])
     with pytest.raises(InvalidRequest, match="layer 1"):
@@ -123,7 +127,7 @@ def test_save_refuses_duplicates_unless_overwrite(store):
 
 def test_restore_into_another_spec_names_the_difference(store):
     save(store, "s", range(20), random_layers(TOY_SPEC, 20))
-    other = ModelSpec("toy-model", 4, 3, 8, "float16")
+    other = ModelSpec("toy-model", 4, 3, 8, "float16", max_position=4096)
     with pytest.raises(ModelMismatch, match="dtype"):
         store.restore("t", "s", other)
 
@@ -173,7 +177,7 @@ def test_lmdb_ceiling_is_resource_exhausted_and_earlier_sessions_survive(tmp_pat
     save(store, "first", range(1500), first)
     assert store.backend.map_bytes > 1 << 20  # grew
     with pytest.raises(CapacityExceeded, match="ceiling"):
-        save(store, "huge", range(1000, 6000), random_layers(TOY_SPEC, 5000, seed=2))  # ~3.8 MB more
+        save(store, "huge", range(1000, 6000), random_layers(TOY_SPEC, 5000, seed=2), spec=WIDE_SPEC)  # ~3.8 MB more
     assert store.stats()["sessions"] == 1
     with pytest.raises(NotFound):
         store.get("t", "huge")
@@ -222,7 +226,7 @@ def test_disk_full_is_capacity_exceeded_and_the_store_keeps_working(tmp_path):
         first = random_layers(TOY_SPEC, 1000, seed=1)  # ~0.8 MB
         save(store, "first", range(1000), first)
         with pytest.raises(CapacityExceeded, match="full"):
-            save(store, "big", range(5000, 10000), random_layers(TOY_SPEC, 5000, seed=2))  # ~3.8 MB
+            save(store, "big", range(5000, 10000), random_layers(TOY_SPEC, 5000, seed=2), spec=WIDE_SPEC)  # ~3.8 MB
         assert store.stats()["sessions"] == 1
         _, out = restored(store, "first")
         assert same(out, first)
