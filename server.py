@@ -648,7 +648,7 @@ def _index_builder(config: ServiceConfig, store: SessionStore, host):
     from retrieval.service import IndexBuilder
 
     def rope_for(spec):
-        if not host.might_host(spec) or host.spec != spec:
+        if not host.accepts(spec):
             return None
         with host.use() as (model, _):
             return Rope.from_model(model)

@@ -49,7 +49,7 @@ class RestoredSession:
 
     @property
     def spec(self) -> ModelSpec:
-        return convert.spec_from_pb(self.info.model)
+        return convert.spec_from_pb(self.info.model, stored=True)
 
     @property
     def logical_length(self) -> int:
@@ -330,7 +330,7 @@ class Client:
         if first.kind != "header":
             raise InvalidRequest(f"restore stream began with a {first.kind or 'empty'} message instead of its header")
         header = first.message
-        spec = convert.spec_from_pb(header.session.model)
+        spec = convert.spec_from_pb(header.session.model, stored=True)
         count = header.token_end - header.token_start
         shape = (spec.num_kv_heads, count, spec.head_dim)
         layers = [(torch.empty(shape, dtype=spec.torch_dtype), torch.empty(shape, dtype=spec.torch_dtype)) for _ in range(spec.num_layers)]
@@ -433,7 +433,7 @@ class Client:
         if first.WhichOneof("part") != "header":
             raise InvalidRequest("retrieve stream began without its header")
         header = first.header
-        spec = convert.spec_from_pb(header.session.model)
+        spec = convert.spec_from_pb(header.session.model, stored=True)
         result = Retrieval(header, [], {})
         for message in stream:
             kind = message.WhichOneof("part")

@@ -96,13 +96,16 @@ def token_ids_array(token_ids: Any, what: str = "token ids") -> np.ndarray:
 
 
 def position_bound(spec: ModelSpec) -> int:
-    """Positions are < this: the model's window when the spec names one, else 2^62."""
-    return min(spec.max_position, POSITION_LIMIT) if spec.max_position > 0 else POSITION_LIMIT
+    """Positions are < this: 2^62, whatever the model's window.
+
+    Contexts longer than the model's ``max_position`` are stored on purpose: retrieval selects a
+    window's worth of them and compaction shrinks them to fit, both at their original positions.
+    So the window is not a storage bound; 2^62 is (int64 positions, room for appends, never a wrap).
+    """
+    return POSITION_LIMIT
 
 
 def _window_hint(spec: ModelSpec) -> str:
-    if spec.max_position > 0:
-        return f"below the model's max_position {spec.max_position}"
     return "below 2^62"
 
 
@@ -115,7 +118,7 @@ def positions_array(positions: Any, total: int, spec: ModelSpec) -> np.ndarray:
 
 
 def check_token_count(total: int, spec: ModelSpec) -> None:
-    """A session without explicit positions sits at 0..T-1, so T must fit the model's window."""
+    """A session without explicit positions sits at 0..T-1, so T must fit below the bound."""
     bound = position_bound(spec)
     if total > bound:
         raise InvalidRequest(
@@ -127,8 +130,8 @@ def check_token_count(total: int, spec: ModelSpec) -> None:
 def check_logical_length(logical_length: int, total: int, positions: np.ndarray | None, spec: ModelSpec) -> int:
     """The logical length a save records: the given one (0 = derive it) after its checks.
 
-    It must be at least T and past the last position, below 2^62, and at most the model's
-    max_position when the spec has one. ``positions`` None means 0..T-1.
+    It must be at least T and past the last position, and below 2^62. ``positions`` None means
+    0..T-1.
     """
     if not _is_int(logical_length):
         raise InvalidRequest(f"logical_length must be an integer, got {logical_length!r}")
@@ -146,14 +149,9 @@ def check_logical_length(logical_length: int, total: int, positions: np.ndarray 
 
 
 def check_logical_bound(logical_length: int, spec: ModelSpec, what: str) -> None:
-    """``what`` (a logical length) must stay below 2^62 and within the model's window."""
+    """``what`` (a logical length) must stay below 2^62 (see ``position_bound``)."""
     if logical_length >= POSITION_LIMIT:
         raise InvalidRequest(f"{what} {logical_length} must be below 2^62")
-    if spec.max_position > 0 and logical_length > spec.max_position:
-        raise InvalidRequest(
-            f"{what} {logical_length} exceeds the model's max_position {spec.max_position}; "
-            "compact or shorten the session to fit the model's context window"
-        )
 
 
 def text_bytes(text: str | None, what: str = "text") -> bytes | None:

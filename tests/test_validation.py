@@ -232,7 +232,6 @@ def test_ten_year_ttl_round_trips(fixed_store):
 
 @pytest.mark.parametrize("positions", [
     [-1, 1, 2, 3],
-    [0, 1, 2, 4096],  # == TOY_SPEC.max_position
     [0, 1, 2, 1 << 62],
     [0, 1, 2, (1 << 63) + 5],  # what a uint64 wire value wraps to when cast to int64
     [0, 1, 2, (1 << 64) - 1],
@@ -242,26 +241,27 @@ def test_ten_year_ttl_round_trips(fixed_store):
 def test_positions_out_of_range_are_refused(fixed_store, positions):
     layers = random_layers(TOY_SPEC, 4)
     before = snapshot(fixed_store, "t")
-    with pytest.raises(InvalidRequest, match="positions must be in 0..4095"):
+    with pytest.raises(InvalidRequest, match=r"positions must be in 0..4611686018427387903 \(below 2\^62\)"):
         fixed_store.save("t", "c", TOY_SPEC, np.arange(4), pieces_for(fixed_store, TOY_SPEC, layers), positions=positions)
     assert snapshot(fixed_store, "t") == before
 
 
-def test_a_session_longer_than_the_window_is_refused(fixed_store):
+def test_a_session_longer_than_the_window_is_stored(fixed_store):
+    """Contexts past the model's window are what retrieval and compaction are for: stored at their
+    positions; only 2^62 bounds them."""
     spec = dataclasses.replace(TOY_SPEC, max_position=16)
-    with pytest.raises(InvalidRequest, match="17 tokens.*max_position 16"):
-        _saved(fixed_store, tokens=17, spec=spec)
-    _saved(fixed_store, tokens=16, spec=spec)
+    _saved(fixed_store, tokens=20, spec=spec)
     extra = random_layers(spec, 1)
-    with pytest.raises(InvalidRequest, match="max_position 16"):
-        fixed_store.append("t", "s", spec, np.arange(1), pieces_for(fixed_store, spec, extra, 16))
-    assert fixed_store.get("t", "s").version == 1
+    fixed_store.append("t", "s", spec, np.arange(1), pieces_for(fixed_store, spec, extra, 20))
+    assert fixed_store.get("t", "s").logical_length == 21
+    positions = [0, 1, 2, 100]
+    fixed_store.save("t", "p", spec, np.arange(4), pieces_for(fixed_store, spec, random_layers(spec, 4)), positions=positions, logical_length=200)
+    assert fixed_store.get("t", "p").logical_length == 200
 
 
 @pytest.mark.parametrize("logical, match", [
     ((1 << 64) - 1, "below 2\\^62"),
     (1 << 62, "below 2\\^62"),
-    (4097, "exceeds the model's max_position 4096"),
     (10, "at least the 12 stored tokens"),
     (-3, "at least"),
     (99, "exceed the largest position 99"),
@@ -276,17 +276,18 @@ def test_logical_length_rules(fixed_store, logical, match):
     fixed_store.save("t", "c", TOY_SPEC, np.arange(12), pieces_for(fixed_store, TOY_SPEC, layers), positions=positions, logical_length=4096)
 
 
-def test_append_that_would_pass_the_window_is_refused_before_writing(fixed_store):
+def test_append_that_would_pass_2_62_is_refused_before_writing(fixed_store):
     layers = random_layers(TOY_SPEC, 4)
-    fixed_store.save("t", "c", TOY_SPEC, np.arange(4), pieces_for(fixed_store, TOY_SPEC, layers), positions=[0, 1, 2, 4000], logical_length=4094)
+    top = (1 << 62) - 2
+    fixed_store.save("t", "c", TOY_SPEC, np.arange(4), pieces_for(fixed_store, TOY_SPEC, layers), positions=[0, 1, 2, 4000], logical_length=top - 1)
     before = snapshot(fixed_store, "t")
     extra = random_layers(TOY_SPEC, 3, seed=2)
-    with pytest.raises(InvalidRequest, match=r"logical length after the append \(4094 \+ 3\) 4097 exceeds"):
+    with pytest.raises(InvalidRequest, match=r"logical length after the append .* must be below 2\^62"):
         fixed_store.append("t", "c", TOY_SPEC, np.arange(3), pieces_for(fixed_store, TOY_SPEC, extra, 4))
     assert snapshot(fixed_store, "t") == before
     fixed_store.append("t", "c", TOY_SPEC, np.arange(2), pieces_for(fixed_store, TOY_SPEC, [(k[:, :2], v[:, :2]) for k, v in extra], 4))
     record = fixed_store.get("t", "c")
-    assert record.logical_length == 4096 and list(record.positions) == [0, 1, 2, 4000, 4094, 4095]
+    assert record.logical_length == top + 1 and list(record.positions) == [0, 1, 2, 4000, top - 1, top]
 
 
 @pytest.mark.parametrize("tokens", [[0, -1, 2], [0, 1 << 32, 2], np.array([1.0, 2.0, 3.0]), [[1, 2, 3]]])
@@ -350,7 +351,7 @@ def _valid_id(value: str) -> bool:
 
 def _expected_logical(spec, total, positions, logical):
     """The logical length the rules allow, or None when they refuse."""
-    bound = min(spec.max_position, 1 << 62) if spec.max_position else 1 << 62
+    bound = 1 << 62  # the model's window is no storage bound (kvstore.validation.position_bound)
     if positions is None:
         if total > bound:
             return None
@@ -362,7 +363,7 @@ def _expected_logical(spec, total, positions, logical):
     if logical != 0 and (logical < total or logical <= largest):
         return None
     value = logical or largest + 1
-    if value >= 1 << 62 or (spec.max_position and value > spec.max_position):
+    if value >= 1 << 62:
         return None
     return value
 
@@ -459,9 +460,8 @@ def _property_example(store, data):
     extra = random_layers(spec, added, seed=7)
     extra_bias = [torch.randn(spec.num_kv_heads, added) for _ in range(spec.num_layers)] if has_bias else None
     new_logical = expected_logical + added
-    bound = spec.max_position or 1 << 62
-    append_ok = (0 <= new_ttl <= MAX_TTL_SECONDS and new_logical < 1 << 62 and new_logical <= bound
-                 and (record.positions is not None or total + added <= bound))
+    bound = 1 << 62
+    append_ok = (0 <= new_ttl <= MAX_TTL_SECONDS and new_logical < 1 << 62 and (record.positions is not None or total + added <= bound))
     appended = _attempt(store, tenant, lambda: store.append(tenant, session_id, spec, list(range(added)), pieces_for(store, spec, extra, total, extra_bias), ttl_seconds=new_ttl))
     assert (appended is not None) == append_ok, (expected_logical, added, new_ttl, spec.max_position)
     event(f"append {'stored' if appended else 'refused'}")
