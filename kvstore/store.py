@@ -562,13 +562,15 @@ class SessionStore:
         self._check_size(total)
         if positions is not None:
             positions = positions_array(positions, total, spec)
-            if np.array_equal(positions, np.arange(total)):
-                positions = None
         else:
             check_token_count(total, spec)
+        logical_length = check_logical_length(logical_length, total, positions, spec)
+        if positions is None and logical_length != total:
+            positions = np.arange(total, dtype=np.int64)  # a gap before logical_length: appends continue past it
+        elif positions is not None and logical_length == total and np.array_equal(positions, np.arange(total)):
+            positions = None  # plain 0..T-1 with nothing after: dedupable like any plain session
         has_bias = pieces.has_bias
         chained = positions is None and not has_bias
-        logical_length = check_logical_length(logical_length, total, positions, spec)
         if not isinstance(reuse_prefix_tokens, int) or reuse_prefix_tokens < 0:
             raise InvalidRequest(f"reuse_prefix_tokens must be a non-negative integer, got {reuse_prefix_tokens!r}")
         if pieces.start != reuse_prefix_tokens or pieces.end != total:

@@ -102,7 +102,7 @@ def test_sigterm_lets_an_in_flight_save_finish(server_process, tmp_path):
         server.process.terminate()
         response = future.result(timeout=20)
     assert response.session.num_tokens == 64
-    assert server.process.wait(20) == 0
+    assert server.process.wait(60) == 0  # generous: a loaded CI machine tears an interpreter down slowly
     server = server_process(tmp_path / "d")
     with Client(server.address, spec=TOY_SPEC) as client:
         assert same(client.restore("slow").layers, layers)
