@@ -43,6 +43,7 @@ bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.ttt_sweep --quick
 	$(BIN)/python -m bench.planner_matrix --quick
 	$(BIN)/python -m bench.planner --quick
+	$(BIN)/python -m bench.security --quick
 
 bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.throughput
@@ -56,6 +57,7 @@ bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.ttt_sweep
 	$(BIN)/python -m bench.planner_matrix  # about an hour: regenerates bench/data/planner_outcomes.jsonl
 	$(BIN)/python -m bench.planner --fit
+	$(BIN)/python -m bench.security
 	# needs kvpress in its own virtualenv (see bench/kvpress_crosscheck.py): python -m bench.kvpress_crosscheck
 
 proto: install  ## regenerate the committed gRPC stubs from proto/

@@ -130,8 +130,12 @@ class FrontEnd:
                 return Identity(common_name, f"cert:{common_name}", "tenant")
         raise Unauthenticated("this server requires credentials: send `authorization: Bearer <token>` metadata (Client(token=...), KVMEM_TOKEN) or a client certificate")
 
-    def _begin(self, method: str, context) -> Call:
-        return Call(method, self._identify(context), context.peer() or "")
+    def _begin(self, method: str, context, request=None) -> Call:
+        """The call's identity (or UNAUTHENTICATED); then a request that did not decode is refused."""
+        call = Call(method, self._identify(context), context.peer() or "")
+        if isinstance(request, Malformed):
+            raise InvalidRequest(request.error)
+        return call
 
     async def _fail(self, context, call: Call | None, exc: BaseException) -> None:
         if isinstance(exc, KvmemError):
@@ -172,9 +176,7 @@ class FrontEnd:
         async def handler(request, context):
             call = None
             try:
-                call = self._begin(method, context)
-                if isinstance(request, Malformed):
-                    raise InvalidRequest(request.error)
+                call = self._begin(method, context, request)
                 response = await self._run(fn, call, request)
                 self._audit(call, "OK")
                 return response
@@ -191,9 +193,7 @@ class FrontEnd:
         async def handler(request, context):
             call = None
             try:
-                call = self._begin(method, context)
-                if isinstance(request, Malformed):
-                    raise InvalidRequest(request.error)
+                call = self._begin(method, context, request)
                 tenant = call.tenant_for(getattr(request, "tenant", ""))
                 with self.limits.hold(tenant, call.peer):
                     messages: Iterator = await self._run(fn, call, request)
