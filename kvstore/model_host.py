@@ -72,7 +72,7 @@ class ModelHost:
     def require_spec(self, spec: ModelSpec, what: str, need: str = "to compute reference queries", hint: str = "supply reference queries instead") -> None:
         """Raise ModelMismatch unless this host runs the model ``spec`` describes (an unknown
         weights_fingerprint in ``spec`` matches; see ``host_differences``)."""
-        if not self.might_host(spec):  # another model's name: refuse without loading this one
+        if self._loaded is None and not self.might_host(spec):  # another model's name: refuse without loading this one
             raise ModelMismatch(
                 f"{what} needs the session's model {need}, but this server hosts {Path(self.name_or_path).name!r}, "
                 f"not {spec.name!r}; {hint}"
