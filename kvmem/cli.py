@@ -36,10 +36,19 @@ def _keys(args) -> int:
     """kvmem keys add|rm|ls: edit the server's keys file (digests only; a new token is shown once)."""
     from kvmem import auth
 
-    if not args.keys_file:
-        print("kvmem keys: give --keys-file PATH (the server's auth.keys_file) or set KVMEM_AUTH_KEYS_FILE", file=sys.stderr)
+    keys_file = args.keys_file
+    if not keys_file:  # the server's own setting, from its config file ($KVMEM_CONFIG)
+        from kvmem.config import ConfigError, load_config
+
+        try:
+            keys_file = load_config(os.environ.get("KVMEM_CONFIG"), os.environ).auth.keys_file
+        except (ConfigError, OSError) as exc:
+            print(f"kvmem keys: cannot read the server config: {exc}", file=sys.stderr)
+            return 2
+    if not keys_file:
+        print("kvmem keys: give --keys-file PATH (the server's auth.keys_file), or set KVMEM_AUTH_KEYS_FILE or KVMEM_CONFIG", file=sys.stderr)
         return 2
-    path = Path(args.keys_file)
+    path = Path(keys_file)
     try:
         if args.keys_command == "add":
             entry, token = auth.add_key(path, args.tenant_name, "admin" if args.admin else "tenant", args.max_stored_bytes, args.max_sessions)
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     answer.add_argument("--followups", type=int, default=0, help="further questions expected on this session")
     answer.add_argument("--max-new-tokens", type=int, default=24)
     keys = commands.add_parser("keys", help="manage API keys in the server's keys file (auth.keys_file)")
-    keys.add_argument("--keys-file", default=env.get("KVMEM_AUTH_KEYS_FILE", ""), help="the keys file ($KVMEM_AUTH_KEYS_FILE)")
+    keys.add_argument("--keys-file", default="", help="the keys file (default: the server's auth.keys_file from $KVMEM_CONFIG / $KVMEM_AUTH_KEYS_FILE)")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     add = keys_commands.add_parser("add", help="create a key; prints its token once")
     add.add_argument("--tenant", dest="tenant_name", required=True)

@@ -130,24 +130,22 @@ class FrontEnd:
                 return Identity(common_name, f"cert:{common_name}", "tenant")
         raise Unauthenticated("this server requires credentials: send `authorization: Bearer <token>` metadata (Client(token=...), KVMEM_TOKEN) or a client certificate")
 
-    def _begin(self, method: str, context, request=None) -> Call:
-        """The call's identity (or UNAUTHENTICATED); then a request that did not decode is refused."""
-        call = Call(method, self._identify(context), context.peer() or "")
+    def _admit(self, call: Call, context, request=None) -> None:
+        """Set the call's identity (or raise UNAUTHENTICATED); then refuse a request that did not decode."""
+        call.identity = self._identify(context)
         if isinstance(request, Malformed):
             raise InvalidRequest(request.error)
-        return call
 
-    async def _fail(self, context, call: Call | None, exc: BaseException) -> None:
+    async def _fail(self, context, call: Call, exc: BaseException) -> None:
         if isinstance(exc, KvmemError):
             code, message, name = code_for(exc), str(exc), error_class(exc).__name__
-            log.info("request failed", extra={"fields": {"method": call.method if call else "?", "code": code.name, "error": message}})
+            log.info("request failed", extra={"fields": {"method": call.method, "code": code.name, "error": message}})
         else:
             request_id = uuid.uuid4().hex[:12]
             code, name = grpc.StatusCode.INTERNAL, "Internal"
             message = f"internal error (request id {request_id}); the server log has the details"
-            log.error("internal error", extra={"fields": {"method": call.method if call else "?", "request_id": request_id, "traceback": "".join(traceback.format_exception(exc))}})
-        if call is not None:
-            self._audit(call, code.name)
+            log.error("internal error", extra={"fields": {"method": call.method, "request_id": request_id, "traceback": "".join(traceback.format_exception(exc))}})
+        self._audit(call, code.name)
         await context.abort(code, message, trailing_metadata=((ERROR_METADATA_KEY, name),))
 
     def _audit(self, call: Call, outcome: str) -> None:
@@ -174,9 +172,9 @@ class FrontEnd:
     # ------------------------------------------------------------------ handler shapes
     def unary(self, method: str, fn: Callable) -> Callable:
         async def handler(request, context):
-            call = None
+            call = Call(method, None, context.peer() or "")
             try:
-                call = self._begin(method, context, request)
+                self._admit(call, context, request)
                 response = await self._run(fn, call, request)
                 self._audit(call, "OK")
                 return response
@@ -191,9 +189,9 @@ class FrontEnd:
         """fn(call, request) -> iterator of response messages (its steps run on the pool)."""
 
         async def handler(request, context):
-            call = None
+            call = Call(method, None, context.peer() or "")
             try:
-                call = self._begin(method, context, request)
+                self._admit(call, context, request)
                 tenant = call.tenant_for(getattr(request, "tenant", ""))
                 with self.limits.hold(tenant, call.peer):
                     messages: Iterator = await self._run(fn, call, request)
@@ -211,9 +209,9 @@ class FrontEnd:
         Commit -> commit_fn(call, pending). Anything else, silence, or an early end stores nothing."""
 
         async def handler(request_iterator, context):
-            call = None
+            call = Call(method, None, context.peer() or "")
             try:
-                call = self._begin(method, context)
+                self._admit(call, context)
                 first = await self._read(context, method)
                 part = first if first is None else wire.as_part(first)
                 if part is None or part.kind == "malformed":

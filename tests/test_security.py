@@ -205,7 +205,7 @@ def test_keys_reload_without_dropping_calls(secured, keys, tmp_path):
 
 def test_keys_file_never_holds_a_token(keys):
     text = keys.path.read_text()
-    assert all(token not in text for token in keys.tokens.values())
+    assert all(token not in text for token in keys.tokens.values()) and "kvmem_wrong" not in text
     assert auth.token_digest(keys.tokens["a"]).hex() in text
     assert oct(keys.path.stat().st_mode & 0o777) == "0o600"
     entries = auth.list_keys(keys.path)
@@ -378,10 +378,15 @@ def test_one_audit_line_per_state_changing_call_and_never_a_token(secured, keys,
         with pytest.raises(errors.AlreadyExists):
             a.save("audited", random_layers(TOY_SPEC, 20), list(range(20)))
         a.delete("branch")
+    with _client(secured, "kvmem_wrong") as stranger:
+        with pytest.raises(errors.Unauthenticated):
+            stranger.delete("audited")
     lines = [r.fields for r in caplog.records if r.name == "kvmem.audit"]
     assert [(f["rpc"], f["session"], f["outcome"]) for f in lines] == [
-        ("SaveSession", "audited", "OK"), ("ForkSession", "branch", "OK"), ("SaveSession", "audited", "ALREADY_EXISTS"), ("DeleteSession", "branch", "OK")]
-    assert all(f["tenant"] == "tenant-a" and f["key_id"] == keys.ids["a"] for f in lines)
+        ("SaveSession", "audited", "OK"), ("ForkSession", "branch", "OK"), ("SaveSession", "audited", "ALREADY_EXISTS"), ("DeleteSession", "branch", "OK"),
+        ("DeleteSession", "", "UNAUTHENTICATED")]
+    assert all(f["tenant"] == "tenant-a" and f["key_id"] == keys.ids["a"] for f in lines[:4])
+    assert lines[4]["tenant"] == "" and lines[4]["key_id"] == "" and lines[4]["peer"]
     assert lines[0]["bytes"] > 0 and lines[3]["bytes"] >= 0
     text = "\n".join(r.getMessage() + json.dumps(getattr(r, "fields", {})) for r in caplog.records)
-    assert all(token not in text for token in keys.tokens.values())
+    assert all(token not in text for token in keys.tokens.values()) and "kvmem_wrong" not in text
