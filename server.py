@@ -130,7 +130,7 @@ class KVMemServicer:
     tenant is chosen.
     """
 
-    def __init__(self, store: SessionStore, host=None, retrieval: RetrievalSettings | None = None, indexer=None, planner: PlannerSettings | None = None, quota_for=None):
+    def __init__(self, store: SessionStore, host=None, retrieval: RetrievalSettings | None = None, indexer=None, planner: PlannerSettings | None = None, quota_for=None, metrics=None):
         self.store = store
         self.planner = planner or PlannerSettings()
         self._planner_model = None
@@ -138,6 +138,7 @@ class KVMemServicer:
         self.retrieval = retrieval or RetrievalSettings()
         self.indexer = indexer  # retrieval.service.IndexBuilder or None
         self.quota_for = quota_for  # tenant -> kvstore.quota.Quota (for GetStats), or None
+        self.metrics = metrics  # kvmem.metrics.Metrics or None: compaction, retrieval, planner timings
         self._embedder = None
         self._embedder_lock = threading.Lock()
 
@@ -274,6 +275,8 @@ class KVMemServicer:
             options={key: _option_value(value) for key, value in request.options.items()},
         )
         call.session, call.bytes = report.record.session_id, report.bytes_after
+        if self.metrics is not None:
+            self.metrics.compaction.labels(report.method).observe(report.seconds)
         log.info("session compacted", extra={"fields": {"tenant": tenant, "session": request.session_id, "method": report.method, "kept": report.kept_tokens, "seconds": round(report.seconds, 3)}})
         return pb.CompactResponse(
             session=convert.session_info(report.record), method=report.method, kept_tokens=report.kept_tokens, slots=report.slots,
@@ -325,6 +328,8 @@ class KVMemServicer:
                 ids = tokenizer(request.query_text, return_tensors="pt", add_special_tokens=False).input_ids[0]
             result = retrieve(self.store, model, tenant, request.session_id, config, self._block_index_config(), question_ids=ids, query_vectors=vectors)
         selection, kv = result.selection, result.kv
+        if self.metrics is not None:
+            self.metrics.retrieval.labels(config.method).observe(time.perf_counter() - started)
         runs = [_token_runs(layer.tokens) for layer in selection.layers] if request.include_kv else []
         yield pb.RetrieveResponse(header=pb.RetrieveHeader(
             session=convert.session_info(result.record), method=config.method, budget_tokens=config.budget_tokens,
@@ -406,6 +411,8 @@ class KVMemServicer:
         _, question = self._planned(call, request)
         with self.host.use() as (model, tokenizer):
             decision, seconds, _, _ = self._decide(request, model, tokenizer, question)
+        if self.metrics is not None:
+            self.metrics.planner_choices.labels(decision.choice or "none", "Plan").inc()
         return _decision_pb(decision, seconds)
 
     def answer(self, call, request) -> pb.AnswerResponse:
@@ -415,6 +422,10 @@ class KVMemServicer:
         with self.host.use() as (model, tokenizer):
             decision, seconds, settings, embedder = self._decide(request, model, tokenizer, question)
             execution = run(self.store, model, tokenizer, decision, question, settings, embedder)
+        if self.metrics is not None:
+            self.metrics.planner_choices.labels(decision.choice or "none", "Answer").inc()
+            for stage, stage_seconds in execution.stages.items():
+                self.metrics.answer_stages.labels(decision.choice, stage).observe(stage_seconds)
         return pb.AnswerResponse(decision=_decision_pb(decision, seconds), text=execution.text, token_ids=execution.token_ids,
                                  seconds=execution.seconds, stages=execution.stages)
 
@@ -460,7 +471,7 @@ class Service:
 
     def __init__(self, config: ServiceConfig, store: SessionStore, loop: asyncio.AbstractEventLoop, loop_thread: threading.Thread,
                  server: grpc.aio.Server, port: int, health_servicer, pool: futures.ThreadPoolExecutor, frontend: FrontEnd,
-                 keyring: KeyRing | None = None, indexer=None, host=None):
+                 keyring: KeyRing | None = None, indexer=None, host=None, metrics=None):
         self.config = config
         self.host = host  # kvstore.model_host.ModelHost or None
         self.indexer = indexer
@@ -470,6 +481,8 @@ class Service:
         self.health = health_servicer
         self.keyring = keyring
         self.frontend = frontend
+        self.metrics = metrics  # kvmem.metrics.Metrics
+        self.metrics_port = 0  # bound once start() serves them ([metrics] enabled)
         self._loop = loop
         self._loop_thread = loop_thread
         self._pool = pool
@@ -489,6 +502,8 @@ class Service:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
         self._on_loop(start(), 60)
+        if self.metrics is not None and self.config.metrics.enabled:
+            self.metrics_port = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         self._maintenance.start()
         log.info("serving", extra={"fields": {"port": self.port, "data_dir": str(self.config.store.data_dir), "durable": self.config.store.durable, **security_posture(self.config)}})
         return self
@@ -523,6 +538,8 @@ class Service:
             self._loop_thread.join(10)
             if self.indexer is not None:
                 self.indexer.close()
+            if self.metrics is not None:
+                self.metrics.close()
             self.store.close()
         log.info("stopped", extra={"fields": {"port": self.port}})
 
@@ -605,11 +622,15 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
     faiss.omp_set_num_threads(1)  # searches are one probe at a time: OpenMP wake-ups cost more than they save
     host = ModelHost(config.model.name, model_cache_dir(config)) if config.model.name else None
     indexer = _index_builder(config, store, host) if host is not None and config.retrieval.index_on_save else None
-    servicer = KVMemServicer(store, host, config.retrieval, indexer, config.planner, quota_for)
+    from kvmem.metrics import Metrics
+
+    metrics = Metrics()
+    servicer = KVMemServicer(store, host, config.retrieval, indexer, config.planner, quota_for, metrics)
     pool = futures.ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="kvmem-rpc")
     server_settings = config.server
     frontend = FrontEnd(servicer, pool, keyring, FrontEndSettings(server_settings.stream_idle_timeout_s, server_settings.max_streams_per_tenant, server_settings.max_streams_per_connection),
-                        client_certificates=bool(config.tls.client_ca_file))
+                        client_certificates=bool(config.tls.client_ca_file), metrics=metrics)
+    metrics.watch_store(store, frontend.limits.open_streams)
     limit = server_settings.max_message_bytes
     options = [
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0),
@@ -625,6 +646,10 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, frontend.handlers()),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        if server_settings.reflection:
+            from grpc_reflection.v1alpha import reflection
+
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{server_settings.host}:{server_settings.port}"
         try:
             port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
@@ -641,7 +666,7 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
             indexer.close()
         store.close()
         raise ConfigError(f"cannot bind {server_settings.host}:{server_settings.port} (in use?)")
-    return Service(config, store, loop, loop_thread, server, port, health_servicer, pool, frontend, keyring, indexer, host)
+    return Service(config, store, loop, loop_thread, server, port, health_servicer, pool, frontend, keyring, indexer, host, metrics)
 
 
 def _index_builder(config: ServiceConfig, store: SessionStore, host):

@@ -48,6 +48,7 @@ class ServerConfig:
     max_streams_per_tenant: int = 64  # concurrent Save/Append/Restore/Retrieve streams
     max_streams_per_connection: int = 32
     max_concurrent_rpcs: int = 4096  # all calls in flight; more are refused by gRPC (RESOURCE_EXHAUSTED)
+    reflection: bool = True  # gRPC server reflection (grpcurl lists and calls the service); no data, only the schema
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,13 @@ class QuotaConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = False  # serve Prometheus metrics over HTTP (`make serve` turns it on)
+    host: str = "127.0.0.1"
+    port: int = 9464  # 0 = pick a free port
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -113,6 +121,7 @@ class ServiceConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     quota: QuotaConfig = field(default_factory=QuotaConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 import traceback
 import uuid
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -28,6 +30,8 @@ from kvmem.auth import Identity, KeyRing, bearer_token
 from kvmem.status import ERROR_METADATA_KEY, code_for, error_class
 from kvmem.v1 import kvmem_pb2 as pb
 from kvstore.errors import InvalidRequest, KvmemError, PermissionDenied, TimedOut, Unauthenticated
+
+IDENTITY_ERRORS = {Unauthenticated: "unauthenticated", PermissionDenied: "permission_denied"}
 
 log = logging.getLogger("kvmem.server")
 audit_log = logging.getLogger("kvmem.audit")
@@ -66,6 +70,7 @@ class Call:
     session: str = ""
     tenant: str = ""
     bytes: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
     def tenant_for(self, requested: str) -> str:
         """The tenant the call acts for: from the identity, never from the request alone."""
@@ -97,13 +102,14 @@ class FrontEndSettings:
 class FrontEnd:
     """Async gRPC handlers around a synchronous domain servicer (server.KVMemServicer)."""
 
-    def __init__(self, servicer, pool, keyring: KeyRing | None, settings: FrontEndSettings, client_certificates: bool = False):
+    def __init__(self, servicer, pool, keyring: KeyRing | None, settings: FrontEndSettings, client_certificates: bool = False, metrics=None):
         """keyring: API keys (None = no keys file). client_certificates: mutual TLS is on, so a
         verified certificate identifies its caller even without a keys file."""
         self.servicer = servicer
         self.pool = pool
         self.keyring = keyring
         self.client_certificates = client_certificates
+        self.metrics = metrics  # kvmem.metrics.Metrics or None
         self.idle = settings.stream_idle_timeout_s
         self.limits = StreamLimits(settings.max_streams_per_tenant, settings.max_streams_per_connection)
 
@@ -145,10 +151,16 @@ class FrontEnd:
             code, name = grpc.StatusCode.INTERNAL, "Internal"
             message = f"internal error (request id {request_id}); the server log has the details"
             log.error("internal error", extra={"fields": {"method": call.method, "request_id": request_id, "traceback": "".join(traceback.format_exception(exc))}})
-        self._audit(call, code.name)
+        self._done(call, code.name)
+        if self.metrics is not None and type(exc) in IDENTITY_ERRORS:
+            self.metrics.auth_failures.labels(IDENTITY_ERRORS[type(exc)]).inc()
         await context.abort(code, message, trailing_metadata=((ERROR_METADATA_KEY, name),))
 
-    def _audit(self, call: Call, outcome: str) -> None:
+    def _done(self, call: Call, outcome: str) -> None:
+        """The call ended with ``outcome`` (a status code name): metrics and the audit line."""
+        if self.metrics is not None:
+            self.metrics.requests.labels(call.method, outcome).inc()
+            self.metrics.latency.labels(call.method).observe(time.perf_counter() - call.started)
         if call.method not in STATE_CHANGING:
             return
         audit_log.info("audit", extra={"fields": {
@@ -176,7 +188,7 @@ class FrontEnd:
             try:
                 self._admit(call, context, request)
                 response = await self._run(fn, call, request)
-                self._audit(call, "OK")
+                self._done(call, "OK")
                 return response
             except grpc.aio.AbortError:
                 raise
@@ -197,6 +209,7 @@ class FrontEnd:
                     messages: Iterator = await self._run(fn, call, request)
                     while (message := await self._run(next, messages, None)) is not None:
                         await self._write(context, message, method)
+                self._done(call, "OK")
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -224,7 +237,7 @@ class FrontEnd:
                     pending = await self._run(open_fn, call, part.message)
                     await self._collect(context, method, pending.pieces)
                     response = await self._run(commit_fn, call, pending)
-                self._audit(call, "OK")
+                self._done(call, "OK")
                 return response
             except grpc.aio.AbortError:
                 raise
@@ -253,9 +266,32 @@ class FrontEnd:
                 raise InvalidRequest(f"unexpected {part.kind or 'empty'} message after the header; send chunks, then one commit")
 
     # ------------------------------------------------------------------ the service
+    def _counted(self, method: str, decode: Callable, encode: Callable) -> tuple[Callable, Callable]:
+        """(de)serializers that count the bytes of ``method`` in the metrics."""
+        if self.metrics is None:
+            return decode, encode
+        received, sent = self.metrics.received.labels(method), self.metrics.sent.labels(method)
+
+        def counted_decode(data: bytes):
+            received.inc(len(data))
+            return decode(data)
+
+        def counted_encode(message) -> bytes:
+            data = encode(message)
+            sent.inc(len(data))
+            return data
+
+        return counted_decode, counted_encode
+
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         s = self.servicer
+        table = self._handler_table(s)
+        for name, handler in table.items():
+            decode, encode = self._counted(name, handler.request_deserializer, handler.response_serializer)
+            table[name] = handler._replace(request_deserializer=decode, response_serializer=encode)
+        return table
 
+    def _handler_table(self, s) -> dict[str, grpc.RpcMethodHandler]:
         def plain(name, request_cls, response_cls, fn):
             return grpc.unary_unary_rpc_method_handler(self.unary(name, fn), request_deserializer=safe_deserializer(request_cls), response_serializer=response_cls.SerializeToString)
 

@@ -946,6 +946,17 @@ class SessionStore:
         with self.backend.read() as txn:
             return _read_usage(txn, self.backend.db["usage"], tenant)
 
+    def usage_by_tenant(self, limit: int = 10_000) -> list[TenantUsage]:
+        """Every tenant's usage (at most ``limit`` tenants, in tenant order), for metrics."""
+        found = []
+        with self.backend.read() as txn:
+            for key, raw in txn.cursor(db=self.backend.db["usage"]):
+                if len(found) >= limit:
+                    break
+                fields = dict.fromkeys(_USAGE_KEYS, 0) | json.loads(bytes(raw))
+                found.append(TenantUsage(bytes(key).decode("utf-8", "replace"), **{k: fields[k] for k in _USAGE_KEYS}))
+        return found
+
     def stats(self) -> dict:
         with self.backend.read() as txn:
             raw = txn.get(b"counters", db=self.backend.db["meta"])
