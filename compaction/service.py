@@ -9,12 +9,12 @@ import torch
 
 from compaction.base import CompactionInput, Target, make_compactor
 from compaction.metrics import mean_attention_error
+from compaction.naming import COMPACTION_LABEL, compacted_id
 from kvstore.errors import FailedPrecondition, InvalidRequest
 from kvstore.model_host import ModelHost
 from kvstore.records import SessionRecord
 from kvstore.store import SessionStore
 
-COMPACTION_LABEL = "compaction"
 QUERY_METHODS_WITHOUT_HOST = ("streaming_llm", "knorm", "random")  # need no queries at all
 
 
@@ -31,8 +31,7 @@ class CompactReport:
 
 
 def default_target_id(session_id: str, method: str, target: Target) -> str:
-    amount = f"r{target.ratio:g}" if target.ratio is not None else f"b{target.budget}"
-    return f"{session_id}@{method}-{amount}"
+    return compacted_id(session_id, method, target.ratio, target.budget)
 
 
 def load_layers(store: SessionStore, tenant: str, session_id: str) -> tuple[SessionRecord, list[torch.Tensor], list[torch.Tensor]]:

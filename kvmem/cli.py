@@ -21,6 +21,7 @@ from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 
+from kvmem import __version__
 from kvstore.errors import KvmemError
 
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return server.main(argv[1:])
     parser = argparse.ArgumentParser(prog="kvmem", description="Manage a kvmem server (and `kvmem serve` to run one).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     env = os.environ
     parser.add_argument("--address", default=env.get("KVMEM_ADDRESS", "127.0.0.1:50051"))
     parser.add_argument("--tenant", default="", help="act for this tenant (admins); default: the token's tenant, or 'default' without auth")
@@ -161,39 +163,39 @@ def _compact(client, args) -> int:
     """Compact each session unless its compacted version exists already (so a rerun resumes).
 
     Each Compact call is atomic on the server: an interrupted run never leaves a half-written session.
+    Progress: a bar with rate and ETA on a terminal, one line per session otherwise.
     """
-    from compaction.base import Target
-    from compaction.service import COMPACTION_LABEL, default_target_id
+    from compaction.naming import COMPACTION_LABEL, compacted_id
+    from kvmem.progress import Progress
     from kvstore.errors import NotFound
 
-    target = Target(ratio=args.ratio) if args.ratio is not None else Target(budget=args.budget)
     options = dict(item.split("=", 1) for item in args.option)
     if args.all:
         sessions = [info.session_id for info in client.list() if COMPACTION_LABEL not in info.labels]
     else:
         sessions = list(args.sessions)
     done = skipped = 0
-    try:
-        for index, session_id in enumerate(sessions, 1):
-            destination = default_target_id(session_id, args.method, target)
-            try:
-                client.get(destination)
-                skipped += 1
-                print(f"[{index}/{len(sessions)}] {session_id}: already compacted as {destination}, skipped", flush=True)
-                continue
-            except NotFound:
-                pass
-            response = client.compact(session_id, args.method, ratio=args.ratio or 0.0, budget=args.budget or 0, options=options)
-            done += 1
-            error = f", held-out attention error {response.heldout_attention_error:.3f}" if response.heldout_attention_error >= 0 else ""
-            print(
-                f"[{index}/{len(sessions)}] {session_id} -> {response.session.session_id}: {response.bytes_before / 1e6:.1f} MB -> "
-                f"{response.bytes_after / 1e6:.1f} MB, {response.kept_tokens:.1f} keys/head{error}, {response.seconds:.1f}s",
-                flush=True,
-            )
-    except KeyboardInterrupt:
-        print(f"interrupted after {done} compacted, {skipped} skipped; run the same command again to resume", file=sys.stderr)
-        return 130
+    with Progress(len(sessions), "session", stream=sys.stdout) as progress:
+        try:
+            for session_id in sessions:
+                destination = compacted_id(session_id, args.method, args.ratio, args.budget)
+                try:
+                    client.get(destination)
+                    skipped += 1
+                    progress.step(f"{session_id}: already compacted as {destination}, skipped")
+                    continue
+                except NotFound:
+                    pass
+                response = client.compact(session_id, args.method, ratio=args.ratio or 0.0, budget=args.budget or 0, options=options)
+                done += 1
+                error = f", held-out attention error {response.heldout_attention_error:.3f}" if response.heldout_attention_error >= 0 else ""
+                progress.step(
+                    f"{session_id} -> {response.session.session_id}: {response.bytes_before / 1e6:.1f} MB -> "
+                    f"{response.bytes_after / 1e6:.1f} MB, {response.kept_tokens:.1f} keys/head{error}, {response.seconds:.1f}s"
+                )
+        except KeyboardInterrupt:
+            print(f"interrupted after {done} compacted, {skipped} skipped; run the same command again to resume", file=sys.stderr)
+            return 130
     print(f"done: {done} compacted, {skipped} already done, {len(sessions)} sessions")
     return 0
 
