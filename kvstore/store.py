@@ -60,7 +60,7 @@ _MAX_EXPIRES_MS = (1 << 63) - 1  # expires_at_ms is packed as >Q in the TTL inde
 
 @dataclass(frozen=True)
 class StoreConfig:
-    data_dir: Path = Path("data")
+    data_dir: Path = Path("data")  # LMDB under <data_dir>/lmdb, the converted model under <data_dir>/models
     chunk_tokens: int = 256  # tokens per deduplicated chunk
     cpu_tier_bytes: int = 2 << 30  # CPU memory tier capacity
     gpu_tier_bytes: int = 1 << 30  # GPU memory tier capacity, used only when CUDA is available
@@ -68,8 +68,8 @@ class StoreConfig:
     lmdb_max_map_bytes: int = 64 << 30  # hard ceiling on the LMDB map
     durable: bool = True  # fsync every commit before a write returns
     default_ttl_seconds: int = 0  # 0 = sessions never expire unless a request sets a TTL
-    max_session_tokens: int = 1 << 20
-    max_id_bytes: int = 256
+    max_session_tokens: int = 1 << 20  # tokens in one session (SmolLM2 fp32: ~46 KB each)
+    max_id_bytes: int = 256  # UTF-8 bytes of a tenant or session id (at most 256)
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_tokens <= 65536:
