@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-serve: install  ## install, convert the bundled model once, serve on 127.0.0.1:50051 with LMDB under ./data
-	$(BIN)/python server.py --data-dir $(DATA)
+serve: install  ## install, convert the bundled model once, serve on 127.0.0.1:50051 with LMDB under ./data (metrics on 127.0.0.1:9464)
+	$(BIN)/python server.py --data-dir $(DATA) --set metrics.enabled=true
 
 test: install  ## install and run the whole test suite
 	$(BIN)/python -m pytest -q

@@ -24,7 +24,11 @@ from typing import Any, Iterator
 import grpc
 import numpy as np
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+try:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+except ImportError as missing:  # a client-only install (pip install kvmem)
+    raise SystemExit(f"kvmem-server needs the server extra: pip install 'kvmem[server]' ({missing})") from None
 
 from kvmem import convert, tls, wire
 from kvmem.auth import KeyRing, KeysFileError

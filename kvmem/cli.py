@@ -39,8 +39,12 @@ def _keys(args) -> int:
 
     keys_file = args.keys_file
     if not keys_file:  # the server's own setting, from its config file ($KVMEM_CONFIG)
-        from kvmem.config import ConfigError, load_config
-
+        try:
+            from kvmem.config import ConfigError, load_config
+        except ImportError as exc:
+            print(f"kvmem keys: reading the server config needs the server extra (pip install 'kvmem[server]'): {exc}; "
+                  "or give --keys-file PATH", file=sys.stderr)
+            return 2
         try:
             keys_file = load_config(os.environ.get("KVMEM_CONFIG"), os.environ).auth.keys_file
         except (ConfigError, OSError) as exc:
