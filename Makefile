@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
-.PHONY: install serve test wheel-check bench-quick bench proto clean
+.PHONY: install serve test test-fast wheel-check bench-quick bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ serve: install  ## install, convert the bundled model once, serve on 127.0.0.1:5
 
 test: install  ## install and run the whole test suite
 	$(BIN)/python -m pytest -q
+
+test-fast: install  ## install and run the tests not marked slow (no real model, nothing over ~3 s; under 3 minutes)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # what a user of the published client gets: the wheel, installed without extras into a fresh venv
 # (torch==2.13.0 first, as in install), must import the client and run the CLI, and must not have

@@ -19,16 +19,88 @@ from kvstore.store import SessionStore, StoreConfig
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_CACHE = Path(os.environ.get("KVMEM_TEST_MODEL_CACHE", REPO / ".cache" / "models"))
+# verbatim copies of Debian's /usr/share/common-licenses/{GPL-3,Apache-2.0,MPL-2.0} (see tests/data/README.md),
+# shipped so the suite runs on any distribution; test_data.py pins their digests
+LICENSES = REPO / "tests" / "data" / "licenses"
 TOY_SPEC = ModelSpec("toy-model", num_layers=4, num_kv_heads=3, head_dim=8, dtype="float32", max_position=4096)
 
 
+# fixtures that load a real model (smollm2 here; embedder: test_text_retrieval's all-MiniLM-L6-v2): a test
+# that uses one, directly or through another fixture, must be marked slow, or `make test-fast`
+# (-m "not slow") would quietly spend minutes on it
+HEAVY_FIXTURES = frozenset({"smollm2", "embedder"})
+
+
 def pytest_collection_modifyitems(config, items):
+    unmarked = [
+        f"{item.nodeid} (uses {', '.join(sorted(HEAVY_FIXTURES.intersection(item.fixturenames)))})"
+        for item in items
+        if HEAVY_FIXTURES.intersection(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "tests that load a real model must be marked slow (@pytest.mark.slow or pytestmark = pytest.mark.slow):\n  "
+            + "\n  ".join(unmarked)
+        )
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA; run on a machine with a GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# what the running test (its setup included) loaded through the guarded loaders below
+_heavy_loads: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_heavy_loads():
+    """Record every load of the causal LM or the text embedder, wherever it happens (a test, a
+    fixture, a server the test started in this process), for the check in pytest_runtest_makereport.
+    Calls through names bound before the patch (``from kvstore.models import load_model`` at the top
+    of a test module) and loads in server subprocesses are not seen: mark those tests by hand."""
+    import kvstore.models
+    from retrieval.embedder import TextEmbedder
+
+    load_model, prepare_model = kvstore.models.load_model, kvstore.models.prepare_model
+    load_embedder = TextEmbedder.load.__func__
+
+    def recording_load_model(*args, **kwargs):
+        _heavy_loads.append("kvstore.models.load_model (the causal LM)")
+        return load_model(*args, **kwargs)
+
+    def recording_prepare_model(*args, **kwargs):
+        _heavy_loads.append("kvstore.models.prepare_model (the GGUF conversion)")
+        return prepare_model(*args, **kwargs)
+
+    def recording_load_embedder(cls, *args, **kwargs):
+        _heavy_loads.append("TextEmbedder.load (the text embedder)")
+        return load_embedder(cls, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kvstore.models, "load_model", recording_load_model)
+        patch.setattr(kvstore.models, "prepare_model", recording_prepare_model)
+        patch.setattr(TextEmbedder, "load", classmethod(recording_load_embedder))
+        yield
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _heavy_loads.clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test not marked slow that loads a model (itself, through a fixture, or through a server it
+    started) fails, naming what it loaded: a missing marker is an error, not a silently slow test."""
+    report = yield
+    if call.when == "call" and report.passed and _heavy_loads and item.get_closest_marker("slow") is None:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid} loaded {', '.join(sorted(set(_heavy_loads)))} but is not marked slow: "
+            "add @pytest.mark.slow (or pytestmark = pytest.mark.slow for a heavy file)"
+        )
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -42,9 +114,8 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def long_text() -> str:
-    """Natural English text (Debian's licence texts), several thousand tokens."""
-    folder = Path("/usr/share/common-licenses")
-    return "\n\n".join((folder / name).read_text() for name in ("GPL-3", "Apache-2.0", "MPL-2.0"))
+    """Natural English text (the GPL-3, Apache-2.0 and MPL-2.0 licence texts), several thousand tokens."""
+    return "\n\n".join((LICENSES / name).read_text(encoding="utf-8") for name in ("GPL-3", "Apache-2.0", "MPL-2.0"))
 
 
 def random_layers(spec: ModelSpec, tokens: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

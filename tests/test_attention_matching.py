@@ -68,14 +68,14 @@ def test_result_shapes_bias_and_budget(setup):
 
 def _continuation_nll(model, cache, context_len, continuation):
     with torch.no_grad():
-        logits = model(continuation, past_key_values=cache, use_cache=True).logits[0, :-1]
+        logits = model(continuation, cache=cache, use_cache=True).logits[0, :-1]
     return float(torch.nn.functional.cross_entropy(logits, continuation[0, 1:]))
 
 
 def test_ten_percent_compacted_cache_continues_fluently(setup):
     model, context, continuation, keys, values, refs, _, held_out = setup
     with torch.no_grad():
-        full_cache = model(context, use_cache=True).past_key_values
+        full_cache = model(context, use_cache=True).cache
     full_nll = _continuation_nll(model, copy.deepcopy(full_cache), CONTEXT, continuation)
     result = AttentionMatching().compact(CompactionInput(keys, values, refs.queries, held_out), Target(ratio=0.1))
     layers = [(layer.keys, layer.values) for layer in result.layers]

@@ -93,7 +93,7 @@ def test_server_hosted_model_compacts_a_real_session_and_generate_continues(serv
     model, tokenizer = smollm2
     ids = tokenizer(long_text, return_tensors="pt").input_ids[:, :400]
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True).cache
     with Client(f"127.0.0.1:{service.port}", spec=ModelSpec.from_model(model)) as client:
         client.save("doc", cache, ids)
         response = client.compact("doc", "attention_matching", ratio=0.25)  # queries from the hosted model
@@ -104,7 +104,7 @@ def test_server_hosted_model_compacts_a_real_session_and_generate_continues(serv
 
         prompt = generation_inputs(400, tokenizer(" This License", return_tensors="pt").input_ids)
         with torch.no_grad():
-            out = model.generate(prompt, past_key_values=restored.cache, max_new_tokens=12, do_sample=False)
+            out = model.generate(prompt, cache=restored.cache, max_new_tokens=12, do_sample=False)
         text = tokenizer.decode(out[0, 400:])
         assert len(text.split()) >= 4, text
         with pytest.raises(errors.InvalidRequest, match="model="):

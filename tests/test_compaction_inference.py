@@ -16,24 +16,24 @@ def context(smollm2, long_text):
     ids = tokenizer(long_text, return_tensors="pt").input_ids[:, :200]
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    layers = [(layer.keys[0].clone(), layer.values[0].clone()) for layer in out.past_key_values.layers]
-    return ids, out.past_key_values, layers
+    layers = [(layer.keys[0].clone(), layer.values[0].clone()) for layer in out.cache.layers]
+    return ids, out.cache, layers
 
 
 def _next_logits(model, cache, token, **kwargs):
     with torch.no_grad():
-        return model(token, past_key_values=cache, use_cache=True, **kwargs).logits[0, -1]
+        return model(token, cache=cache, use_cache=True, **kwargs).logits[0, -1]
 
 
 def test_keeping_everything_matches_the_plain_cache(smollm2, context):
     model, _ = smollm2
     ids, cache, layers = context
     step = torch.tensor([[1000, 2000, 3000]])  # three new tokens: causal among themselves
-    plain = model(step, past_key_values=copy.deepcopy(cache), use_cache=True).logits
+    plain = model(step, cache=copy.deepcopy(cache), use_cache=True).logits
     compacted = CompactedCache.for_model(model, layers, [None] * len(layers), logical_length=ids.shape[1])
     assert compacted.get_seq_length() == ids.shape[1]
     with torch.no_grad():
-        ours = model(step, past_key_values=compacted, use_cache=True).logits
+        ours = model(step, cache=compacted, use_cache=True).logits
     assert torch.allclose(plain, ours, atol=1e-4)
 
 
@@ -78,6 +78,6 @@ def test_padded_slots_are_invisible_and_generate_runs(smollm2, context):
     fresh = CompactedCache.for_model(model, padded, [bias] * len(layers), logical_length=total)
     prompt = generation_inputs(total, tokenizer(" In short,", return_tensors="pt").input_ids)
     with torch.no_grad():
-        out = model.generate(prompt, past_key_values=fresh, max_new_tokens=8, do_sample=False)
-    reference = model.generate(torch.cat([ids, prompt[:, total:]], 1), past_key_values=copy.deepcopy(cache), max_new_tokens=8, do_sample=False)
+        out = model.generate(prompt, cache=fresh, max_new_tokens=8, do_sample=False)
+    reference = model.generate(torch.cat([ids, prompt[:, total:]], 1), cache=copy.deepcopy(cache), max_new_tokens=8, do_sample=False)
     assert torch.equal(out[:, total:], reference[:, total:])  # same continuation as the full cache

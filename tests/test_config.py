@@ -33,6 +33,7 @@ def test_bad_configuration_is_refused(kwargs, message):
     assert message in str(info.value)
 
 
+@pytest.mark.slow
 def test_server_refuses_to_start_on_unknown_keys(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[store]\nlmdb_size = 5\n")

@@ -3,11 +3,14 @@ import threading
 import time
 
 import grpc
+import pytest
 import torch
 
 from kvmem.client import Client
 from kvstore import errors
 from tests.conftest import TOY_SPEC, random_layers
+
+pytestmark = pytest.mark.slow  # every test runs server processes, restarts and kills them (5-7 s each)
 
 
 def same(a, b):

@@ -38,7 +38,7 @@ def real(smollm2):
     """The first 300 tokens of the GPL-3 through SmolLM2, captured once: (input with the context's
     own queries, captured forward, ids [1, T], per layer the attention output fed to o_proj [1, T, Hq*D])."""
     model, tokenizer = smollm2
-    text = Path("/usr/share/common-licenses/GPL-3").read_text()
+    text = (Path(__file__).parent / "data" / "licenses" / "GPL-3").read_text(encoding="utf-8")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :300]
     outputs: dict[int, torch.Tensor] = {}
     hooks = [
@@ -55,7 +55,7 @@ def real(smollm2):
     return CompactionInput(keys, values, captured.queries), captured, ids, outputs
 
 
-@pytest.fixture(params=["random", "random_after_context", "real"])
+@pytest.fixture(params=["random", "random_after_context", pytest.param("real", marks=pytest.mark.slow)])
 def inputs(request) -> CompactionInput:
     if request.param == "real":
         return request.getfixturevalue("real")[0]
@@ -218,6 +218,7 @@ def test_random_depends_on_the_seed():
 
 
 # ---------------------------------------------------------------------------- capture_queries
+@pytest.mark.slow
 def test_captured_queries_reproduce_the_attention(smollm2, real):
     """softmax(Q K^T / sqrt(D) + causal) V with the captured Q and the cached K, V equals the
     attention output the model feeds into o_proj, in every layer; the logits are the model's."""
@@ -241,6 +242,7 @@ def test_captured_queries_reproduce_the_attention(smollm2, real):
         assert (out - expected).abs().max().item() < 1e-4, f"layer {i}"
 
 
+@pytest.mark.slow
 def test_capture_restores_the_attention_implementation(smollm2):
     model, _ = smollm2
     original = model.config._attn_implementation
@@ -252,6 +254,7 @@ def test_capture_restores_the_attention_implementation(smollm2):
     assert all(layer.self_attn.config._attn_implementation == original for layer in model.model.layers)
 
 
+@pytest.mark.slow
 def test_capture_under_eager_matches_sdpa(smollm2, real):
     model, _ = smollm2
     _, captured, ids, _ = real

@@ -24,7 +24,7 @@ def prefilled(smollm2, context_ids):
     model, _ = smollm2
     with torch.no_grad():
         out = model(context_ids, use_cache=True)
-    return out.past_key_values, out.logits[0, -1]
+    return out.cache, out.logits[0, -1]
 
 
 @pytest.fixture
@@ -46,21 +46,21 @@ def test_restored_cache_gives_bit_exact_logits_and_identical_generation(service,
     assert restored.token_ids.tolist() == context_ids[0].tolist()
     next_token = last_logits.argmax().view(1, 1)
     with torch.no_grad():
-        original = model(next_token, past_key_values=copy.deepcopy(cache), use_cache=True).logits
-        from_store = model(next_token, past_key_values=restored.cache, use_cache=True).logits
+        original = model(next_token, cache=copy.deepcopy(cache), use_cache=True).logits
+        from_store = model(next_token, cache=restored.cache, use_cache=True).logits
     assert torch.equal(original, from_store)  # bit-exact: the codec is lossless
 
     again = Client(f"127.0.0.1:{service.port}", spec=spec).restore("ctx", config=model.config)
     prompt = torch.cat([context_ids, next_token], dim=1)
     with torch.no_grad():
-        expected = model.generate(prompt, past_key_values=copy.deepcopy(cache), max_new_tokens=20, do_sample=False)
-        got = model.generate(prompt, past_key_values=again.cache, max_new_tokens=20, do_sample=False)
+        expected = model.generate(prompt, cache=copy.deepcopy(cache), max_new_tokens=20, do_sample=False)
+        got = model.generate(prompt, cache=again.cache, max_new_tokens=20, do_sample=False)
     assert torch.equal(expected, got) and got.shape[1] == prompt.shape[1] + 20
 
 
 def _prefill(model, ids):
     with torch.no_grad():
-        return model(ids, use_cache=True).past_key_values
+        return model(ids, use_cache=True).cache
 
 
 def test_shared_system_prompt_is_stored_once(service, smollm2, context_ids, model_client):
@@ -103,7 +103,7 @@ def test_fork_and_append_diverge(service, smollm2, context_ids, model_client):
     for session, turn in (("agent", turn_a), ("agent-alt", turn_b)):
         restored = model_client.restore(session, config=model.config)
         with torch.no_grad():
-            grown = model(turn, past_key_values=restored.cache, use_cache=True).past_key_values
+            grown = model(turn, cache=restored.cache, use_cache=True).cache
         model_client.append(session, grown, turn)
     a, b = model_client.restore("agent", config=model.config), model_client.restore("agent-alt", config=model.config)
     assert a.token_ids.tolist() == torch.cat([base, turn_a], 1)[0].tolist()

@@ -24,6 +24,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
+@pytest.mark.slow
 def test_prepared_folder_contents(cache_dir: Path) -> None:
     folder = cache_dir / BUNDLED_NAME
     for name in ("config.json", "model.safetensors", "tokenizer.json", MARKER_FILE):
@@ -31,6 +32,7 @@ def test_prepared_folder_contents(cache_dir: Path) -> None:
     assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_reload_and_greedy_decode(cache_dir: Path) -> None:
     model, tokenizer = load_model(BUNDLED_NAME, cache_dir)
     assert not model.training
@@ -43,6 +45,7 @@ def test_reload_and_greedy_decode(cache_dir: Path) -> None:
     assert "Paris" in text, text
 
 
+@pytest.mark.slow
 def test_config_shape(cache_dir: Path) -> None:
     model, _ = load_model(cache_dir / BUNDLED_NAME)
     config = model.config
@@ -55,6 +58,7 @@ def test_config_shape(cache_dir: Path) -> None:
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+@pytest.mark.slow
 def test_prepare_reuses_folder(cache_dir: Path) -> None:
     weights = cache_dir / BUNDLED_NAME / "model.safetensors"
     before = weights.stat().st_mtime_ns
@@ -130,6 +134,7 @@ def test_spec_from_model_carries_the_fingerfingerprintand_it_separates_specs() -
     assert ModelSpec.from_dict(spec.to_dict()) == spec
 
 
+@pytest.mark.slow
 def test_hosted_model_spec_has_its_fingerfingerprintand_accepts_unknown_ones(cache_dir: Path) -> None:
     import dataclasses
 

@@ -9,6 +9,7 @@ import sys
 import threading
 import urllib.request
 
+import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -44,6 +45,7 @@ def test_dashboard_and_doc_use_only_metrics_the_server_exports(start_service):
         assert name in exported or re.sub(r"_(total|bucket|count|sum)$", "", name) in families, f"{name} is not exported"
 
 
+@pytest.mark.slow  # a server process under a concurrent writer (4 s)
 def test_documented_backup_while_serving_restores_bit_exactly(server_process, tmp_path):
     server = server_process(tmp_path / "live")
     saved = {}

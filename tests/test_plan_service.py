@@ -11,6 +11,8 @@ from retrieval.executors import OPTIONS
 from retrieval.ttt import query_weights_digest
 from tests.conftest import TOY_SPEC, random_layers
 
+pytestmark = pytest.mark.slow  # every test plans or answers on the hosted SmolLM2
+
 FACT = "The secret code for falcon is 4821937."
 QUESTION = "\n\nQuestion: What is the secret code for falcon? Answer: The secret code for falcon is"
 
@@ -22,7 +24,7 @@ def needle_session(smollm2, long_text):
     text = long_text[:1800] + "\n" + FACT + "\n" + long_text[1800:3400]
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True).cache
     return ids, cache, text
 
 

@@ -12,6 +12,8 @@ from retrieval.context import RetrievalConfig, SessionKV, answer
 from retrieval.long_prefill import windowed_prefill
 from retrieval.rope import Rope
 
+pytestmark = pytest.mark.slow  # every test runs SmolLM2 (one prefills 16k tokens)
+
 
 def test_rope_matches_the_models_own_rotary_embedding(smollm2):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -32,7 +34,7 @@ def test_windowed_prefill_is_a_plain_prefill_while_everything_fits(smollm2, long
     model, tokenizer = smollm2
     ids = tokenizer(long_text, return_tensors="pt").input_ids[:, :700]
     with torch.no_grad():
-        plain = cache_to_layers(model(ids, use_cache=True).past_key_values)
+        plain = cache_to_layers(model(ids, use_cache=True).cache)
     keys, values = windowed_prefill(model, ids, window_tokens=1024, chunk_tokens=256)  # 3 chunks, all in view
     assert max((k - p[0]).abs().max().item() for k, p in zip(keys, plain)) < 1e-3
     assert max((v - p[1]).abs().max().item() for v, p in zip(values, plain)) < 1e-3
@@ -46,9 +48,9 @@ def test_budget_of_the_whole_session_reproduces_the_full_cache(smollm2, long_tex
     ids = tokenizer(long_text, return_tensors="pt").input_ids[:, :768]
     question = tokenizer("\n\nQuestion: What does this license protect? Answer:", return_tensors="pt").input_ids
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
-        full = model.generate(torch.cat([ids, question], 1), past_key_values=cache, max_new_tokens=8, do_sample=False)
-        layers = cache_to_layers(model(ids, use_cache=True).past_key_values)
+        cache = model(ids, use_cache=True).cache
+        full = model.generate(torch.cat([ids, question], 1), cache=cache, max_new_tokens=8, do_sample=False)
+        layers = cache_to_layers(model(ids, use_cache=True).cache)
     kv = SessionKV([k for k, _ in layers], [v for _, v in layers], torch.arange(768))
     index = BlockIndex.build(kv.keys, kv.positions, Rope.from_model(model))
     config = RetrievalConfig(budget_tokens=768, sink_tokens=64, recent_tokens=768, packed=False)  # 1 sink block, 8 retrieved, 3 recent

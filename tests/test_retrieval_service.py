@@ -86,7 +86,7 @@ def real_session(smollm2, long_text):
     model, tokenizer = smollm2
     ids = tokenizer(long_text, return_tensors="pt").input_ids[:, :700]
     with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
+        cache = model(ids, use_cache=True).cache
     return ids, cache
 
 
@@ -98,6 +98,7 @@ def _save_real(store, model, ids, cache, session_id="doc"):
     return store.save("t", session_id, ModelSpec.from_model(model), ids[0].numpy(), pieces).record
 
 
+@pytest.mark.slow
 def test_block_index_is_stored_reloaded_and_rebuilt(store_config, smollm2, real_session):
     model, _ = smollm2
     ids, cache = real_session
@@ -146,6 +147,7 @@ def real_client(service, smollm2, real_session, long_text):
         yield client
 
 
+@pytest.mark.slow
 def test_retrieve_returns_blocks_per_layer_within_budget(real_client, real_session):
     ids, cache = real_session
     result = real_client.retrieve("doc", 256, text="What does the license say about patents?", include_kv=True)
@@ -172,6 +174,7 @@ def test_retrieve_returns_blocks_per_layer_within_budget(real_client, real_sessi
     assert len({layer.num_tokens for layer in by_ids.layers}) == 1
 
 
+@pytest.mark.slow
 def test_retrieve_bad_requests(real_client):
     cases = [
         (dict(budget_tokens=0, text="q"), grpc.StatusCode.INVALID_ARGUMENT, "budget_tokens"),
@@ -198,6 +201,7 @@ def test_retrieve_refuses_sessions_of_another_model(client):
         client.retrieve("toy", 32, text="q")
 
 
+@pytest.mark.slow
 def test_search_text_finds_the_planted_fact_and_survives_damage(real_client, service):
     response = real_client.search_text("doc", "What is the secret code for falcon?", k=3)
     assert response.index_rebuilt and len(response.hits) == 3
@@ -211,6 +215,7 @@ def test_search_text_finds_the_planted_fact_and_survives_damage(real_client, ser
         real_client.search_text("doc", "   ")
 
 
+@pytest.mark.slow  # the server loads the text embedder before it finds the session has no text (server.py:376)
 def test_search_text_needs_saved_text(client):
     client.save("mute", random_layers(TOY_SPEC, 32), list(range(32)))
     with pytest.raises(errors.FailedPrecondition, match="without text"):
@@ -219,6 +224,7 @@ def test_search_text_needs_saved_text(client):
         client.search_text("missing", "anything")
 
 
+@pytest.mark.slow
 def test_saves_are_indexed_in_the_background(tmp_path, smollm2, real_session):
     from kvmem.config import ModelConfig, RetrievalSettings, ServerConfig, ServiceConfig
     from kvstore.store import StoreConfig

@@ -216,6 +216,7 @@ def test_keys_file_never_holds_a_token(keys):
         auth.parse_keys('[keys.x]\nsha256 = "' + "0" * 64 + '"\ntenant = "a"\ntoken = "plain"\n')
 
 
+@pytest.mark.slow
 def test_cli_keys_add_prints_a_token_that_works(secured, keys):
     done = subprocess.run([sys.executable, "-m", "kvmem.cli", "keys", "--keys-file", str(keys.path), "add", "--tenant", "cli-tenant"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -321,6 +322,7 @@ def test_refuses_to_listen_beyond_loopback_without_auth_and_tls(tmp_path, keys, 
     check_security(service_config(tmp_path, server={"host": "0.0.0.0"}, auth=AuthConfig(keys_file=str(keys.path)), tls=tls))
 
 
+@pytest.mark.slow
 def test_server_process_refuses_0000_and_starts_with_insecure(tmp_path):
     command = [sys.executable, str(REPO / "server.py"), "--host", "0.0.0.0", "--port", "0", "--data-dir", str(tmp_path / "d"), "--set", "model.prepare=false"]
     refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -22,7 +22,7 @@ from retrieval.text_index import (
     text_digest,
 )
 
-GPL3 = Path("/usr/share/common-licenses/GPL-3")
+GPL3 = Path(__file__).parent / "data" / "licenses" / "GPL-3"  # a verbatim copy of Debian's common-licenses/GPL-3
 FACTS = {  # animal -> code; planted at about 20%, 50% and 80% of the text
     "heron": "5306284",
     "falcon": "4821937",
@@ -43,7 +43,7 @@ def plant(text: str, sentence: str, fraction: float) -> str:
 
 @pytest.fixture(scope="module")
 def haystack() -> str:
-    text = GPL3.read_text()
+    text = GPL3.read_text(encoding="utf-8")
     for (animal, code), fraction in zip(FACTS.items(), (0.2, 0.5, 0.8)):
         text = plant(text, f"The secret code for {animal} is {code}.", fraction)
     return text
@@ -83,7 +83,7 @@ def sentences_text(seed: int = 0, paragraphs: int = 12) -> str:
 
 
 def test_chunks_cover_text_and_respect_word_limit():
-    text = GPL3.read_text()
+    text = GPL3.read_text(encoding="utf-8")
     chunks = chunk_text(text, max_words=150)
     assert_tiles(text, chunks)
     words = [len(c.text.split()) for c in chunks]
@@ -140,6 +140,7 @@ def test_bad_chunk_parameters(kwargs):
 # ---------------------------------------------------------------------------------------------
 # embedder
 
+@pytest.mark.slow  # loads the text embedder
 def test_embeddings_are_unit_norm_and_deterministic(embedder):
     texts = ["A man is eating food.", "A man is eating a piece of bread.", "A man is riding a horse.", ""]
     first = embedder.embed(texts)
@@ -153,6 +154,7 @@ def test_embeddings_are_unit_norm_and_deterministic(embedder):
     assert embedder.embed([]).shape == (0, 384)
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_embedder_truncates_at_256_word_pieces(embedder):
     long = " ".join(f"token{i % 50}" for i in range(600))
     assert embedder.count_tokens(long) > 256
@@ -160,6 +162,7 @@ def test_embedder_truncates_at_256_word_pieces(embedder):
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_embedder_is_safe_under_concurrent_callers(embedder):
     texts = [f"Sentence {i} about licences and freedom." for i in range(24)]
     expected = embedder.embed(texts)
@@ -177,20 +180,23 @@ def test_embedder_is_safe_under_concurrent_callers(embedder):
         np.testing.assert_allclose(result, expected, atol=1e-5)
 
 
+@pytest.mark.slow  # loads the text embedder
 @pytest.mark.parametrize("texts", ["a string", [1, 2], None])
 def test_embedder_rejects_non_text(embedder, texts):
     with pytest.raises(InvalidRequest):
         embedder.embed(texts)
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_default_chunks_fit_the_embedder_window(embedder):
-    chunks = chunk_text(GPL3.read_text())
+    chunks = chunk_text(GPL3.read_text(encoding="utf-8"))
     assert max(embedder.count_tokens(c.text) for c in chunks) + 2 <= embedder.max_tokens
 
 
 # ---------------------------------------------------------------------------------------------
 # index and search
 
+@pytest.mark.slow  # loads the text embedder
 def test_planted_fact_is_top_hit(index, embedder):
     for animal, code in FACTS.items():
         hits = index.search(f"What is the secret code for {animal}?", embedder, k=5)
@@ -201,6 +207,7 @@ def test_planted_fact_is_top_hit(index, embedder):
     assert len({chunk_with(index, code) for code in FACTS.values()}) == 3
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_hits_sorted_and_k_clipped(index, embedder):
     hits = index.search("What is the secret code for falcon?", embedder, k=10_000)
     assert len(hits) == len(index) > 20
@@ -212,6 +219,7 @@ def test_hits_sorted_and_k_clipped(index, embedder):
         assert (hit.start_char, hit.end_char, hit.text) == (chunk.start_char, chunk.end_char, chunk.text)
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_search_vectors_matches_search(index, embedder):
     questions = ["What is the secret code for otter?", "Can I charge a fee for conveying copies?"]
     by_vectors = index.search_vectors(embedder.embed(questions), k=4)  # batched with padding
@@ -221,36 +229,42 @@ def test_search_vectors_matches_search(index, embedder):
                                [[h.score for h in hits] for hits in one_by_one], atol=1e-5)
 
 
+@pytest.mark.slow  # loads the text embedder
 @pytest.mark.parametrize("k", [0, -3, 1.5, True])
 def test_bad_k(index, embedder, k):
     with pytest.raises(InvalidRequest, match="k must be"):
         index.search("licence", embedder, k=k)
 
 
+@pytest.mark.slow  # loads the text embedder
 @pytest.mark.parametrize("query", ["", "   \n", None])
 def test_empty_query(index, embedder, query):
     with pytest.raises(InvalidRequest, match="query_text"):
         index.search(query, embedder, k=3)
 
 
+@pytest.mark.slow  # loads the text embedder
 @pytest.mark.parametrize("vectors", [np.zeros((1, 383), np.float32), np.zeros(384, np.float32), np.full((1, 384), np.nan, np.float32)])
 def test_bad_query_vectors(index, vectors):
     with pytest.raises(InvalidRequest):
         index.search_vectors(vectors, k=3)
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_other_embedder_is_refused(index, embedder):
     impostor = types.SimpleNamespace(name="other-embedder", dim=embedder.dim, embed=embedder.embed)
     with pytest.raises(ModelMismatch, match="other-embedder"):
         index.search("licence", impostor, k=3)
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_index_of_blank_text(embedder):
     empty = TextIndex.build("  \n", embedder)
     assert len(empty) == 0 and empty.search("anything", embedder, k=3) == []
     assert TextIndex.from_bytes(empty.to_bytes()).text == "  \n"
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_text_digest(index, haystack):
     assert index.text_digest == text_digest(haystack) and len(index.text_digest) == 32
     assert index.matches(haystack) and not index.matches(haystack + " ")
@@ -259,6 +273,7 @@ def test_text_digest(index, haystack):
 # ---------------------------------------------------------------------------------------------
 # bytes
 
+@pytest.mark.slow  # loads the text embedder
 def test_roundtrip_gives_identical_results(index, embedder):
     raw = index.to_bytes()
     assert raw[:4] == b"KVTX"
@@ -276,6 +291,7 @@ def faiss_offset(raw: bytes) -> int:
     return _PREFIX.size + header_len + text_len
 
 
+@pytest.mark.slow  # loads the text embedder
 @pytest.mark.parametrize("where", ["faiss_start", "faiss_vectors", "header", "text", "checksum"])
 def test_flipped_byte_is_corrupt(index, where):
     raw = bytearray(index.to_bytes())
@@ -291,6 +307,7 @@ def test_flipped_byte_is_corrupt(index, where):
         TextIndex.from_bytes(bytes(raw))
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_truncated_bytes_are_corrupt(index):
     raw = index.to_bytes()
     for cut in [*range(0, _PREFIX.size + 2), faiss_offset(raw), faiss_offset(raw) + 100, len(raw) - 17, len(raw) - 1]:
@@ -306,6 +323,7 @@ def test_garbage_is_corrupt(raw):
         TextIndex.from_bytes(raw)
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_wrong_magic_and_version_are_corrupt(index):
     raw = bytearray(index.to_bytes())
     with pytest.raises(CorruptData, match="magic"):
@@ -332,6 +350,7 @@ def resealed_variants(raw: bytes):
         yield f"missing {key}", {k: v for k, v in header.items() if k != key}, text_bytes, index_bytes
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_resealed_damage_is_corrupt(index):
     accepted = []
     for name, header, text_bytes, index_bytes in resealed_variants(index.to_bytes()):
@@ -364,6 +383,7 @@ def test_select_for_budget_takes_best_first_in_document_order():
         select_for_budget(hits, -1, word_count)
 
 
+@pytest.mark.slow  # loads the text embedder
 def test_select_for_budget_on_real_hits(index, embedder):
     hits = index.search("What is the secret code for falcon?", embedder, k=10)
     budget = 600

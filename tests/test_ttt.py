@@ -18,10 +18,11 @@ def context(smollm2, long_text):
     model, tokenizer = smollm2
     ids = tokenizer(long_text, return_tensors="pt", add_special_tokens=False).input_ids[0, :600]
     with torch.no_grad():
-        layers = cache_to_layers(model(ids[None], use_cache=True).past_key_values)
+        layers = cache_to_layers(model(ids[None], use_cache=True).cache)
     return ids, [k.clone() for k, _ in layers], [v.clone() for _, v in layers]
 
 
+@pytest.mark.slow
 def test_frozen_span_loss_equals_the_models_own_loss(smollm2, context):
     """Before any update, a span over the frozen cache is exactly the model's next-token loss."""
     model, _ = smollm2
@@ -34,6 +35,7 @@ def test_frozen_span_loss_equals_the_models_own_loss(smollm2, context):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_frozen_cache_hands_back_the_prefill_states(smollm2, context):
     model, _ = smollm2
     ids, keys, values = context
@@ -43,6 +45,7 @@ def test_frozen_cache_hands_back_the_prefill_states(smollm2, context):
     assert torch.equal(k[0], keys[5][:, :110]) and torch.equal(v[0], values[5][:, :110])
 
 
+@pytest.mark.slow
 def test_shadow_shares_everything_but_the_query_projections(smollm2):
     model, _ = smollm2
     shadow, trainable = query_shadow(model)
@@ -55,6 +58,7 @@ def test_shadow_shares_everything_but_the_query_projections(smollm2):
     assert all(p.requires_grad for p in model.parameters())  # the hosted model's flags are untouched
 
 
+@pytest.mark.slow
 def test_training_lowers_held_out_loss_and_leaves_the_hosted_model_bit_exact(smollm2, context):
     model, _ = smollm2
     ids, keys, values = context
@@ -73,6 +77,7 @@ def test_training_lowers_held_out_loss_and_leaves_the_hosted_model_bit_exact(smo
     assert heldout_loss(model, ids, keys, values, held, 128) == pytest.approx(base, abs=1e-6)  # hosted model unaffected
 
 
+@pytest.mark.slow
 def test_concurrent_adaptations_never_see_each_other(smollm2, context):
     """Two requests training at once (different seeds) end where they end alone. Not bit for bit:
     concurrent requests share torch's intra-op thread pool, which changes the reduction order of
