@@ -372,7 +372,8 @@ class KVMemServicer:
         tenant = call.tenant_for(request.tenant)
         if not request.query.strip():
             raise InvalidRequest("query is empty; give the text to search for")
-        self.store.get(tenant, request.session_id)  # an unknown session never loads the embedder
+        if self.store.session_text(tenant, request.session_id) is None:  # checked before the embedder loads
+            raise FailedPrecondition(f"session {request.session_id!r} was saved without text; save it with text to search it")
         embedder = self._text_embedder()
         loaded = text_index(self.store, embedder, tenant, request.session_id)
         hits = loaded.index.search(request.query, embedder, request.k or 5)

@@ -21,6 +21,8 @@ from bench.common import MODEL_CACHE, environment, format_table, pin_threads, wr
 CONTEXT, CONTINUATION, OFFSET = 768, 64, 2000
 
 
+LICENSES = Path(__file__).resolve().parent.parent / "tests" / "data" / "licenses"  # Debian's texts, shipped verbatim
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer variants, a 256-token context (CI smoke run)")
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
 
     model, tokenizer = load_model("smollm2-135m-instruct", cache_dir=MODEL_CACHE)
     context_len = 256 if args.quick else CONTEXT
-    text = "\n\n".join(Path(f"/usr/share/common-licenses/{n}").read_text() for n in ("GPL-3", "Apache-2.0", "MPL-2.0"))
+    text = "\n\n".join((LICENSES / n).read_text() for n in ("GPL-3", "Apache-2.0", "MPL-2.0"))
     ids = tokenizer(text, return_tensors="pt").input_ids[:, OFFSET : OFFSET + context_len + CONTINUATION]
     context, continuation = ids[:, :context_len], ids[:, context_len:]
     full = capture_queries(model, ids)
@@ -49,11 +51,11 @@ def main(argv=None) -> int:
 
     def nll(cache) -> float:
         with torch.no_grad():
-            logits = model(continuation, past_key_values=cache, use_cache=True).logits[0, :-1]
+            logits = model(continuation, cache=cache, use_cache=True).logits[0, :-1]
         return float(torch.nn.functional.cross_entropy(logits, continuation[0, 1:]))
 
     with torch.no_grad():
-        full_cache = model(context, use_cache=True).past_key_values
+        full_cache = model(context, use_cache=True).cache
         no_context = float(torch.nn.functional.cross_entropy(model(continuation).logits[0, :-1], continuation[0, 1:]))
     rows = [["full cache", "-", "-", 0.0, nll(copy.deepcopy(full_cache)), "-"], ["no context", "-", "-", "-", no_context, "-"]]
 

@@ -156,7 +156,7 @@ def answer(model, tokenizer, layers, biases, length: int, question: torch.Tensor
 
     cache = CompactedCache.for_model(model, layers, biases, length)
     with torch.no_grad():
-        out = model.generate(generation_inputs(length, question), past_key_values=cache, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = model.generate(generation_inputs(length, question), cache=cache, max_new_tokens=NEW_TOKENS, do_sample=False)
     return tokenizer.decode(out[0, length + question.shape[1]:], skip_special_tokens=True)
 
 
@@ -166,7 +166,7 @@ def continuation_logits(model, layers, biases, length: int, continuation: torch.
 
     cache = CompactedCache.for_model(model, layers, biases, length)
     with torch.no_grad():
-        return model(input_ids=continuation[:, :-1], past_key_values=cache, use_cache=True).logits[0].float()
+        return model(input_ids=continuation[:, :-1], cache=cache, use_cache=True).logits[0].float()
 
 
 def nll_and_kl(logits: torch.Tensor, full_logprobs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:

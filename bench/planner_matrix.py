@@ -39,7 +39,7 @@ def prefill(model, context_ids: torch.Tensor, window: int) -> tuple[list[torch.T
     started = time.perf_counter()
     if context_ids.shape[1] <= window:
         with torch.no_grad():
-            layers = cache_to_layers(model(context_ids, use_cache=True).past_key_values)
+            layers = cache_to_layers(model(context_ids, use_cache=True).cache)
         keys, values = [k.clone() for k, _ in layers], [v.clone() for _, v in layers]
     else:
         keys, values = windowed_prefill(model, context_ids, window_tokens=2048)

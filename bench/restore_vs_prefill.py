@@ -65,7 +65,7 @@ def prompt_ids(tokenizer, count: int) -> torch.Tensor:
 def next_logits(model, cache, token: torch.Tensor) -> torch.Tensor:
     """float32 [V]: logits after feeding one more token on top of ``cache`` (which it extends)."""
     with torch.inference_mode():
-        return model(token, past_key_values=cache, use_cache=True).logits[0, -1].clone()
+        return model(token, cache=cache, use_cache=True).logits[0, -1].clone()
 
 
 def main(argv=None) -> int:
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             elapsed, out = timed(lambda: model(input_ids, use_cache=True))
         prefill_times.append(elapsed)
         print(f"  prefill {rep + 1}/{prefill_repeats}: {elapsed:.2f}s", flush=True)
-    cache = out.past_key_values
+    cache = out.cache
     next_token = out.logits[0, -1].argmax().view(1, 1)  # greedy next token, [1, 1]
 
     restore_times: dict[str, list[float]] = {"restore (cpu tier)": [], "restore (lmdb)": []}

@@ -52,7 +52,7 @@ def build_session(model, task, window: int):
     length = task.context_ids.shape[1]
     if length + task.question_ids.shape[1] + NEW_TOKENS <= window:
         with torch.no_grad():
-            layers = cache_to_layers(model(task.context_ids, use_cache=True).past_key_values)
+            layers = cache_to_layers(model(task.context_ids, use_cache=True).cache)
         keys, values = [k.clone() for k, _ in layers], [v.clone() for _, v in layers]
     else:
         keys, values = windowed_prefill(model, task.context_ids, window_tokens=2048)
@@ -87,7 +87,7 @@ def true_top_blocks(model, kv, index, task, sink_end: int, recent_start: int) ->
 
     cache = layers_to_cache([(k.clone(), v.clone()) for k, v in zip(kv.keys, kv.values)], model.config)
     with torch.no_grad(), recording_queries(model) as queries:
-        model(task.question_ids, past_key_values=cache, use_cache=True)
+        model(task.question_ids, cache=cache, use_cache=True)
     allowed = retrievable_blocks(index, sink_end, recent_start)
     out = []
     for layer, keys in enumerate(kv.keys):

@@ -98,4 +98,4 @@ def capture_queries(model: Any, input_ids: torch.Tensor) -> CapturedForward:
     missing = [i for i in range(layers) if i not in recorded]
     if missing:
         raise RuntimeError(f"no queries recorded for layers {missing}: the model's attention does not go through AttentionInterface")
-    return CapturedForward([recorded[i] for i in range(layers)], out.past_key_values, out.logits)
+    return CapturedForward([recorded[i] for i in range(layers)], out.cache, out.logits)

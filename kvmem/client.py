@@ -4,9 +4,9 @@
     from kvstore.spec import ModelSpec, dtype_name
 
     client = Client("127.0.0.1:50051", spec=ModelSpec.from_model(model))
-    client.save("chat-42", out.past_key_values, input_ids[0])
+    client.save("chat-42", out.cache, input_ids[0])
     restored = client.restore("chat-42", config=model.config)
-    model.generate(ids, past_key_values=restored.cache, ...)
+    model.generate(ids, cache=restored.cache, ...)
 
 Errors arrive as kvmem exceptions (kvstore.errors: NotFound, InvalidRequest, ModelMismatch, ...)
 carrying the server's message and the gRPC ``code``.

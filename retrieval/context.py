@@ -266,7 +266,7 @@ def probe_pass(model: Any, kv: SessionKV, question_ids: torch.Tensor, config: Re
     ids = question_ids.view(1, -1)
     positions = torch.arange(layout.question_start, layout.question_start + ids.shape[1])
     with torch.no_grad(), recording_queries(model) if record_queries else contextlib.nullcontext({}) as recorded:
-        model(input_ids=ids, past_key_values=cache, position_ids=positions[None], use_cache=True)
+        model(input_ids=ids, cache=cache, position_ids=positions[None], use_cache=True)
     keys = [rope.rotate(cache.layers[l].keys[0, :, -ids.shape[1]:].float(), -positions) for l in range(len(kv.keys))]
     queries = [rope.rotate(recorded[l], -positions) for l in range(len(kv.keys))] if record_queries else None
     return QuestionStates(keys, queries)
@@ -311,5 +311,5 @@ def answer(model: Any, kv: SessionKV, index: BlockIndex, question_ids: torch.Ten
     inputs = generation_inputs(layout.question_start, question_ids.view(1, -1))
     with torch.no_grad():
         # an explicit all-ones mask: the placeholders must not be taken for padding (positions come from it)
-        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), cache=cache, max_new_tokens=max_new_tokens, do_sample=False)
     return Answer(out[0, inputs.shape[1] :], selection, layout)

@@ -123,7 +123,7 @@ def generate_on(model: Any, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
                                      [b.to(device) if b is not None else None for b in bias], logical_length)
     inputs = generation_inputs(logical_length, question_ids.view(1, -1)).to(device)
     with torch.no_grad():
-        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), cache=cache, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs.shape[1]:].tolist()
 
 

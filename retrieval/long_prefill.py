@@ -52,9 +52,9 @@ def windowed_prefill(model: Any, input_ids: torch.Tensor, window_tokens: int = 2
         chunk = ids[done:end].view(1, -1)
         positions = torch.arange(packed, packed + chunk.shape[1])
         with torch.no_grad():
-            out = model(input_ids=chunk, past_key_values=cache, position_ids=positions[None], use_cache=True)
+            out = model(input_ids=chunk, cache=cache, position_ids=positions[None], use_cache=True)
         back = rope.cos_sin(torch.arange(done, end) - positions)  # to original positions
-        for l, (k, v) in enumerate(cache_to_layers(out.past_key_values)):
+        for l, (k, v) in enumerate(cache_to_layers(out.cache)):
             if not keys or len(keys) <= l:
                 heads, _, dim = k.shape
                 keys.append(torch.empty(heads, total, dim))

@@ -137,7 +137,7 @@ def span_loss(shadow: Any, context_ids: torch.Tensor, keys: Sequence[torch.Tenso
     end = min(start + span, context_ids.numel() - 1)
     cache = FrozenSpanCache(keys, values, start, shadow.config)
     inputs = context_ids[start:end].view(1, -1)
-    logits = shadow(input_ids=inputs, past_key_values=cache, use_cache=True).logits[0]  # [n, vocab]
+    logits = shadow(input_ids=inputs, cache=cache, use_cache=True).logits[0]  # [n, vocab]
     return F.cross_entropy(logits.float(), context_ids[start + 1 : end + 1])
 
 

@@ -215,7 +215,6 @@ def test_search_text_finds_the_planted_fact_and_survives_damage(real_client, ser
         real_client.search_text("doc", "   ")
 
 
-@pytest.mark.slow  # the server loads the text embedder before it finds the session has no text (server.py:376)
 def test_search_text_needs_saved_text(client):
     client.save("mute", random_layers(TOY_SPEC, 32), list(range(32)))
     with pytest.raises(errors.FailedPrecondition, match="without text"):
