@@ -38,6 +38,7 @@ from kvmem.v1 import kvmem_pb2 as pb
 from kvstore.errors import Conflict, FailedPrecondition, InvalidRequest
 from kvstore.pieces import KVPieces
 from kvstore.store import RestorePlan, SessionStore
+from kvstore.validation import positions_array
 
 log = logging.getLogger("kvmem.server")
 
@@ -68,9 +69,6 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 # ---------------------------------------------------------------------------- servicer
-U62 = 1 << 62
-
-
 @dataclass
 class PendingWrite:
     """A Save/Append whose header was accepted; chunks go into ``pieces`` until the Commit."""
@@ -81,16 +79,6 @@ class PendingWrite:
     tokens: np.ndarray
     pieces: KVPieces
     positions: np.ndarray | None = None
-
-
-def _positions(values) -> np.ndarray | None:
-    """uint64 wire positions -> int64, refusing what int64 (and the store) cannot hold."""
-    if not len(values):
-        return None
-    positions = np.asarray(values, dtype=np.uint64)
-    if positions.max() >= U62:
-        raise InvalidRequest(f"position {int(positions.max())} is out of range; positions must be below 2^62 (and below the model's max_position)")
-    return positions.astype(np.int64)
 
 
 def _option_value(text: str):
@@ -153,7 +141,8 @@ class KVMemServicer:
         tokens = np.asarray(header.token_ids, dtype=np.uint32)
         if header.reuse_prefix_tokens > len(tokens):
             raise InvalidRequest(f"reuse_prefix_tokens={header.reuse_prefix_tokens} exceeds the {len(tokens)} token ids of the header")
-        positions = _positions(header.positions)
+        # checked before any chunk is read (uint64 on the wire: never wraps into int64)
+        positions = positions_array(list(header.positions), len(tokens)) if len(header.positions) else None
         pieces = self.store.new_pieces(spec, header.reuse_prefix_tokens, len(tokens), header.has_bias)
         return PendingWrite(tenant, header, spec, tokens, pieces, positions)
 

@@ -213,10 +213,15 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_keys(path: Path) -> tuple[list[KeyEntry], KeySet]:
+    """The keys file's entries and lookup set; a file not written yet holds no keys."""
+    return parse_keys(path.read_text(), str(path)) if path.exists() else ([], KeySet())
+
+
 def add_key(path: Path, tenant: str, role: str = "tenant", max_stored_bytes: int | None = None, max_sessions: int | None = None) -> tuple[KeyEntry, str]:
     """Add a new random key for ``tenant``; returns (entry, token). The token is not stored."""
     path = Path(path)
-    entries, keyset = parse_keys(path.read_text(), str(path)) if path.exists() else ([], KeySet())
+    entries, keyset = read_keys(path)
     if role not in ROLES:
         raise KeysFileError(f"role must be one of {ROLES}, got {role!r}")
     _tenant({"tenant": tenant}, "--tenant")
@@ -233,7 +238,7 @@ def add_key(path: Path, tenant: str, role: str = "tenant", max_stored_bytes: int
 def remove_key(path: Path, key_id: str) -> KeyEntry:
     """Remove one key by id; raises KeysFileError if it is not there."""
     path = Path(path)
-    entries, keyset = parse_keys(path.read_text(), str(path)) if path.exists() else ([], KeySet())
+    entries, keyset = read_keys(path)
     doomed = [e for e in entries if e.key_id == key_id]
     if not doomed:
         raise KeysFileError(f"{path}: no key {key_id!r}; `kvmem keys ls` lists them")
@@ -243,7 +248,7 @@ def remove_key(path: Path, key_id: str) -> KeyEntry:
 
 def list_keys(path: Path) -> list[KeyEntry]:
     path = Path(path)
-    return parse_keys(path.read_text(), str(path))[0] if path.exists() else []
+    return read_keys(path)[0]
 
 
 class KeyRing:

@@ -212,6 +212,15 @@ def _field_comments(cls: type) -> dict[str, str]:
     return comments
 
 
+def _toml_value(value: Any) -> str:
+    """A default as it is written in the TOML file."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))
+    return str(value)
+
+
 def render_reference() -> str:
     """Markdown tables of every section and key with its default and meaning, from the dataclasses
     themselves (docs/operations.md embeds it; a test fails when it drifts)."""
@@ -223,9 +232,8 @@ def render_reference() -> str:
         comments = _field_comments(cls)
         lines += [f"**[{section}]**", "", "| key | default | meaning |", "|---|---|---|"]
         for f in dataclasses.fields(cls):
-            value = getattr(getattr(defaults, section), f.name)
-            shown = str(value) if isinstance(value, Path) else value
-            lines.append(f"| `{f.name}` | `{json.dumps(shown) if isinstance(shown, str) else str(shown).lower() if isinstance(shown, bool) else shown}` | {comments.get(f.name, '').replace('|', '/')} |")
+            value = _toml_value(getattr(getattr(defaults, section), f.name))
+            lines.append(f"| `{f.name}` | `{value}` | {comments.get(f.name, '').replace('|', '/')} |")
         lines.append("")
     lines.append(REFERENCE_END)
     return "\n".join(lines)

@@ -13,12 +13,12 @@ chunks into buffers, LMDB transactions, model runs) goes to ``pool``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
 import traceback
 import uuid
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -27,16 +27,15 @@ import grpc
 from kvmem import wire
 from kvmem.admission import StreamLimits
 from kvmem.auth import Identity, KeyRing, bearer_token
+from kvmem.convert import DEFAULT_TENANT
 from kvmem.status import ERROR_METADATA_KEY, code_for, error_class
 from kvmem.v1 import kvmem_pb2 as pb
 from kvstore.errors import InvalidRequest, KvmemError, PermissionDenied, TimedOut, Unauthenticated
 
-IDENTITY_ERRORS = {Unauthenticated: "unauthenticated", PermissionDenied: "permission_denied"}
-
 log = logging.getLogger("kvmem.server")
 audit_log = logging.getLogger("kvmem.audit")
 SERVICE_NAME = "kvmem.v1.KVMem"
-DEFAULT_TENANT = "default"
+IDENTITY_ERRORS = {Unauthenticated: "unauthenticated", PermissionDenied: "permission_denied"}  # -> auth failure metric label
 STATE_CHANGING = frozenset({"SaveSession", "AppendSession", "ForkSession", "DeleteSession", "Compact"})
 
 

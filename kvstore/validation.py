@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kvstore.errors import InvalidRequest
-from kvstore.spec import MAX_POSITION_LIMIT, ModelSpec
+from kvstore.spec import MAX_POSITION_LIMIT
 
 MAX_TTL_SECONDS = 315_360_000  # ten years
 POSITION_LIMIT = MAX_POSITION_LIMIT  # every position and logical length stays below 2^62
@@ -95,39 +95,20 @@ def token_ids_array(token_ids: Any, what: str = "token ids") -> np.ndarray:
     return _int_array(token_ids, what, 0, 1 << 32, np.uint32, "uint32")
 
 
-def position_bound(spec: ModelSpec) -> int:
-    """Positions are < this: 2^62, whatever the model's window.
+def positions_array(positions: Any, total: int) -> np.ndarray:
+    """int64 [T] original positions, each in 0..2^62-1.
 
-    Contexts longer than the model's ``max_position`` are stored on purpose: retrieval selects a
-    window's worth of them and compaction shrinks them to fit, both at their original positions.
-    So the window is not a storage bound; 2^62 is (int64 positions, room for appends, never a wrap).
+    Positions past the model's ``max_position`` are stored on purpose: contexts longer than the
+    window are what retrieval (a window's worth of them) and compaction (shrunk to fit) are for,
+    both at their original positions. 2^62 is the storage bound: int64, room for appends, no wrap.
     """
-    return POSITION_LIMIT
-
-
-def _window_hint(spec: ModelSpec) -> str:
-    return "below 2^62"
-
-
-def positions_array(positions: Any, total: int, spec: ModelSpec) -> np.ndarray:
-    """int64 [T] original positions, each in 0..bound-1 (bound: ``position_bound(spec)``)."""
-    array = _int_array(positions, "positions", 0, position_bound(spec), np.int64, _window_hint(spec))
+    array = _int_array(positions, "positions", 0, POSITION_LIMIT, np.int64, "below 2^62")
     if array.shape != (total,):
         raise InvalidRequest(f"{array.size} positions given for {total} tokens; give one position per token")
     return array
 
 
-def check_token_count(total: int, spec: ModelSpec) -> None:
-    """A session without explicit positions sits at 0..T-1, so T must fit below the bound."""
-    bound = position_bound(spec)
-    if total > bound:
-        raise InvalidRequest(
-            f"a session of {total} tokens (positions 0..{total - 1}) does not fit: positions must be {_window_hint(spec)}; "
-            "shorten or compact it"
-        )
-
-
-def check_logical_length(logical_length: int, total: int, positions: np.ndarray | None, spec: ModelSpec) -> int:
+def check_logical_length(logical_length: int, total: int, positions: np.ndarray | None) -> int:
     """The logical length a save records: the given one (0 = derive it) after its checks.
 
     It must be at least T and past the last position, and below 2^62. ``positions`` None means
@@ -144,12 +125,12 @@ def check_logical_length(logical_length: int, total: int, positions: np.ndarray 
             f"logical_length {logical_length} must be at least the {total} stored tokens and exceed the largest position "
             f"{largest}; send 0 to derive it"
         )
-    check_logical_bound(logical_length, spec, "logical_length")
+    check_logical_bound(logical_length, "logical_length")
     return logical_length
 
 
-def check_logical_bound(logical_length: int, spec: ModelSpec, what: str) -> None:
-    """``what`` (a logical length) must stay below 2^62 (see ``position_bound``)."""
+def check_logical_bound(logical_length: int, what: str) -> None:
+    """``what`` (a logical length) must stay below 2^62 (see ``positions_array``)."""
     if logical_length >= POSITION_LIMIT:
         raise InvalidRequest(f"{what} {logical_length} must be below 2^62")
 
