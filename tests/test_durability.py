@@ -102,6 +102,9 @@ def test_sigterm_lets_an_in_flight_save_finish(server_process, tmp_path):
         save = channel.stream_unary(wire.SAVE_METHOD, request_serializer=wire.serialize, response_deserializer=pb.SaveSessionResponse.FromString)
         future = save.future(slow_stream())
         assert sent_first.wait(10)
+        # "sent" is only queued on the client: give the server time to accept the call, so the
+        # SIGTERM finds it in flight (a call the server never accepted is CANCELLED, storing nothing)
+        time.sleep(0.5)
         server.process.terminate()
         response = future.result(timeout=20)
     assert response.session.num_tokens == 64
