@@ -35,9 +35,9 @@ from kvmem.auth import KeyRing, KeysFileError
 from kvmem.config import ConfigError, PlannerSettings, RetrievalSettings, ServiceConfig, load_config
 from kvmem.frontend import SERVICE_NAME, FrontEnd, FrontEndSettings
 from kvmem.v1 import kvmem_pb2 as pb
-from kvstore.errors import Conflict, FailedPrecondition, InvalidRequest
-from kvstore.pieces import KVPieces
-from kvstore.store import RestorePlan, SessionStore
+from kvstore.errors import Conflict, CorruptData, FailedPrecondition, InvalidRequest, Unavailable
+from kvstore.scrub import Scrubber
+from kvstore.store import OpenWrite, RestorePlan, SessionStore
 from kvstore.validation import positions_array
 
 log = logging.getLogger("kvmem.server")
@@ -71,14 +71,14 @@ def setup_logging(level: str, fmt: str) -> None:
 # ---------------------------------------------------------------------------- servicer
 @dataclass
 class PendingWrite:
-    """A Save/Append whose header was accepted; chunks go into ``pieces`` until the Commit."""
+    """A Save/Append whose header was accepted; chunks go into ``pieces`` (written as they
+    arrive, invisible) until the Commit; the front end calls ``pieces.abort()`` on any failure."""
 
     tenant: str
     header: Any
     spec: Any
     tokens: np.ndarray
-    pieces: KVPieces
-    positions: np.ndarray | None = None
+    pieces: OpenWrite
 
 
 def _option_value(text: str):
@@ -143,16 +143,15 @@ class KVMemServicer:
             raise InvalidRequest(f"reuse_prefix_tokens={header.reuse_prefix_tokens} exceeds the {len(tokens)} token ids of the header")
         # checked before any chunk is read (uint64 on the wire: never wraps into int64)
         positions = positions_array(list(header.positions), len(tokens)) if len(header.positions) else None
-        pieces = self.store.new_pieces(spec, header.reuse_prefix_tokens, len(tokens), header.has_bias)
-        return PendingWrite(tenant, header, spec, tokens, pieces, positions)
-
-    def commit_save(self, call, pending: PendingWrite) -> pb.SaveSessionResponse:
-        header = pending.header
-        result = self.store.save(
-            pending.tenant, header.session_id, pending.spec, pending.tokens, pending.pieces,
-            positions=pending.positions, logical_length=header.logical_length, ttl_seconds=header.ttl_seconds, overwrite=header.overwrite,
+        write = self.store.begin_save(
+            tenant, header.session_id, spec, tokens, has_bias=header.has_bias, positions=positions,
+            logical_length=header.logical_length, ttl_seconds=header.ttl_seconds, overwrite=header.overwrite,
             reuse_prefix_tokens=header.reuse_prefix_tokens, text=header.text or None,
         )
+        return PendingWrite(tenant, header, spec, tokens, write)
+
+    def commit_save(self, call, pending: PendingWrite) -> pb.SaveSessionResponse:
+        result = pending.pieces.commit()
         call.bytes = result.bytes_written
         self._index_later(result.record)
         return pb.SaveSessionResponse(session=convert.session_info(result.record), deduplicated_tokens=result.deduplicated_tokens, bytes_written=result.bytes_written)
@@ -160,18 +159,13 @@ class KVMemServicer:
     def open_append(self, call, header) -> PendingWrite:
         tenant = call.tenant_for(header.tenant)
         spec = convert.spec_from_pb(header.model)
-        current = self.store.get(tenant, header.session_id)
-        current.spec.require_same(spec, f"session {header.session_id!r}")
-        if header.HasField("expected_num_tokens") and header.expected_num_tokens != current.num_tokens:
-            raise Conflict(f"session {header.session_id!r} holds {current.num_tokens} tokens, not the expected {header.expected_num_tokens}; restore it and retry")
+        expected = header.expected_num_tokens if header.HasField("expected_num_tokens") else None
         tokens = convert.tokens_array(header.token_ids)
-        pieces = self.store.new_pieces(spec, current.num_tokens, current.num_tokens + len(tokens), current.has_bias)
-        return PendingWrite(tenant, header, spec, tokens, pieces)
+        write = self.store.begin_append(tenant, header.session_id, spec, tokens, expected_num_tokens=expected, ttl_seconds=header.ttl_seconds, text=header.text or None)
+        return PendingWrite(tenant, header, spec, tokens, write)
 
     def commit_append(self, call, pending: PendingWrite) -> pb.AppendSessionResponse:
-        header = pending.header
-        expected = header.expected_num_tokens if header.HasField("expected_num_tokens") else None
-        result = self.store.append(pending.tenant, header.session_id, pending.spec, pending.tokens, pending.pieces, expected_num_tokens=expected, ttl_seconds=header.ttl_seconds, text=header.text or None)
+        result = pending.pieces.commit()
         call.bytes = result.bytes_written
         self._index_later(result.record)
         return pb.AppendSessionResponse(session=convert.session_info(result.record), bytes_written=result.bytes_written)
@@ -481,6 +475,8 @@ class Service:
         self._loop_thread = loop_thread
         self._pool = pool
         self._stop = threading.Event()
+        rate = config.store.scrub_bytes_per_second
+        self._scrubber = Scrubber(store, rate) if rate else None
         self._maintenance = threading.Thread(target=self._maintain, name="kvmem-maintenance", daemon=True)
 
     def _on_loop(self, coroutine, timeout: float | None = None):
@@ -510,6 +506,9 @@ class Service:
         while not self._stop.wait(self.config.server.maintenance_seconds):
             try:
                 self.store.collect_expired()
+                self.store.sweep_staged()
+                if self._scrubber is not None:
+                    self._scrubber.run_for(self.config.server.maintenance_seconds)
                 if not self.config.store.durable:
                     self.store.backend.sync()
             except Exception:  # noqa: BLE001 - keep the thread alive, but say what happened
@@ -724,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_model(config)
     try:
         service = create_service(config).start()
-    except ConfigError as exc:
+    except (ConfigError, CorruptData, Unavailable) as exc:
         log.error("not started", extra={"fields": {"error": str(exc)}})
         print(f"kvmem-server: {exc}", file=sys.stderr)
         return 2

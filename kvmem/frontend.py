@@ -234,8 +234,14 @@ class FrontEnd:
                 call.session = part.message.session_id
                 with self.limits.hold(tenant, call.peer):
                     pending = await self._run(open_fn, call, part.message)
-                    await self._collect(context, method, pending.pieces)
-                    response = await self._run(commit_fn, call, pending)
+                    try:
+                        await self._collect(context, method, pending.pieces)
+                        response = await self._run(commit_fn, call, pending)
+                    except BaseException:
+                        # staged blocks of a refused, cancelled or idle stream are removed now
+                        # (the periodic sweep catches whatever this cannot, e.g. at shutdown)
+                        await asyncio.shield(self._run(_abort, pending.pieces))
+                        raise
                 self._done(call, "OK")
                 return response
             except grpc.aio.AbortError:
@@ -316,6 +322,13 @@ class FrontEnd:
             "Plan": plain("Plan", pb.PlanRequest, pb.Decision, s.plan),
             "Answer": plain("Answer", pb.PlanRequest, pb.AnswerResponse, s.answer),
         }
+
+
+def _abort(write) -> None:
+    try:
+        write.abort()
+    except Exception:  # noqa: BLE001 - the sweep removes what could not be removed here
+        log.exception("could not drop the staged blocks of an aborted write")
 
 
 def _add_chunks(pieces, chunks) -> None:

@@ -155,6 +155,41 @@ def encode_block(
     return Block(key, layer, heads, tokens, head_dim, dtype_code, bool(flags & FLAG_BIAS), data)
 
 
+def block_record_bytes(shape: tuple[int, int, int], dtype_code: int, has_bias: bool) -> int:
+    """Size of the encoded record of a block of ``shape`` (H, n, D)."""
+    heads, tokens, head_dim = shape
+    return BLOCK_HEADER_BYTES + 2 * heads * tokens * head_dim * element_size(dtype_code) + (4 * heads * tokens if has_bias else 0)
+
+
+def new_block_record(layer: int, shape: tuple[int, int, int], dtype_code: int, has_bias: bool) -> bytearray:
+    """An unsealed record of ``shape``: its header (checksum still zero), payload to be filled
+    in place (``record_payload``), then ``seal_block_record``. Saves one copy per block."""
+    heads, tokens, head_dim = shape
+    record = bytearray(block_record_bytes(shape, dtype_code, has_bias))
+    _BLOCK_HEADER.pack_into(record, 0, BLOCK_MAGIC, BLOCK_VERSION, dtype_code, FLAG_BIAS if has_bias else 0, layer, heads, head_dim, tokens, b"")
+    return record
+
+
+def record_payload(record: bytearray, shape: tuple[int, int, int], dtype_code: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Writable raw-bit views into an unsealed record: keys, values [H, n, D], bias [H, n] or None."""
+    heads, tokens, head_dim = shape
+    raw = RAW_DTYPES[dtype_code]
+    kv = heads * tokens * head_dim
+    keys = np.frombuffer(record, dtype=raw, count=kv, offset=BLOCK_HEADER_BYTES).reshape(shape)
+    values = np.frombuffer(record, dtype=raw, count=kv, offset=BLOCK_HEADER_BYTES + kv * raw.itemsize).reshape(shape)
+    bias = None
+    if len(record) > BLOCK_HEADER_BYTES + 2 * kv * raw.itemsize:
+        bias = np.frombuffer(record, dtype="<f4", count=heads * tokens, offset=BLOCK_HEADER_BYTES + 2 * kv * raw.itemsize).reshape(heads, tokens)
+    return keys, values, bias
+
+
+def seal_block_record(key: bytes, record: bytearray) -> bytearray:
+    """Write the checksum of a filled record bound to its storage ``key``; returns ``record``."""
+    view = memoryview(record)
+    record[_CHECKSUM_OFFSET:BLOCK_HEADER_BYTES] = _block_checksum(key, view[:_CHECKSUM_OFFSET], [view[BLOCK_HEADER_BYTES:]])
+    return record
+
+
 def decode_block(key: bytes, data: bytes | memoryview, verify: bool = True) -> Block:
     """Parse (and by default verify) a block record; raises CorruptData on any mismatch."""
     if len(data) < BLOCK_HEADER_BYTES:

@@ -1,22 +1,22 @@
-"""The durable bottom of the store: one LMDB environment per process.
+"""The embedded default backend: one LMDB environment per process (``kvstore.backend``).
 
-Sub-databases:
-    sessions  tenant \\0 session_id        -> session record (codec.encode_session)
-    blocks    chunk key (16) + layer (BE16) -> block record (codec.encode_block)
-    refs      chunk key (16)                -> refcount u32, layers u32, record bytes u64
-    ttl       expires_at_ms (BE64) + session key -> b""
-    meta      b"counters" / b"schema" / b"tenant_usage" -> small JSON
-    aux       session key \x01 name         -> data attached to a session (codec.encode_aux)
-    usage     tenant                        -> JSON {sessions, stored_bytes, logical_bytes}
+Every space of ``kvstore.backend.SPACES`` is an LMDB sub-database, created when missing, so an
+environment written by an older version opens.
 
-Sub-databases are created when missing, so an environment written by an older version opens
-(the store then fills ``usage`` once, see SessionStore.upgrade_usage).
+Writes go through one writer thread (group commit): concurrent ``write`` calls queued while a
+commit is running are applied together, each in its own nested transaction (so one that raises
+is rolled back alone), under one outer transaction and so one fsync. A caller returns only after
+the outer commit, so OK still means durable.
 
-Every change is one write transaction (a session and its blocks commit together or not at
-all), committed with fsync in durable mode. The map starts small and doubles when full, up to a
-hard ceiling; at the ceiling (or when the disk is full) writes fail with CapacityExceeded and the
-transaction is rolled back, leaving earlier data intact. Resizing needs every transaction of the
-process closed, so reads hold a shared lock and a resize takes it exclusively.
+The map starts small and doubles when full, up to a hard ceiling; at the ceiling (or when the
+disk is full) writes fail with CapacityExceeded and the transaction is rolled back, leaving
+earlier data intact. Resizing needs every transaction of the process closed, so reads hold a
+shared lock and a resize takes it exclusively.
+
+LMDB pages carry no checksums. Errors LMDB raises on a damaged file (a page it cannot find, a
+corrupted B-tree, a bad meta page) surface as CorruptData naming the file; kvmem's own records
+carry checksums (``kvstore.codec``) and the per-tenant catalogue check (``kvstore.catalog``)
+tells a damaged catalogue from a short one.
 """
 from __future__ import annotations
 
@@ -24,19 +24,27 @@ import contextlib
 import errno
 import json
 import logging
+import queue
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import lmdb
 
-from kvstore.errors import CapacityExceeded, Unavailable
+from kvstore.backend import SPACES
+from kvstore.errors import CapacityExceeded, CorruptData, Unavailable
 
 log = logging.getLogger("kvmem.lmdb")
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 _DISK_FULL_TEXTS = ("No space left", "Input/output error")
+# what LMDB raises when the file itself is damaged
+_DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.BadValsizeError, lmdb.PanicError,
+                  lmdb.VersionMismatchError, lmdb.BadChecksumError, lmdb.IncompatibleError)
+_MAX_BATCH = 64  # write requests per group commit
+_MAX_BATCH_BYTES = 16 << 20  # block bytes per group commit (dirty pages are held in memory until it)
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,14 @@ class LmdbConfig:
     max_map_bytes: int = 64 << 30  # hard ceiling: writes past it get RESOURCE_EXHAUSTED
     durable: bool = True  # fsync every commit; False = OS decides when (faster, loses on power cut)
     max_readers: int = 512
+    readonly: bool = False  # verify / backup / salvage source: never writes, runs no writer
+
+
+def damage(path: Path, exc: Exception) -> CorruptData:
+    return CorruptData(
+        f"the LMDB file {path / 'data.mdb'} is damaged ({type(exc).__name__}: {exc}); "
+        f"run `kvmem verify --data-dir {path.parent}` to see what is readable and `kvmem salvage` to copy it out, or restore a backup"
+    )
 
 
 class _SharedExclusiveLock:
@@ -85,44 +101,114 @@ class _SharedExclusiveLock:
                 self._cond.notify_all()
 
 
-class LmdbBackend:
-    """Owns the LMDB environment: short read transactions, serialized write transactions."""
+class LmdbTxn:
+    """``kvstore.backend.WriteTxn`` over one LMDB transaction (read-only or write)."""
 
-    DBS = ("sessions", "blocks", "refs", "ttl", "meta", "aux", "usage")
+    def __init__(self, txn: lmdb.Transaction, dbs: dict, path: Path):
+        self._txn = txn
+        self._dbs = dbs
+        self._path = path
+
+    def get(self, space: str, key: bytes):
+        try:
+            return self._txn.get(key, db=self._dbs[space])
+        except _DAMAGE_ERRORS as exc:
+            raise damage(self._path, exc) from exc
+
+    def scan(self, space: str, start: bytes = b"", prefix: bytes = b"", values: bool = True):
+        try:
+            cursor = self._txn.cursor(db=self._dbs[space])
+            if not cursor.set_range(max(start, prefix)):
+                return
+            while True:
+                key = bytes(cursor.key())
+                if not key.startswith(prefix):
+                    return
+                yield key, (cursor.value() if values else None)
+                if not cursor.next():
+                    return
+        except _DAMAGE_ERRORS as exc:
+            raise damage(self._path, exc) from exc
+
+    def count(self, space: str) -> int:
+        try:
+            return self._txn.stat(self._dbs[space])["entries"]
+        except _DAMAGE_ERRORS as exc:
+            raise damage(self._path, exc) from exc
+
+    def put(self, space: str, key: bytes, value) -> None:
+        self._txn.put(key, value, db=self._dbs[space])
+
+    def put_if_absent(self, space: str, key: bytes, value) -> bool:
+        return self._txn.put(key, value, db=self._dbs[space], overwrite=False)
+
+    def delete(self, space: str, key: bytes) -> bool:
+        return self._txn.delete(key, db=self._dbs[space])
+
+    def clear(self, space: str) -> None:
+        self._txn.drop(self._dbs[space], delete=False)
+
+
+class _Request:
+    __slots__ = ("fn", "size", "result", "error", "done")
+
+    def __init__(self, fn: Callable, size: int):
+        self.fn, self.size = fn, size
+        self.result = self.error = None
+        self.done = threading.Event()
+
+
+class LmdbBackend:
+    """Owns the LMDB environment: short read transactions, group-committed write transactions."""
+
+    name = "lmdb"
+    DBS = SPACES
 
     def __init__(self, config: LmdbConfig):
         if config.map_bytes > config.max_map_bytes:
             raise ValueError(f"lmdb map_bytes {config.map_bytes} exceeds max_map_bytes {config.max_map_bytes}")
         self.config = config
+        if config.readonly and not (config.path / "data.mdb").exists():
+            raise Unavailable(f"no kvmem store at {config.path} (data.mdb is missing)")
         config.path.mkdir(parents=True, exist_ok=True)
         existing = (config.path / "data.mdb").stat().st_size if (config.path / "data.mdb").exists() else 0
         self._map_bytes = max(config.map_bytes, existing)  # never map less than the file holds
-        self.env = lmdb.open(
-            str(config.path),
-            map_size=self._map_bytes,
-            subdir=True,
-            max_dbs=len(self.DBS),
-            readahead=False,
-            sync=config.durable,
-            metasync=config.durable,
-            writemap=False,
-            max_readers=config.max_readers,
-            lock=True,
-        )
-        self.env.reader_check()  # clear reader slots left by a killed process
-        self.db = {name: self.env.open_db(name.encode()) for name in self.DBS}
-        self._write_lock = threading.Lock()
+        try:
+            self.env = lmdb.open(
+                str(config.path), map_size=self._map_bytes, subdir=True, max_dbs=len(self.DBS), readahead=False,
+                sync=config.durable, metasync=config.durable, writemap=False, max_readers=config.max_readers,
+                lock=True, readonly=config.readonly,
+            )
+            if not config.readonly:
+                self.env.reader_check()  # clear reader slots left by a killed process
+            self.db = self._open_dbs()
+        except _DAMAGE_ERRORS as exc:
+            raise damage(config.path, exc) from exc
         self._resize_lock = _SharedExclusiveLock()
         self._closed = False
-        self._check_schema()
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self.commits = 0  # outer (fsync'd) commits, for tests and stats
+        self.batched = 0  # write requests those commits carried
+        if not config.readonly:
+            self._writer = threading.Thread(target=self._write_loop, name="kvmem-lmdb-writer", daemon=True)
+            self._writer.start()
+            self._check_schema()
+
+    def _open_dbs(self) -> dict:
+        if not self.config.readonly:
+            return {name: self.env.open_db(name.encode()) for name in self.DBS}
+        with self.env.begin() as txn:  # read-only: open only what exists
+            present = {bytes(key).decode() for key, _ in txn.cursor()}
+        return {name: self.env.open_db(name.encode(), create=False) for name in self.DBS if name in present}
 
     def _check_schema(self) -> None:
-        def check(txn: lmdb.Transaction) -> None:
-            raw = txn.get(b"schema", db=self.db["meta"])
+        def check(txn: LmdbTxn) -> None:
+            raw = txn.get("meta", b"schema")
             if raw is None:
-                txn.put(b"schema", json.dumps({"version": SCHEMA_VERSION}).encode(), db=self.db["meta"])
-            elif json.loads(raw)["version"] != SCHEMA_VERSION:
-                raise Unavailable(f"LMDB at {self.config.path} has schema {json.loads(raw)['version']}, this kvmem needs {SCHEMA_VERSION}")
+                txn.put("meta", b"schema", json.dumps({"version": SCHEMA_VERSION}).encode())
+            elif json.loads(bytes(raw))["version"] != SCHEMA_VERSION:
+                raise Unavailable(f"LMDB at {self.config.path} has schema {json.loads(bytes(raw))['version']}, this kvmem needs {SCHEMA_VERSION}")
 
         self.write(check)
 
@@ -131,40 +217,111 @@ class LmdbBackend:
         return self._map_bytes
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        """A short read-only transaction (buffers=True: values are views valid inside only)."""
+    def read(self) -> Iterator[LmdbTxn]:
+        """A short read-only transaction (values are views valid inside only)."""
         self._require_open()
         with self._resize_lock.shared():
-            with self.env.begin(buffers=True) as txn:
-                yield txn
+            try:
+                with self.env.begin(buffers=True) as txn:
+                    yield _ReadOnly(txn, self.db, self.config.path)
+            except _DAMAGE_ERRORS as exc:
+                raise damage(self.config.path, exc) from exc
 
-    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Run ``fn(txn)`` in one write transaction and commit it (fsync'd when durable).
+    def write(self, fn: Callable[[LmdbTxn], T], size: int = 0) -> T:
+        """Run ``fn(txn)`` atomically and return once it is committed (fsync'd when durable).
 
-        If the map fills up, the transaction is rolled back, the map doubled (up to the ceiling)
-        and ``fn`` run again from scratch, so ``fn`` must not have side effects outside ``txn``.
+        ``size`` is a hint of the bytes ``fn`` writes (batches are bounded by it). If the map
+        fills up, the batch is rolled back, the map doubled (up to the ceiling) and ``fn`` run
+        again from scratch, so ``fn`` must not have side effects outside ``txn``.
         """
         self._require_open()
-        with self._write_lock:
-            while True:
+        if self.config.readonly:
+            raise Unavailable(f"the store at {self.config.path} is open read-only")
+        if threading.current_thread() is self._writer:
+            raise RuntimeError("LmdbBackend.write called from inside a write")
+        request = _Request(fn, size)
+        self._queue.put(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result  # type: ignore[return-value]
+
+    def put_blocks(self, blocks: Iterable[tuple[bytes, bytes]], staged: Iterable[tuple[bytes, bytes]] = ()) -> int:
+        blocks, staged = list(blocks), list(staged)
+
+        def apply(txn: LmdbTxn) -> int:
+            new = sum(txn.put_if_absent("blocks", key, data) for key, data in blocks)
+            for key, value in staged:
+                txn.put("staged", key, value)
+            return new
+
+        return self.write(apply, size=sum(len(data) for _, data in blocks))
+
+    # ------------------------------------------------------------------ the writer thread
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, size = [first], first.size
+            while len(batch) < _MAX_BATCH and size < _MAX_BATCH_BYTES:
                 try:
-                    with self._resize_lock.shared():
-                        with self.env.begin(write=True) as txn:
-                            return fn(txn)
-                except lmdb.MapFullError:
-                    self._grow()
-                except lmdb.Error as exc:
-                    # A full disk surfaces as ENOSPC, or as EIO from the commit's page writes.
-                    if isinstance(exc, lmdb.DiskError) or any(text in str(exc) for text in _DISK_FULL_TEXTS):
-                        raise CapacityExceeded(
-                            f"disk write failed ({exc}): the disk under {self.config.path} is full or failing; "
-                            "nothing of this write was stored; free space or move the data directory"
-                        ) from exc
-                    raise
-                except OSError as exc:
-                    if exc.errno == errno.ENOSPC:
-                        raise CapacityExceeded(f"disk full under {self.config.path}; free space or move the data directory") from exc
-                    raise
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+                size += nxt.size
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # noqa: BLE001 - every caller must be woken
+                for request in batch:
+                    if request.error is None:
+                        request.error = exc
+            finally:
+                for request in batch:
+                    request.done.set()
+
+    def _commit(self, batch: list[_Request]) -> None:
+        while True:
+            for request in batch:
+                request.result = request.error = None
+            try:
+                with self._resize_lock.shared():
+                    with self.env.begin(write=True) as outer:
+                        for request in batch:
+                            child = self.env.begin(write=True, parent=outer, buffers=True)
+                            try:
+                                request.result = request.fn(LmdbTxn(child, self.db, self.config.path))
+                            except lmdb.MapFullError:
+                                child.abort()
+                                raise
+                            except Exception as exc:  # noqa: BLE001 - this request's own failure
+                                child.abort()
+                                request.error = exc
+                            else:
+                                child.commit()
+                self.commits += 1
+                self.batched += len(batch)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+            except _DAMAGE_ERRORS as exc:
+                raise damage(self.config.path, exc) from exc
+            except lmdb.Error as exc:
+                # A full disk surfaces as ENOSPC, or as EIO from the commit's page writes.
+                if isinstance(exc, lmdb.DiskError) or any(text in str(exc) for text in _DISK_FULL_TEXTS):
+                    raise CapacityExceeded(
+                        f"disk write failed ({exc}): the disk under {self.config.path} is full or failing; "
+                        "nothing of this write was stored; free space or move the data directory"
+                    ) from exc
+                raise
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise CapacityExceeded(f"disk full under {self.config.path}; free space or move the data directory") from exc
+                raise
 
     def _grow(self) -> None:
         ceiling = self.config.max_map_bytes
@@ -179,30 +336,55 @@ class LmdbBackend:
         log.info("lmdb map grown", extra={"fields": {"from_bytes": self._map_bytes, "to_bytes": new_size}})
         self._map_bytes = new_size
 
+    # ------------------------------------------------------------------ housekeeping
     def used_bytes(self) -> int:
         """Bytes of pages in use (all sub-databases, plus the two meta pages)."""
-        with self.read() as txn:
+        with self._resize_lock.shared(), self.env.begin() as txn:
             total = 0
             for db in self.db.values():
                 stat = txn.stat(db)
                 total += (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]) * stat["psize"]
             return total
 
+    def snapshot(self, destination: Path) -> None:
+        """A consistent, compacted copy of the committed state into directory ``destination``
+        (one read transaction: writers go on meanwhile). ``destination`` must not exist."""
+        destination = Path(destination)
+        if destination.exists() and any(destination.iterdir()):
+            raise FileExistsError(f"{destination} exists and is not empty; choose a new directory")
+        destination.mkdir(parents=True, exist_ok=True)
+        self._require_open()
+        try:
+            with self._resize_lock.shared():
+                self.env.copy(str(destination), compact=True)
+        except BaseException:
+            shutil.rmtree(destination, ignore_errors=True)
+            raise
+
     def _require_open(self) -> None:
         if self._closed:
             raise Unavailable("the store is closed (server shutting down); retry against a running server")
 
     def sync(self) -> None:
-        if not self._closed:
+        if not self._closed and not self.config.readonly:
             self.env.sync(True)
 
     def close(self) -> None:
-        """Flush and close; waits for the writer to finish. Idempotent."""
-        with self._write_lock:
-            if self._closed:
-                return
-            self._closed = True
-            with self._resize_lock.exclusive():
+        """Finish queued writes, flush and close. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+        with self._resize_lock.exclusive():
+            if not self.config.readonly:
                 self.env.sync(True)
-                self.env.close()
+            self.env.close()
 
+
+class _ReadOnly(LmdbTxn):
+    def put(self, space, key, value):  # pragma: no cover - guarded by the type
+        raise Unavailable("read transaction")
+
+    put_if_absent = delete = clear = put  # type: ignore[assignment]

@@ -40,6 +40,33 @@ def tensor_raw_view(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu").contiguous().view(_TORCH_RAW[code]).numpy().view(RAW_DTYPES[code])
 
 
+def check_piece(spec: ModelSpec, expected_dtype: int, has_bias: bool, start: int, end: int, layer: int, token_start: int, count: int, dtype_code: int, keys, values, bias):
+    """Check one piece of KV against the spec and the expected token range [start, end);
+    returns raw-bit views keys, values [H, n, D] and bias float32 [H, n] (or None)."""
+    if not 0 <= layer < spec.num_layers:
+        raise InvalidRequest(f"chunk for layer {layer}, but model {spec.name!r} has {spec.num_layers} layers (0..{spec.num_layers - 1})")
+    if dtype_code != expected_dtype:
+        raise InvalidRequest(f"layer {layer}: chunk dtype code {dtype_code} does not match the model spec dtype {spec.dtype!r}; convert the cache to {spec.dtype}")
+    if count <= 0 or token_start < start or token_start + count > end:
+        raise InvalidRequest(f"layer {layer}: chunk tokens [{token_start}, {token_start + count}) lie outside the expected range [{start}, {end})")
+    shape = (spec.num_kv_heads, count, spec.head_dim)
+    expected = shape[0] * shape[1] * shape[2] * element_size(dtype_code)
+    if len(keys) != expected or len(values) != expected:
+        raise InvalidRequest(
+            f"layer {layer}: keys/values of {len(keys)}/{len(values)} bytes do not match shape "
+            f"[H_kv={shape[0]}, n={count}, D={shape[2]}] of {spec.dtype} ({expected} bytes each)"
+        )
+    bias_array = None
+    if has_bias:
+        if bias is None or len(bias) != 4 * shape[0] * count:
+            raise InvalidRequest(f"layer {layer}: session has biases, expected {4 * shape[0] * count} bytes of float32 [H_kv, n], got {0 if bias is None else len(bias)}")
+        bias_array = np.frombuffer(bias, dtype="<f4").reshape(shape[:2])
+    elif bias is not None and len(bias):
+        raise InvalidRequest(f"layer {layer}: chunk carries a bias but the header did not set has_bias")
+    raw = RAW_DTYPES[dtype_code]
+    return np.frombuffer(keys, dtype=raw).reshape(shape), np.frombuffer(values, dtype=raw).reshape(shape), bias_array
+
+
 class KVPieces:
     """KV of tokens [start, end) for every layer of ``spec``, gathered from pieces."""
 
@@ -56,37 +83,9 @@ class KVPieces:
 
     def add(self, layer: int, token_start: int, count: int, dtype_code: int, keys, values, bias=None) -> None:
         """Add one piece. keys/values: bytes-like [H, n, D] raw little-endian; bias float32 [H, n]."""
-        spec = self.spec
-        if not 0 <= layer < spec.num_layers:
-            raise InvalidRequest(f"chunk for layer {layer}, but model {spec.name!r} has {spec.num_layers} layers (0..{spec.num_layers - 1})")
-        if dtype_code != self.dtype_code:
-            raise InvalidRequest(f"layer {layer}: chunk dtype code {dtype_code} does not match the model spec dtype {spec.dtype!r}; convert the cache to {spec.dtype}")
-        if count <= 0 or token_start < self.start or token_start + count > self.end:
-            raise InvalidRequest(f"layer {layer}: chunk tokens [{token_start}, {token_start + count}) lie outside the expected range [{self.start}, {self.end})")
-        shape = (spec.num_kv_heads, count, spec.head_dim)
-        expected = shape[0] * shape[1] * shape[2] * element_size(dtype_code)
-        if len(keys) != expected or len(values) != expected:
-            raise InvalidRequest(
-                f"layer {layer}: keys/values of {len(keys)}/{len(values)} bytes do not match shape "
-                f"[H_kv={shape[0]}, n={count}, D={shape[2]}] of {spec.dtype} ({expected} bytes each)"
-            )
-        bias_array = None
-        if self.has_bias:
-            if bias is None or len(bias) != 4 * shape[0] * count:
-                raise InvalidRequest(f"layer {layer}: session has biases, expected {4 * shape[0] * count} bytes of float32 [H_kv, n], got {0 if bias is None else len(bias)}")
-            bias_array = np.frombuffer(bias, dtype="<f4").reshape(shape[:2])
-        elif bias is not None and len(bias):
-            raise InvalidRequest(f"layer {layer}: chunk carries a bias but the header did not set has_bias")
-        raw = RAW_DTYPES[dtype_code]
-        piece = _Piece(
-            token_start,
-            count,
-            np.frombuffer(keys, dtype=raw).reshape(shape),
-            np.frombuffer(values, dtype=raw).reshape(shape),
-            bias_array,
-        )
-        self._insert(layer, piece)
-        self.bytes_received += 2 * expected
+        keys_array, values_array, bias_array = check_piece(self.spec, self.dtype_code, self.has_bias, self.start, self.end, layer, token_start, count, dtype_code, keys, values, bias)
+        self._insert(layer, _Piece(token_start, count, keys_array, values_array, bias_array))
+        self.bytes_received += 2 * keys_array.nbytes
 
     def add_tensors(self, layer: int, token_start: int, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Add one piece from tensors keys/values [H, n, D] (bias [H, n]) in process."""

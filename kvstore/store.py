@@ -1,41 +1,50 @@
-"""SessionStore: sessions made of deduplicated, checksummed KV blocks in tiers over LMDB.
+"""SessionStore: sessions made of deduplicated, checksummed KV blocks in tiers over a backend.
 
 A session is an ordered list of chunk references (BlockRef) plus its token ids and metadata. Plain
 sessions use prefix-chain keys, so identical prefixes are one set of blocks with a reference
-count; a block is freed when no session refers to it. Every operation that changes anything
-(save, append, fork, delete, expiry) is a single LMDB write transaction.
+count; a block is freed when no session refers to it.
+
+Writes stream: a save or append is opened at its header (``begin_save`` / ``begin_append``,
+every check that needs no KV runs there), its blocks are written as they arrive
+(``kvstore.staging``, invisible), and ``commit()`` writes the session record in one transaction
+of the backend (``kvstore.backend``): that record is the commit point. Fork, delete and expiry
+are single transactions too.
 
 Every request is checked (``kvstore.validation``) before anything is written, so nothing is
-stored that cannot be read back. Per-tenant usage (sessions, stored bytes after dedup, logical
-bytes) is kept in the ``usage`` sub-database inside the same transactions, and a write that
-would take a tenant over its quota (``kvstore.quota``) aborts with CapacityExceeded.
+stored that cannot be read back. Per-tenant usage and the catalogue digest (``kvstore.txn``) are
+kept in the same transactions, and a write that would take a tenant over its quota
+(``kvstore.quota``) aborts with CapacityExceeded. Damage is reported, never hidden:
+``kvstore.catalog`` tells a damaged catalogue from a short one.
 """
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
+import shutil
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import lmdb
 import numpy as np
 import torch
 
+from kvstore import catalog
 from kvstore.chunking import ROOT_KEY, block_storage_key, chain_key, chain_keys, chunk_ranges, private_key
-from kvstore.codec import AuxRecord, Block, decode_aux, decode_session, encode_aux, encode_block, encode_session, require_little_endian
+from kvstore.codec import AuxRecord, Block, decode_aux, decode_session, encode_block, require_little_endian
 from kvstore.errors import AlreadyExists, CapacityExceeded, Conflict, CorruptData, InvalidRequest, NotFound
+from kvstore.keys import aux_key, session_key, tenant_prefix  # noqa: F401 - re-exported
 from kvstore.lmdb_backend import LmdbBackend, LmdbConfig
 from kvstore.pieces import KVPieces
-from kvstore.quota import Quota, TenantUsage, check_quota
+from kvstore.quota import Quota, TenantUsage
 from kvstore.records import BlockRef, SessionRecord
 from kvstore.spec import DTYPE_CODES, ModelSpec
-from kvstore.tiered import TieredBlockStore
+from kvstore.staging import ChunkPlan, InflightBudget, LiveOwners, StagedWrite, sweep
+from kvstore.tiered import MissingBlock, TieredBlockStore
 from kvstore.tiers import MemoryTier
+from kvstore.txn import USAGE_MARKER, USAGE_VERSION, CatalogTxn, parse_usage_row, read_counters, read_usage, recompute_usage, usage_row_bytes
 from kvstore.validation import (
     MAX_TTL_SECONDS,
     check_logical_bound,
@@ -49,25 +58,24 @@ from kvstore.validation import (
 )
 
 log = logging.getLogger("kvmem.store")
-_REF = struct.Struct("<IIQ")  # refcount, layers, record bytes of all layers
-_COUNTER_KEYS = ("sessions", "chunks", "stored_bytes", "logical_bytes")
-_USAGE_KEYS = ("sessions", "stored_bytes", "logical_bytes")  # per tenant, in the "usage" sub-db
-_USAGE_MARKER = b"tenant_usage"  # meta key: {"version": n} once per-tenant usage is complete
-USAGE_VERSION = 1
 _MAX_EXPIRES_MS = (1 << 63) - 1  # expires_at_ms is packed as >Q in the TTL index and int64 in aux
+_DISK_SHARE = 2  # auto max_session_bytes: at most half the disk
 
 
 @dataclass(frozen=True)
 class StoreConfig:
     data_dir: Path = Path("data")  # LMDB under <data_dir>/lmdb, the converted model under <data_dir>/models
     chunk_tokens: int = 256  # tokens per deduplicated chunk
-    cpu_tier_bytes: int = 2 << 30  # CPU memory tier capacity
-    gpu_tier_bytes: int = 1 << 30  # GPU memory tier capacity, used only when CUDA is available
+    cpu_tier_bytes: int = 2 << 30  # CPU memory tier: blocks read recently (restores fill it, saves do not)
     lmdb_map_bytes: int = 1 << 30  # initial LMDB map; doubles when full
     lmdb_max_map_bytes: int = 64 << 30  # hard ceiling on the LMDB map
-    durable: bool = True  # fsync every commit before a write returns
+    durable: bool = True  # fsync every commit before a write returns (concurrent writes share one)
     default_ttl_seconds: int = 0  # 0 = sessions never expire unless a request sets a TTL
     max_session_tokens: int = 1 << 20  # tokens in one session (SmolLM2 fp32: ~46 KB each)
+    max_session_bytes: int = 0  # KV bytes of one session; 0 = lmdb_max_map_bytes, at most half the disk's size
+    inflight_bytes: int = 256 << 20  # KV held in memory by all unfinished writes together (RESOURCE_EXHAUSTED past it)
+    staged_max_age_seconds: int = 3600  # the periodic sweep removes blocks staged by streams gone this long
+    scrub_bytes_per_second: int = 0  # background scrub rate over every stored block (0 = off)
     max_id_bytes: int = 256  # UTF-8 bytes of a tenant or session id (at most 256)
 
     def __post_init__(self) -> None:
@@ -79,6 +87,26 @@ class StoreConfig:
             raise ValueError(f"store.max_session_tokens must be in 1..{(1 << 32) - 1}, got {self.max_session_tokens}")
         if not 1 <= self.max_id_bytes <= 256:  # session keys (tenant + id) must fit LMDB's 511-byte keys
             raise ValueError(f"store.max_id_bytes must be in 1..256, got {self.max_id_bytes}")
+        for name in ("max_session_bytes", "scrub_bytes_per_second", "cpu_tier_bytes", "staged_max_age_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"store.{name} must be >= 0, got {getattr(self, name)}")
+        if self.inflight_bytes < 1 << 20:
+            raise ValueError(f"store.inflight_bytes must be at least 1 MiB (one block being filled per stream), got {self.inflight_bytes}")
+
+    def session_bytes_limit(self) -> int:
+        """The effective max_session_bytes: as configured, or (0) the LMDB ceiling, at most half
+        the size of the disk that holds data_dir. Memory does not bound it: writes stream."""
+        if self.max_session_bytes:
+            return self.max_session_bytes
+        limit = self.lmdb_max_map_bytes
+        probe = Path(self.data_dir)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        try:
+            limit = min(limit, shutil.disk_usage(probe).total // _DISK_SHARE)
+        except OSError:
+            pass
+        return limit
 
 
 @dataclass(frozen=True)
@@ -153,224 +181,38 @@ class RestorePlan:
                 yield KVPiece(block.layer, lo, hi - lo, *sliced)
 
 
-def _usage_row(tenant: str, raw) -> TenantUsage:
-    """A tenant's usage from its row in the "usage" sub-db (None: nothing stored)."""
-    fields = dict.fromkeys(_USAGE_KEYS, 0) | (json.loads(bytes(raw)) if raw is not None else {})
-    return TenantUsage(tenant, **{key: fields[key] for key in _USAGE_KEYS})
-
-
-def _read_usage(txn: lmdb.Transaction, db, tenant: str) -> TenantUsage:
-    return _usage_row(tenant, txn.get(tenant.encode(), db=db))
-
-
-class _Txn:
-    """Helpers bound to one write transaction: refcounts, counters, usage, session records.
-
-    Whatever changes what a tenant stores takes the tenant explicitly (one transaction may
-    touch several, e.g. expiry), so its usage row changes with the global counters.
-    """
-
-    def __init__(self, backend: LmdbBackend, txn: lmdb.Transaction):
-        self.txn = txn
-        self.db = backend.db
-        raw = txn.get(b"counters", db=self.db["meta"])
-        self.counters = dict.fromkeys(_COUNTER_KEYS, 0) | (json.loads(bytes(raw)) if raw is not None else {})
-        self.freed: list[bytes] = []  # storage keys of blocks deleted in this transaction
-        self.written: list[Block] = []
-        self._usage_before: dict[str, TenantUsage] = {}  # tenant -> usage when first touched
-        self._usage: dict[str, dict[str, int]] = {}  # tenant -> usage now (in this transaction)
-
-    def _count(self, tenant: str, key: str, delta: int) -> None:
-        """Add ``delta`` to a global counter and, when it is per tenant, to the tenant's."""
-        self.counters[key] += delta
-        if key in _USAGE_KEYS:
-            row = self._usage.get(tenant)
-            if row is None:
-                before = _read_usage(self.txn, self.db["usage"], tenant)
-                self._usage_before[tenant] = before
-                row = self._usage[tenant] = {name: getattr(before, name) for name in _USAGE_KEYS}
-            row[key] += delta
-
-    def usage(self, tenant: str) -> TenantUsage:
-        row = self._usage.get(tenant)
-        return _read_usage(self.txn, self.db["usage"], tenant) if row is None else TenantUsage(tenant, **row)
-
-    def check_quotas(self, quota_for: Callable[[str], Quota] | None) -> None:
-        """CapacityExceeded if this transaction grows some tenant's usage past its quota."""
-        if quota_for is None:
-            return
-        for tenant, before in self._usage_before.items():
-            after = self.usage(tenant)
-            if after.stored_bytes > before.stored_bytes or after.sessions > before.sessions:
-                check_quota(before, after, quota_for(tenant))
-
-    def incref(self, key: bytes) -> bool:
-        """Add a reference to a stored chunk; False if it is not stored."""
-        raw = self.txn.get(key, db=self.db["refs"])
-        if raw is None:
-            return False
-        count, layers, nbytes = _REF.unpack(raw)
-        self.txn.put(key, _REF.pack(count + 1, layers, nbytes), db=self.db["refs"])
-        return True
-
-    def put_chunk(self, tenant: str, key: bytes, blocks: list[Block]) -> int:
-        """Store a new chunk (all layers) of ``tenant`` with one reference; returns bytes written."""
-        nbytes = 0
-        for block in blocks:
-            self.txn.put(block.key, block.data, db=self.db["blocks"])
-            nbytes += block.nbytes
-        self.txn.put(key, _REF.pack(1, len(blocks), nbytes), db=self.db["refs"])
-        self._count(tenant, "chunks", 1)
-        self._count(tenant, "stored_bytes", nbytes)
-        self.written.extend(blocks)
-        return nbytes
-
-    def decref(self, tenant: str, key: bytes) -> int:
-        """Drop a reference; frees the chunk when it was the last. Returns bytes freed."""
-        raw = self.txn.get(key, db=self.db["refs"])
-        if raw is None:
-            return 0
-        count, layers, nbytes = _REF.unpack(raw)
-        if count > 1:
-            self.txn.put(key, _REF.pack(count - 1, layers, nbytes), db=self.db["refs"])
-            return 0
-        self.txn.delete(key, db=self.db["refs"])
-        for layer in range(layers):
-            storage_key = block_storage_key(key, layer)
-            self.txn.delete(storage_key, db=self.db["blocks"])
-            self.freed.append(storage_key)
-        self._count(tenant, "chunks", -1)
-        self._count(tenant, "stored_bytes", -nbytes)
-        return nbytes
-
-    def get_session(self, skey: bytes) -> SessionRecord | None:
-        raw = self.txn.get(skey, db=self.db["sessions"])
-        return None if raw is None else decode_session(skey, raw)
-
-    def put_session(self, tenant: str, skey: bytes, record: SessionRecord, previous: SessionRecord | None) -> None:
-        if previous is not None:
-            self._unindex(tenant, skey, previous)
-        else:
-            self._count(tenant, "sessions", 1)
-        self.txn.put(skey, encode_session(skey, record), db=self.db["sessions"])
-        self._count(tenant, "logical_bytes", record.kv_bytes)
-        if record.expires_at_ms:
-            self.txn.put(_ttl_key(record.expires_at_ms, skey), b"", db=self.db["ttl"])
-
-    def delete_session(self, tenant: str, skey: bytes, record: SessionRecord) -> int:
-        freed = sum(self.decref(tenant, ref.key) for ref in record.blocks)
-        self.delete_aux(skey)
-        self._unindex(tenant, skey, record)
-        self.txn.delete(skey, db=self.db["sessions"])
-        self._count(tenant, "sessions", -1)
-        return freed
-
-    def _unindex(self, tenant: str, skey: bytes, record: SessionRecord) -> None:
-        self._count(tenant, "logical_bytes", -record.kv_bytes)
-        if record.expires_at_ms:
-            self.txn.delete(_ttl_key(record.expires_at_ms, skey), db=self.db["ttl"])
-
-    def put_aux(self, skey: bytes, name: str, record: SessionRecord, payload: bytes) -> None:
-        key = aux_key(skey, name)
-        self.txn.put(key, encode_aux(key, record.created_at_ms, record.version, payload), db=self.db["aux"])
-
-    def get_aux(self, skey: bytes, name: str) -> AuxRecord | None:
-        key = aux_key(skey, name)
-        raw = self.txn.get(key, db=self.db["aux"])
-        return None if raw is None else decode_aux(key, raw)
-
-    def delete_aux(self, skey: bytes, name: str | None = None) -> None:
-        """Delete one aux record of a session, or all of them (name=None)."""
-        if name is not None:
-            self.txn.delete(aux_key(skey, name), db=self.db["aux"])
-            return
-        prefix = aux_key(skey, "")
-        cursor = self.txn.cursor(db=self.db["aux"])
-        doomed = []
-        if cursor.set_range(prefix):
-            for key, _ in cursor:
-                if not bytes(key).startswith(prefix):
-                    break
-                doomed.append(bytes(key))
-        for key in doomed:
-            self.txn.delete(key, db=self.db["aux"])
-
-    def save_counters(self) -> None:
-        self.txn.put(b"counters", json.dumps(self.counters).encode(), db=self.db["meta"])
-        for tenant, row in self._usage.items():
-            if any(row.values()):
-                self.txn.put(tenant.encode(), json.dumps(row).encode(), db=self.db["usage"])
-            else:
-                self.txn.delete(tenant.encode(), db=self.db["usage"])
-
-
-def recompute_usage(txn: lmdb.Transaction, db: dict) -> dict[str, TenantUsage]:
-    """Per-tenant usage computed from scratch: every stored session (expired ones too, until
-    collected) and the unique blocks it refers to. A session record that fails its check still
-    counts as a session of the tenant its key names, without bytes."""
-    sessions: dict[str, int] = {}
-    logical: dict[str, int] = {}
-    chunks: dict[str, set[bytes]] = {}
-    cursor = txn.cursor(db=db["sessions"])
-    for key, raw in cursor:
-        key = bytes(key)
-        tenant = key.split(b"\x00", 1)[0].decode(errors="replace")
-        sessions[tenant] = sessions.get(tenant, 0) + 1
-        try:
-            record = decode_session(key, raw)
-        except CorruptData as exc:
-            log.error("session record unreadable while counting usage", extra={"fields": {"key": key.hex(), "error": str(exc)}})
-            continue
-        logical[tenant] = logical.get(tenant, 0) + record.kv_bytes
-        chunks.setdefault(tenant, set()).update(ref.key for ref in record.blocks)
-    usage = {}
-    for tenant, count in sessions.items():
-        stored = 0
-        for chunk in chunks.get(tenant, ()):
-            raw = txn.get(chunk, db=db["refs"])
-            if raw is not None:
-                stored += _REF.unpack(raw)[2]
-        usage[tenant] = TenantUsage(tenant, count, stored, logical.get(tenant, 0))
-    return usage
-
-
-def _ttl_key(expires_at_ms: int, skey: bytes) -> bytes:
-    return struct.pack(">Q", expires_at_ms) + skey
-
-
-# LMDB keys are at most 511 bytes; the longest derived key is an aux key (session key + 1 +
-# name), so session keys stay within MAX_SESSION_KEY_BYTES and aux names within MAX_AUX_NAME_BYTES.
-MAX_SESSION_KEY_BYTES = 440
-MAX_AUX_NAME_BYTES = 64
-_KEY_DIGEST_BYTES = 16
-
-
-def session_key(tenant: str, session_id: str) -> bytes:
-    """LMDB key of a session: ``tenant \\0 session_id``, sorted by tenant then id.
-
-    When that would be longer than MAX_SESSION_KEY_BYTES (two ids near their 256-byte limit),
-    the id is cut and a blake2b of the whole id follows a second NUL, giving every such key of a
-    tenant one length. Ids never hold NUL, so a cut key never equals (or prefixes) a plain one;
-    such sessions list in the order of their cut ids.
-    """
-    tenant_bytes, id_bytes = tenant.encode(), session_id.encode()
-    key = tenant_bytes + b"\x00" + id_bytes
-    if len(key) <= MAX_SESSION_KEY_BYTES:
-        return key
-    keep = MAX_SESSION_KEY_BYTES - len(tenant_bytes) - 2 - _KEY_DIGEST_BYTES
-    digest = hashlib.blake2b(id_bytes, digest_size=_KEY_DIGEST_BYTES, person=b"kvmem-sid").digest()
-    return tenant_bytes + b"\x00" + id_bytes[:keep] + b"\x00" + digest
-
-
-def aux_key(skey: bytes, name: str) -> bytes:
-    """Key of a session's aux record: its text ("text") or a derived index ("index/...")."""
-    encoded = name.encode()
-    if len(encoded) > MAX_AUX_NAME_BYTES:
-        raise InvalidRequest(f"aux record name {name[:40]!r}... is {len(encoded)} bytes; the limit is {MAX_AUX_NAME_BYTES}")
-    return skey + b"\x01" + encoded
-
-
 TEXT_AUX = "text"
+
+
+class OpenWrite:
+    """A save or append accepted at its header: ``add`` pieces as they arrive, then ``commit``
+    (or ``abort``). Its blocks are written while it is open; only the commit makes them visible."""
+
+    def __init__(self, staged: StagedWrite, commit: Callable[[StagedWrite], WriteResult]):
+        self.staged = staged
+        self._commit = commit
+
+    @property
+    def bytes_received(self) -> int:
+        return self.staged.bytes_received
+
+    def add(self, layer: int, token_start: int, count: int, dtype_code: int, keys, values, bias=None) -> None:
+        """One piece: keys/values bytes-like [H, n, D] raw little-endian, bias float32 [H, n]."""
+        self.staged.add(layer, token_start, count, dtype_code, keys, values, bias)
+
+    def commit(self) -> WriteResult:
+        try:
+            self.staged.finish()
+            result = self._commit(self.staged)
+        except BaseException:
+            self.abort()
+            raise
+        self.staged.committed()
+        return result
+
+    def abort(self) -> None:
+        """Drop the write; safe to call more than once and after a failed commit."""
+        self.staged.abort()
 
 
 class SessionStore:
@@ -387,59 +229,70 @@ class SessionStore:
     ):
         """``quota_for(tenant)`` gives a tenant's Quota (None: no quotas). It is read on every
         write, so assigning ``store.quota_for`` later (a reloaded key file) takes effect at once.
-        ``open()`` also brings per-tenant usage up to date; build through it."""
+        ``open()`` also sweeps staged blocks and brings per-tenant usage up to date; build through it."""
         require_little_endian()
         self.config = config
         self.backend = backend
         self.blocks = blocks
         self.clock = clock
         self.quota_for = quota_for
+        self.budget = InflightBudget(config.inflight_bytes)
+        self.owners = LiveOwners()
+        self.session_bytes_limit = config.session_bytes_limit()
+        self.damaged_tenants: dict[str, str] = {}  # tenant -> what the start-up catalogue check found
 
     @classmethod
     def open(
         cls,
         config: StoreConfig,
         clock: Callable[[], float] = time.time,
-        cuda_available: bool | None = None,
         *,
         quota_for: Callable[[str], Quota] | None = None,
+        readonly: bool = False,
     ) -> "SessionStore":
         """Open (or create) the store under config.data_dir with tiers sized by config.
 
-        A data directory written before per-tenant usage existed gets it computed here, once."""
-        import torch
-
-        backend = LmdbBackend(LmdbConfig(Path(config.data_dir) / "lmdb", config.lmdb_map_bytes, config.lmdb_max_map_bytes, config.durable))
-        tiers = []
-        use_cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-        if use_cuda and config.gpu_tier_bytes > 0:
-            tiers.append(MemoryTier("gpu", config.gpu_tier_bytes, device="cuda"))
-        if config.cpu_tier_bytes > 0:
-            tiers.append(MemoryTier("cpu", config.cpu_tier_bytes))
+        At start: blocks staged by streams that never committed are removed, per-tenant usage
+        is computed once for a data directory that lacks it, and every tenant's catalogue is
+        checked (damage is logged and kept in ``damaged_tenants``). ``readonly`` opens for
+        inspection only (verify, backup, salvage): no writer, no sweep, no upgrade.
+        """
+        backend = LmdbBackend(LmdbConfig(Path(config.data_dir) / "lmdb", config.lmdb_map_bytes, config.lmdb_max_map_bytes, config.durable, readonly=readonly))
+        tiers = [MemoryTier("cpu", config.cpu_tier_bytes)] if config.cpu_tier_bytes > 0 else []
         store = cls(config, backend, TieredBlockStore(backend, tiers), clock, quota_for=quota_for)
-        store.upgrade_usage()
+        if not readonly:
+            entries, blocks = sweep(backend)
+            if entries:
+                log.warning("staged blocks of unfinished writes removed", extra={"fields": {"entries": entries, "blocks": blocks}})
+            store.upgrade_usage()
+        store.damaged_tenants = catalog.check_all(backend)
+        for tenant, problem in store.damaged_tenants.items():
+            log.error("session catalogue damaged", extra={"fields": {"tenant": tenant, "problem": problem}})
         return store
 
     def upgrade_usage(self) -> bool:
         """Compute per-tenant usage from scratch unless the marker says it is current; True if it
         was computed. Runs in one write transaction (so an interrupted upgrade is redone)."""
 
-        def apply(txn: lmdb.Transaction) -> bool:
-            db = self.backend.db
-            raw = txn.get(_USAGE_MARKER, db=db["meta"])
+        def apply(txn) -> bool:
+            raw = txn.get("meta", USAGE_MARKER)
             if raw is not None and json.loads(bytes(raw)).get("version") == USAGE_VERSION:
                 return False
-            usage = recompute_usage(txn, db)
-            txn.drop(db["usage"], delete=False)
-            for tenant, row in usage.items():
-                txn.put(tenant.encode(), json.dumps({key: getattr(row, key) for key in _USAGE_KEYS}).encode(), db=db["usage"])
-            txn.put(_USAGE_MARKER, json.dumps({"version": USAGE_VERSION}).encode(), db=db["meta"])
+            usage = recompute_usage(txn)
+            txn.clear("usage")
+            for tenant, (row, digest) in usage.items():
+                txn.put("usage", tenant.encode(), usage_row_bytes(vars(row), digest))
+            txn.put("meta", USAGE_MARKER, json.dumps({"version": USAGE_VERSION}).encode())
             return True
 
         computed = self.backend.write(apply)
         if computed:
             log.info("per-tenant usage computed", extra={"fields": {"data_dir": str(self.config.data_dir)}})
         return computed
+
+    def sweep_staged(self) -> tuple[int, int]:
+        """Remove blocks staged by write streams that ended without commit or abort (periodic)."""
+        return sweep(self.backend, self.owners, self.config.staged_max_age_seconds)
 
     def close(self) -> None:
         self.backend.close()
@@ -459,15 +312,21 @@ class SessionStore:
         validate_id(tenant, "tenant", self.config.max_id_bytes)
         validate_id(session_id, "session id", self.config.max_id_bytes)
 
-    def _check_size(self, tokens: int) -> None:
+    def _check_size(self, tokens: int, spec: ModelSpec | None = None) -> None:
         if tokens > self.config.max_session_tokens:
             raise CapacityExceeded(f"session of {tokens} tokens exceeds store.max_session_tokens={self.config.max_session_tokens}; split or compact it")
+        if spec is not None and tokens * spec.bytes_per_token > self.session_bytes_limit:
+            raise CapacityExceeded(
+                f"session of {tokens} tokens holds {tokens * spec.bytes_per_token} bytes of KV, over the limit of "
+                f"{self.session_bytes_limit} (store.max_session_bytes; by default the LMDB ceiling store.lmdb_max_map_bytes, at most half the disk); "
+                "split or compact it"
+            )
 
     def new_pieces(self, spec: ModelSpec, start: int, end: int, has_bias: bool = False) -> KVPieces:
         """A KVPieces collector for tokens [start, end), after checking the session size limit."""
         if not 0 <= start <= end:
             raise InvalidRequest(f"token range [{start}, {end}) must have 0 <= start <= end")
-        self._check_size(end)
+        self._check_size(end, spec)
         return KVPieces(spec, start, end, has_bias)
 
     @staticmethod
@@ -486,60 +345,75 @@ class SessionStore:
             blocks.append(encode_block(block_storage_key(key, layer), layer, (spec.num_kv_heads, count, spec.head_dim), code, keys, values, bias))
         return blocks
 
-    def _link_chunks(self, tx: _Txn, tenant: str, refs: list[BlockRef], encoded: dict[bytes, list[Block]], spec: ModelSpec, pieces: KVPieces, reused_until: int = 0) -> tuple[int, int]:
-        """Reference every chunk of ``refs``: share stored ones, write the others from ``pieces``.
+    def _staged_write(self, spec: ModelSpec, start: int, end: int, has_bias: bool, refs: list[BlockRef], *, prefill: dict | None = None) -> StagedWrite:
+        """A StagedWrite for the chunks ``refs`` (covering [refs[0].start, end)); chunks already
+        stored, or wholly before ``start``, are not written again."""
+        with self.backend.read() as txn:
+            stored = {ref.key for ref in refs if txn.get("refs", ref.key) is not None}
+        plans = [ChunkPlan(ref.key, ref.start, ref.count, write=ref.key not in stored and ref.end > start) for ref in refs]
+        return StagedWrite(self.backend, self.budget, self.owners, spec, start, end, has_bias, plans, self.config.chunk_tokens, prefill=prefill)
 
-        Chunks starting before ``reused_until`` were not sent and must be stored already.
-        Returns (deduplicated tokens, bytes written).
+    def _link_chunks(self, tx: CatalogTxn, tenant: str, refs: list[BlockRef], staged: StagedWrite, reused_until: int = 0) -> tuple[int, int]:
+        """Reference every chunk of ``refs``: share stored ones, link the ones ``staged`` wrote.
+
+        Returns (deduplicated tokens, bytes written). Conflict when a chunk that was stored when
+        the write began is gone (a concurrent delete): the client sends the write again.
         """
         dedup = written = 0
+        layers = staged.spec.num_layers
+        written_chunks = staged.written_chunks()
+        plans = {plan.key: plan for plan in staged.chunks}
         for ref in refs:
             if tx.incref(ref.key):
                 dedup += ref.count
+            elif ref.key in written_chunks and all(tx.txn.get("blocks", block_storage_key(ref.key, layer)) is not None for layer in range(layers)):
+                written += tx.link_chunk(tenant, ref.key, layers, staged.record_bytes(plans[ref.key]))
             elif ref.start < reused_until:
                 raise Conflict(f"the prefix chunk at token {ref.start} is no longer stored; send the save again without reuse_prefix_tokens")
-            else:  # encoded up front unless it vanished since the check (a concurrent delete)
-                blocks = encoded.get(ref.key) or self._encode_chunk(ref.key, spec, pieces, ref.start, ref.count)
-                written += tx.put_chunk(tenant, ref.key, blocks)
+            else:
+                raise Conflict(f"the stored chunk at token {ref.start} that this write shares was deleted meanwhile; send the write again")
+        for key in staged.staged_keys():
+            tx.txn.delete("staged", key)
         return dedup, written
 
-    def _missing_chunks(self, keys: list[bytes]) -> set[bytes]:
-        with self.backend.read() as txn:
-            return {key for key in keys if txn.get(key, db=self.backend.db["refs"]) is None}
-
-    def _write(self, fn: Callable[[_Txn], WriteResult | int]):
+    def _write(self, fn: Callable[[CatalogTxn], WriteResult | int]):
         """Run ``fn`` in one write transaction; refuse (abort) it if it takes a tenant over quota."""
-        def run(txn: lmdb.Transaction):
-            helper = _Txn(self.backend, txn)
+        def run(txn):
+            helper = CatalogTxn(txn)
             result = fn(helper)
             helper.check_quotas(self.quota_for)
             helper.save_counters()
-            return result, helper
+            return result, helper.freed
 
-        result, helper = self.backend.write(run)
-        self.blocks.forget(helper.freed)
-        self.blocks.cache(helper.written)
+        result, freed = self.backend.write(run)
+        self.blocks.forget(freed)
         return result
 
     def _read_record(self, tenant: str, session_id: str) -> SessionRecord:
         self._validate_ids(tenant, session_id)
         skey = session_key(tenant, session_id)
         with self.backend.read() as txn:
-            raw = txn.get(skey, db=self.backend.db["sessions"])
-            record = None if raw is None else decode_session(skey, raw)
+            raw = txn.get("sessions", skey)
+            if raw is None:
+                problem = catalog.check_tenant(txn, tenant)
+                if problem is not None:
+                    raise CorruptData(f"session {session_id!r} of tenant {tenant!r} was not found and {problem}")
+                record = None
+            else:
+                record = decode_session(skey, raw)
         if record is None or record.is_expired(self._now_ms()):
             raise NotFound(f"session {session_id!r} of tenant {tenant!r} does not exist (never saved, deleted or expired)")
         return record
 
     # ----------------------------------------------------------------- save
-    def save(
+    def begin_save(
         self,
         tenant: str,
         session_id: str,
         spec: ModelSpec,
         token_ids: np.ndarray,
-        pieces: KVPieces,
         *,
+        has_bias: bool = False,
         positions: np.ndarray | None = None,
         logical_length: int = 0,
         ttl_seconds: int = 0,
@@ -547,14 +421,16 @@ class SessionStore:
         reuse_prefix_tokens: int = 0,
         labels: dict[str, str] | None = None,
         text: str | None = None,
-    ) -> WriteResult:
-        """Store a session atomically. ``pieces`` covers tokens [reuse_prefix_tokens, T).
+    ) -> OpenWrite:
+        """Open a save of a session; its KV (tokens [reuse_prefix_tokens, T)) is added to the
+        returned OpenWrite as it arrives, and ``commit()`` stores the session atomically.
 
         token_ids: uint32 [T]; positions: int64 [T] or None (0..T-1). ``text``: the session's
         text, kept beside it for text search (replaced, with every derived index, on overwrite).
         """
         self._validate_ids(tenant, session_id)
-        self._check_pieces_spec(spec, pieces)
+        if not isinstance(spec, ModelSpec):
+            raise InvalidRequest(f"a model spec is required, got {type(spec).__name__}")
         validate_ttl(ttl_seconds)
         labels = validate_labels(labels)
         text_data = text_bytes(text)
@@ -562,7 +438,7 @@ class SessionStore:
         total = len(token_ids)
         if total == 0:
             raise InvalidRequest("a session needs at least one token")
-        self._check_size(total)
+        self._check_size(total, spec)
         if positions is not None:
             positions = positions_array(positions, total)
         logical_length = check_logical_length(logical_length, total, positions)
@@ -570,28 +446,17 @@ class SessionStore:
             positions = np.arange(total, dtype=np.int64)  # a gap before logical_length: appends continue past it
         elif positions is not None and logical_length == total and np.array_equal(positions, np.arange(total)):
             positions = None  # plain 0..T-1 with nothing after: dedupable like any plain session
-        has_bias = pieces.has_bias
         chained = positions is None and not has_bias
-        if not isinstance(reuse_prefix_tokens, int) or reuse_prefix_tokens < 0:
+        if not isinstance(reuse_prefix_tokens, int) or isinstance(reuse_prefix_tokens, bool) or reuse_prefix_tokens < 0:
             raise InvalidRequest(f"reuse_prefix_tokens must be a non-negative integer, got {reuse_prefix_tokens!r}")
-        if pieces.start != reuse_prefix_tokens or pieces.end != total:
-            raise InvalidRequest(f"KV covers tokens [{pieces.start}, {pieces.end}) but the session needs [{reuse_prefix_tokens}, {total})")
         chunk = self.config.chunk_tokens
         if reuse_prefix_tokens:
             if not chained:
                 raise InvalidRequest("reuse_prefix_tokens only applies to plain sessions (no positions, no bias)")
             if reuse_prefix_tokens > total or (reuse_prefix_tokens % chunk and reuse_prefix_tokens != total):
                 raise InvalidRequest(f"reuse_prefix_tokens={reuse_prefix_tokens} must be a multiple of the chunk size {chunk} and at most {total}")
-        pieces.check_complete()
-
         ranges = chunk_ranges(0, total, chunk)
         keys = chain_keys(tenant, spec.digest(), token_ids, chunk) if chained else [private_key() for _ in ranges]
-        missing = self._missing_chunks(keys)
-        encoded = {
-            key: self._encode_chunk(key, spec, pieces, start, count)
-            for key, (start, count) in zip(keys, ranges)
-            if key in missing and start >= reuse_prefix_tokens
-        }
         now = self._now_ms()
         record = SessionRecord(
             tenant, session_id, spec, token_ids, [BlockRef(k, s, c) for k, (s, c) in zip(keys, ranges)],
@@ -599,24 +464,67 @@ class SessionStore:
             created_at_ms=now, updated_at_ms=now, expires_at_ms=self._expiry(ttl_seconds, now), labels=labels,
         )
         skey = session_key(tenant, session_id)
-
-        def apply(tx: _Txn) -> WriteResult:
-            previous = tx.get_session(skey)
-            if previous is not None and not overwrite and not previous.is_expired(now):
+        with self.backend.read() as txn:  # refuse early; the commit checks again
+            raw = txn.get("sessions", skey)
+        if raw is not None and not overwrite:
+            try:
+                exists = not decode_session(skey, raw).is_expired(now)
+            except CorruptData:
+                exists = True
+            if exists:
                 raise AlreadyExists(f"session {session_id!r} already exists; pass overwrite=true to replace it, or delete it first")
-            dedup, written = self._link_chunks(tx, tenant, record.blocks, encoded, spec, pieces, reuse_prefix_tokens)
-            if previous is not None:
-                for old in previous.blocks:
-                    tx.decref(tenant, old.key)
-                tx.delete_aux(skey)
-            tx.put_session(tenant, skey, record, previous)
-            if text_data:
-                tx.put_aux(skey, TEXT_AUX, record, text_data)
-            return WriteResult(record, deduplicated_tokens=dedup, bytes_written=written)
 
-        result = self._write(apply)
-        log.info("session saved", extra={"fields": {"tenant": tenant, "session": session_id, "tokens": total, "dedup_tokens": result.deduplicated_tokens, "bytes_written": result.bytes_written}})
-        return result
+        def commit(staged: StagedWrite) -> WriteResult:
+            def apply(tx: CatalogTxn) -> WriteResult:
+                previous, damaged = catalog.get_session_or_damage(tx.txn, skey)
+                if (previous is not None or damaged) and not overwrite and not (previous is not None and previous.is_expired(now)):
+                    raise AlreadyExists(f"session {session_id!r} already exists; pass overwrite=true to replace it, or delete it first")
+                dedup, written = self._link_chunks(tx, tenant, record.blocks, staged, reuse_prefix_tokens)
+                if previous is not None:
+                    for old in previous.blocks:
+                        tx.decref(tenant, old.key)
+                if previous is not None or damaged:
+                    tx.delete_aux(skey)
+                tx.put_session(tenant, skey, record, previous, replaces=damaged)
+                if text_data:
+                    tx.put_aux(skey, TEXT_AUX, record, text_data)
+                return WriteResult(record, deduplicated_tokens=dedup, bytes_written=written)
+
+            result = self._write(apply)
+            log.info("session saved", extra={"fields": {"tenant": tenant, "session": session_id, "tokens": total, "dedup_tokens": result.deduplicated_tokens, "bytes_written": result.bytes_written}})
+            return result
+
+        return OpenWrite(self._staged_write(spec, reuse_prefix_tokens, total, has_bias, record.blocks), commit)
+
+    def save(self, tenant: str, session_id: str, spec: ModelSpec, token_ids: np.ndarray, pieces: KVPieces, **options) -> WriteResult:
+        """Store a session atomically from KV in process memory. ``pieces`` covers tokens
+        [reuse_prefix_tokens, T); ``options`` are those of ``begin_save``."""
+        self._check_pieces_spec(spec, pieces)
+        write = self.begin_save(tenant, session_id, spec, token_ids, has_bias=pieces.has_bias, **options)
+        try:
+            expected = (write.staged.start, write.staged.end)
+            if (pieces.start, pieces.end) != expected:
+                raise InvalidRequest(f"KV covers tokens [{pieces.start}, {pieces.end}) but the session needs [{expected[0]}, {expected[1]})")
+            pieces.check_complete()
+        except BaseException:
+            write.abort()
+            raise
+        return self._feed(write, pieces)
+
+    def _feed(self, write: OpenWrite, pieces: KVPieces) -> WriteResult:
+        """Add every block of ``pieces`` (chunk by chunk, so memory stays bounded) and commit."""
+        try:
+            chunk, spec = self.config.chunk_tokens, pieces.spec
+            first = pieces.start - pieces.start % chunk
+            for block_start in range(first, pieces.end, chunk):
+                lo, hi = max(block_start, pieces.start), min(block_start + chunk, pieces.end)
+                for layer in range(spec.num_layers):
+                    keys, values, bias = pieces.block(layer, lo, hi - lo)
+                    write.add(layer, lo, hi - lo, pieces.dtype_code, keys, values, bias)
+        except BaseException:
+            write.abort()
+            raise
+        return write.commit()
 
     # ----------------------------------------------------------------- restore
     def get(self, tenant: str, session_id: str) -> SessionRecord:
@@ -635,8 +543,31 @@ class SessionStore:
         if not 0 <= start < end <= total:
             raise InvalidRequest(f"token range [{start}, {end}) is not inside the session's [0, {total})")
         refs = [ref for ref in record.blocks if ref.end > start and ref.start < end]
-        layers = record.spec.num_layers
-        return RestorePlan(record, start, end, refs, len(refs) * layers, lambda ref: self.blocks.get_chunk(ref.key, layers))
+        return RestorePlan(record, start, end, refs, len(refs) * record.spec.num_layers, lambda ref: self.load_chunk(record, ref))
+
+    def load_chunk(self, record: SessionRecord, ref: BlockRef, layers: list[int] | None = None) -> list[Block]:
+        """The blocks of one chunk of ``record`` (``layers``: only those), from the fastest tier.
+
+        A block missing while the record still refers to it is damage (CorruptData naming the
+        session); missing because the session changed meanwhile is Conflict (retry)."""
+        try:
+            return self.blocks.get_chunk(ref.key, record.spec.num_layers, layers)
+        except MissingBlock as exc:
+            if record.session_id:
+                skey = session_key(record.tenant, record.session_id)
+                with self.backend.read() as txn:
+                    raw = txn.get("sessions", skey)
+                    current = None if raw is None else decode_session(skey, raw)
+                changed = current is None or current.version != record.version or current.created_at_ms != record.created_at_ms
+            else:  # a prefix restore: damage if the chunk is still referenced
+                with self.backend.read() as txn:
+                    changed = txn.get("refs", ref.key) is None
+            if changed:
+                raise Conflict(f"session {record.session_id or '(prefix)'!r} changed while it was being read; restore it again") from None
+            raise CorruptData(
+                f"session {record.session_id or '(prefix)'!r} of tenant {record.tenant!r}: {exc}; the store is damaged. "
+                "Run `kvmem verify`; delete the session or restore it from a backup"
+            ) from None
 
     def restore_prefix(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray) -> RestorePlan:
         """Restore the longest stored prefix of token_ids (no session needed: blocks are content-addressed)."""
@@ -657,65 +588,61 @@ class SessionStore:
         return self._match_prefix(tenant, spec, token_ids_array(token_ids))[0]
 
     def _match_prefix(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray) -> tuple[int, list[bytes]]:
-        chunk, digest, refs_db = self.config.chunk_tokens, spec.digest(), self.backend.db["refs"]
+        chunk, digest = self.config.chunk_tokens, spec.digest()
         matched, previous, keys = 0, ROOT_KEY, []
         with self.backend.read() as txn:
             while matched + chunk <= len(token_ids):
                 key = chain_key(tenant, digest, previous, token_ids[matched : matched + chunk])
-                if txn.get(key, db=refs_db) is None:
+                if txn.get("refs", key) is None:
                     break
                 keys.append(key)
                 matched, previous = matched + chunk, key
             # a partial chunk is stored only where some session ends inside it: longest first
             for count in range(min(chunk - 1, len(token_ids) - matched), 0, -1):
                 key = chain_key(tenant, digest, previous, token_ids[matched : matched + count])
-                if txn.get(key, db=refs_db) is not None:
+                if txn.get("refs", key) is not None:
                     return matched + count, keys + [key]
         return matched, keys
 
     # ----------------------------------------------------------------- append
-    def append(
+    def begin_append(
         self,
         tenant: str,
         session_id: str,
         spec: ModelSpec,
         new_token_ids: np.ndarray,
-        pieces: KVPieces,
         *,
         expected_num_tokens: int | None = None,
         ttl_seconds: int = 0,
         text: str | None = None,
-    ) -> WriteResult:
-        """Add the KV of new tokens; ``pieces`` covers [T_old, T_old + n). Atomic.
-
-        ``text`` is appended to the session's stored text."""
+    ) -> OpenWrite:
+        """Open an append of new tokens; their KV ([T_old, T_old + n)) is added to the returned
+        OpenWrite, and ``commit()`` applies it atomically. ``text`` is appended to the session's
+        stored text."""
         validate_ttl(ttl_seconds)
         text_data = text_bytes(text)
         record = self._read_record(tenant, session_id)
         if not isinstance(spec, ModelSpec):
             raise InvalidRequest(f"a model spec is required, got {type(spec).__name__}")
         record.spec.require_same(spec, f"session {session_id!r}")
-        self._check_pieces_spec(spec, pieces)
         new_token_ids = token_ids_array(new_token_ids, "new token ids")
         old_total, added = record.num_tokens, len(new_token_ids)
         if added == 0:
             raise InvalidRequest("append needs at least one new token")
-        self._check_size(old_total + added)  # token counts stay far below 2^62 (max_session_tokens < 2^32)
+        self._check_size(old_total + added, spec)  # token counts stay far below 2^62 (max_session_tokens < 2^32)
         check_logical_bound(record.logical_length + added, f"the logical length after the append ({record.logical_length} + {added})")
         if expected_num_tokens is not None and expected_num_tokens != old_total:
             raise Conflict(f"session {session_id!r} holds {old_total} tokens, not the expected {expected_num_tokens}; restore it and retry")
-        if pieces.start != old_total or pieces.end != old_total + added:
-            raise InvalidRequest(f"KV covers tokens [{pieces.start}, {pieces.end}) but the new tokens are [{old_total}, {old_total + added})")
-        if pieces.has_bias != record.has_bias:
-            raise InvalidRequest(f"session has_bias={record.has_bias} but the appended KV has_bias={pieces.has_bias}")
-        pieces.check_complete()
         chunk = self.config.chunk_tokens
         tokens = np.concatenate([record.token_ids, new_token_ids])
         kept = list(record.blocks)
         replaced: list[BlockRef] = []
+        prefill = None
         if record.chained and kept and kept[-1].count < chunk:
             replaced = [kept.pop()]  # the partial tail chunk is rebuilt with the new tokens
-            pieces = self._merge_tail(record, replaced[0], pieces)
+            prefill = {}
+            for block in self.load_chunk(record, replaced[0]):
+                prefill[block.layer] = block.raw_arrays()
         first = replaced[0].start if replaced else old_total
         ranges = chunk_ranges(first, len(tokens), chunk)
         if record.chained:
@@ -723,48 +650,62 @@ class SessionStore:
             keys = chain_keys(tenant, spec.digest(), tokens, chunk, previous=previous, start=first)
         else:
             keys = [private_key() for _ in ranges]
-        missing = self._missing_chunks(keys)
-        encoded = {key: self._encode_chunk(key, spec, pieces, s, c) for key, (s, c) in zip(keys, ranges) if key in missing}
+        new_refs = [BlockRef(k, s, c) for k, (s, c) in zip(keys, ranges)]
         positions = record.positions
         logical = record.logical_length + added
         if positions is not None:
             positions = np.concatenate([positions, np.arange(record.logical_length, logical, dtype=np.int64)])
-        now = self._now_ms()
         skey = session_key(tenant, session_id)
 
-        def apply(tx: _Txn) -> WriteResult:
-            current = tx.get_session(skey)
-            if current is None or current.version != record.version or current.is_expired(now):
-                raise Conflict(f"session {session_id!r} changed or vanished during the append; restore it and retry")
-            new_refs = [BlockRef(k, s, c) for k, (s, c) in zip(keys, ranges)]
-            _, written = self._link_chunks(tx, tenant, new_refs, encoded, spec, pieces)
-            for ref in replaced:
-                tx.decref(tenant, ref.key)
-            updated = SessionRecord(
-                tenant, session_id, record.spec, tokens, kept + new_refs, positions=positions, logical_length=logical,
-                has_bias=record.has_bias, chained=record.chained, created_at_ms=record.created_at_ms, updated_at_ms=now,
-                expires_at_ms=self._expiry(ttl_seconds, now) if ttl_seconds else record.expires_at_ms,
-                parent_session_id=record.parent_session_id, fork_offset=record.fork_offset, version=record.version + 1,
-                labels=record.labels,
-            )
-            tx.put_session(tenant, skey, updated, current)
-            if text_data:
-                old_text = tx.get_aux(skey, TEXT_AUX)
-                tx.put_aux(skey, TEXT_AUX, updated, (old_text.payload if old_text else b"") + text_data)
-            return WriteResult(updated, bytes_written=written)
+        def commit(staged: StagedWrite) -> WriteResult:
+            now = self._now_ms()
 
-        return self._write(apply)
+            def apply(tx: CatalogTxn) -> WriteResult:
+                current = tx.get_session(skey)
+                if current is None or current.version != record.version or current.is_expired(now):
+                    raise Conflict(f"session {session_id!r} changed or vanished during the append; restore it and retry")
+                _, written = self._link_chunks(tx, tenant, new_refs, staged)
+                for ref in replaced:
+                    tx.decref(tenant, ref.key)
+                updated = SessionRecord(
+                    tenant, session_id, record.spec, tokens, kept + new_refs, positions=positions, logical_length=logical,
+                    has_bias=record.has_bias, chained=record.chained, created_at_ms=record.created_at_ms, updated_at_ms=now,
+                    expires_at_ms=self._expiry(ttl_seconds, now) if ttl_seconds else record.expires_at_ms,
+                    parent_session_id=record.parent_session_id, fork_offset=record.fork_offset, version=record.version + 1,
+                    labels=record.labels,
+                )
+                tx.put_session(tenant, skey, updated, current)
+                if text_data:
+                    old_text = tx.get_aux(skey, TEXT_AUX)
+                    tx.put_aux(skey, TEXT_AUX, updated, (old_text.payload if old_text else b"") + text_data)
+                return WriteResult(updated, bytes_written=written)
 
-    def _merge_tail(self, record: SessionRecord, tail: BlockRef, pieces: KVPieces) -> KVPieces:
-        """KVPieces over [tail.start, end): the stored tail chunk followed by the new pieces."""
-        merged = KVPieces(record.spec, tail.start, pieces.end, pieces.has_bias)
-        for block in self.blocks.get_chunk(tail.key, record.spec.num_layers):
-            merged.add(block.layer, tail.start, tail.count, block.dtype_code, block.keys_bytes(), block.values_bytes(), block.bias_bytes() if block.has_bias else None)
-        for layer in range(record.spec.num_layers):
-            keys, values, bias = pieces.block(layer, pieces.start, pieces.end - pieces.start)
-            merged.add(layer, pieces.start, pieces.end - pieces.start, merged.dtype_code, keys, values, bias)
-        merged.check_complete()
-        return merged
+            return self._write(apply)
+
+        return OpenWrite(self._staged_write(spec, old_total, len(tokens), record.has_bias, new_refs, prefill=prefill), commit)
+
+    def append(self, tenant: str, session_id: str, spec: ModelSpec, new_token_ids: np.ndarray, pieces: KVPieces, **options) -> WriteResult:
+        """Add the KV of new tokens from process memory; ``pieces`` covers [T_old, T_old + n).
+        Atomic; ``options`` are those of ``begin_append``."""
+        write = self.begin_append(tenant, session_id, spec, new_token_ids, **options)
+        try:
+            self._check_pieces_spec(spec, pieces)
+        except BaseException:
+            write.abort()
+            raise
+        expected = (write.staged.start, write.staged.end)
+        if (pieces.start, pieces.end) != expected:
+            write.abort()
+            raise InvalidRequest(f"KV covers tokens [{pieces.start}, {pieces.end}) but the new tokens are [{expected[0]}, {expected[1]})")
+        if pieces.has_bias != write.staged.has_bias:
+            write.abort()
+            raise InvalidRequest(f"session has_bias={write.staged.has_bias} but the appended KV has_bias={pieces.has_bias}")
+        try:
+            pieces.check_complete()
+        except BaseException:
+            write.abort()
+            raise
+        return self._feed(write, pieces)
 
     # ----------------------------------------------------------------- fork
     def fork(self, tenant: str, source_id: str, target_id: str, at_token: int | None = None, *, ttl_seconds: int = 0, overwrite: bool = False) -> WriteResult:
@@ -788,7 +729,7 @@ class SessionStore:
             else:
                 key = private_key()
             pieces = KVPieces(source.spec, boundary.start, at, source.has_bias)
-            for block in self.blocks.get_chunk(boundary.key, source.spec.num_layers):
+            for block in self.load_chunk(source, boundary):
                 keys, values, bias = block.raw_arrays()
                 pieces.add(block.layer, boundary.start, count, block.dtype_code, *(None if x is None else memoryview(np.ascontiguousarray(x[:, :count])).cast("B") for x in (keys, values, bias)))
             new_blocks = self._encode_chunk(key, source.spec, pieces, boundary.start, count)
@@ -804,7 +745,7 @@ class SessionStore:
         )
         source_key, target_key = session_key(tenant, source_id), session_key(tenant, target_id)
 
-        def apply(tx: _Txn) -> WriteResult:
+        def apply(tx: CatalogTxn) -> WriteResult:
             current = tx.get_session(source_key)
             if current is None or current.version != source.version:
                 raise Conflict(f"session {source_id!r} changed or vanished during the fork; retry")
@@ -833,9 +774,9 @@ class SessionStore:
     def get_aux(self, tenant: str, session_id: str, name: str) -> AuxRecord | None:
         """A session's aux record, or None. Raises CorruptData when it fails its check."""
         skey = session_key(tenant, session_id)
+        key = aux_key(skey, name)
         with self.backend.read() as txn:
-            key = aux_key(skey, name)
-            raw = txn.get(key, db=self.backend.db["aux"])
+            raw = txn.get("aux", key)
             return None if raw is None else decode_aux(key, raw)
 
     def put_aux(self, tenant: str, session_id: str, records: dict[str, bytes], derived_from: SessionRecord) -> None:
@@ -847,7 +788,7 @@ class SessionStore:
         """
         skey = session_key(tenant, session_id)
 
-        def apply(tx: _Txn) -> int:
+        def apply(tx: CatalogTxn) -> int:
             current = tx.get_session(skey)
             if current is None or current.version != derived_from.version or current.created_at_ms != derived_from.created_at_ms:
                 raise Conflict(f"session {session_id!r} changed while {', '.join(records)} was being built; build it again")
@@ -873,19 +814,22 @@ class SessionStore:
         self._validate_ids(tenant, session_id)
         skey = session_key(tenant, session_id)
 
-        def apply(tx: _Txn) -> int:
-            record = tx.get_session(skey)
-            if record is None:
+        def apply(tx: CatalogTxn) -> int:
+            record, damaged = catalog.get_session_or_damage(tx.txn, skey)
+            if record is None and not damaged:
                 raise NotFound(f"session {session_id!r} of tenant {tenant!r} does not exist")
-            return tx.delete_session(tenant, skey, record)
+            return tx.delete_session(tenant, skey, record)  # a damaged record goes too (its blocks stay until salvage)
 
         return self._write(apply)
 
-    def list(self, tenant: str, page_size: int = 100, page_token: str = "") -> tuple[list[SessionRecord], str]:
-        """Sessions of a tenant in id order; returns (page, next_page_token or "")."""
+    def list(self, tenant: str, page_size: int = 100, page_token: str = "") -> tuple[list[SessionRecord | catalog.DamagedSession], str]:
+        """Sessions of a tenant in id order; returns (page, next_page_token or "").
+
+        A record that fails its check is listed as a DamagedSession; a catalogue that does not
+        match the tenant's count and digest raises CorruptData (never a shorter list)."""
         validate_id(tenant, "tenant", self.config.max_id_bytes)
         page_size = min(max(page_size or 100, 1), 1000)
-        prefix = tenant.encode() + b"\x00"
+        prefix = tenant_prefix(tenant)
         try:
             start = base64.urlsafe_b64decode(page_token.encode()) if page_token else prefix
         except ValueError:
@@ -894,18 +838,16 @@ class SessionStore:
             raise InvalidRequest("page_token belongs to another tenant or is malformed; start again with an empty token")
         now, page, next_token = self._now_ms(), [], ""
         with self.backend.read() as txn:
-            cursor = txn.cursor(db=self.backend.db["sessions"])
-            if cursor.set_range(start):
-                for key, raw in cursor:
-                    key = bytes(key)
-                    if not key.startswith(prefix):
-                        break
-                    if len(page) == page_size:
-                        next_token = base64.urlsafe_b64encode(key).decode()
-                        break
-                    record = decode_session(key, raw)
-                    if not record.is_expired(now):
-                        page.append(record)
+            problem = catalog.check_tenant(txn, tenant)
+            if problem is not None:
+                raise CorruptData(f"cannot list tenant {tenant!r}: {problem}")
+            for key, raw in txn.scan("sessions", start=start, prefix=prefix):
+                if len(page) == page_size:
+                    next_token = base64.urlsafe_b64encode(key).decode()
+                    break
+                entry = catalog.decode_or_damage(key, raw)
+                if isinstance(entry, catalog.DamagedSession) or not entry.is_expired(now):
+                    page.append(entry)
         return page, next_token
 
     def collect_expired(self) -> int:
@@ -913,24 +855,21 @@ class SessionStore:
         now = self._now_ms()
         bound = struct.pack(">Q", now + 1)
 
-        def apply(tx: _Txn) -> int:
-            cursor = tx.txn.cursor(db=tx.db["ttl"])
+        def apply(tx: CatalogTxn) -> int:
             due = []
-            if cursor.first():
-                for key, _ in cursor:
-                    key = bytes(key)
-                    if key[:8] >= bound:
-                        break
-                    due.append(key)
+            for key, _ in tx.txn.scan("ttl", values=False):
+                if key[:8] >= bound:
+                    break
+                due.append(key)
             removed = 0
             for index_key in due:
                 skey = index_key[8:]
-                record = tx.get_session(skey)
+                record, _ = catalog.get_session_or_damage(tx.txn, skey)
                 if record is not None and record.is_expired(now):
                     tx.delete_session(record.tenant, skey, record)
                     removed += 1
                 else:  # stale index entry: the session was refreshed or replaced
-                    tx.txn.delete(index_key, db=tx.db["ttl"])
+                    tx.txn.delete("ttl", index_key)
             return removed
 
         removed = self._write(apply)
@@ -944,22 +883,25 @@ class SessionStore:
         stored for it after deduplication, and bytes its sessions refer to before it."""
         validate_id(tenant, "tenant", self.config.max_id_bytes)
         with self.backend.read() as txn:
-            return _read_usage(txn, self.backend.db["usage"], tenant)
+            return read_usage(txn, tenant)[0]
 
     def usage_by_tenant(self, limit: int = 10_000) -> list[TenantUsage]:
         """Every tenant's usage (at most ``limit`` tenants, in tenant order), for metrics."""
         found = []
         with self.backend.read() as txn:
-            for key, raw in txn.cursor(db=self.backend.db["usage"]):
+            for key, raw in txn.scan("usage"):
                 if len(found) >= limit:
                     break
-                found.append(_usage_row(bytes(key).decode("utf-8", "replace"), raw))
+                tenant = key.decode("utf-8", "replace")
+                try:
+                    found.append(parse_usage_row(tenant, raw)[0])
+                except CorruptData:
+                    log.error("usage row unreadable", extra={"fields": {"tenant": tenant}})
         return found
 
     def stats(self) -> dict:
         with self.backend.read() as txn:
-            raw = txn.get(b"counters", db=self.backend.db["meta"])
-            counters = dict.fromkeys(_COUNTER_KEYS, 0) | (json.loads(bytes(raw)) if raw is not None else {})
+            counters = read_counters(txn)
         tiers = [
             {"name": tier.name, "bytes_used": tier.bytes_used(), "capacity_bytes": tier.capacity(), "entries": len(tier), **vars(tier.counters)}
             for tier in self.blocks.tiers
@@ -976,4 +918,28 @@ class SessionStore:
             "lmdb_map_bytes": self.backend.map_bytes,
             "lmdb_used_bytes": used,
             "chunk_tokens": self.config.chunk_tokens,
+            "inflight_bytes": self.budget.used,
+            "group_commits": self.backend.commits,
+            "group_commit_writes": self.backend.batched,
+            "damaged_tenants": len(self.damaged_tenants),
         }
+
+    # ----------------------------------------------------------------- salvage
+    def import_session(self, record: SessionRecord, chunks: list[tuple[bytes, list[Block]]], text: bytes | None = None) -> None:
+        """Store a session read (and verified) from another store: its blocks as they are
+        (checksums are bound to their keys, which do not change) and its record."""
+        skey = session_key(record.tenant, record.session_id)
+
+        def apply(tx: CatalogTxn) -> int:
+            previous, damaged = catalog.get_session_or_damage(tx.txn, skey)
+            if previous is not None or damaged:
+                raise AlreadyExists(f"session {record.session_id!r} of tenant {record.tenant!r} is already in the destination")
+            for key, blocks in chunks:
+                if not tx.incref(key):
+                    tx.put_chunk(record.tenant, key, blocks)
+            tx.put_session(record.tenant, skey, record, None)
+            if text:
+                tx.put_aux(skey, TEXT_AUX, record, text)
+            return 0
+
+        self._write(apply)

@@ -1,33 +1,43 @@
-"""Blocks across tiers: memory tiers (fastest first) over the durable LMDB store.
+"""Blocks across tiers: memory tiers (fastest first, each a ``kvstore.tiers.Tier``) over the
+durable backend (``kvstore.backend.Backend``, LMDB by default).
 
 A hit in a slower tier is promoted one tier up; a tier that overflows demotes its victims one
-tier down. The last memory tier drops its victims, which is safe because LMDB holds every block
-(writes are committed to LMDB before they are cached). Blocks read from LMDB are verified
-against their checksum before anything sees them.
+tier down. The last memory tier drops its victims, which is safe because the backend holds
+every block (a block reaches a memory tier only after it was read from the backend, never
+before its commit). Blocks read from the backend are verified against their checksum before
+anything sees them.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+from kvstore.backend import Backend
 from kvstore.chunking import block_storage_key
 from kvstore.codec import Block, decode_block
 from kvstore.errors import NotFound
-from kvstore.lmdb_backend import LmdbBackend
-from kvstore.tiers import MemoryTier, TierCounters
+from kvstore.tiers import Tier, TierCounters
+
+
+class MissingBlock(NotFound):
+    """A block the caller expected is not in the backend (the store decides: damage or change)."""
 
 
 class TieredBlockStore:
-    def __init__(self, backend: LmdbBackend, tiers: list[MemoryTier]):
+    def __init__(self, backend: Backend, tiers: Sequence[Tier]):
         self.backend = backend
-        self.tiers = tiers  # fastest first, e.g. [gpu, cpu] or [cpu]
+        self.tiers = list(tiers)  # fastest first
         self.lmdb_counters = TierCounters()
 
-    def get_chunk(self, chunk_key: bytes, num_layers: int) -> list[Block]:
-        """All layers of one chunk, from the fastest tier that has each; raises NotFound/CorruptData."""
-        blocks: list[Block | None] = [self._get_from_memory(block_storage_key(chunk_key, layer)) for layer in range(num_layers)]
-        missing = [layer for layer, block in enumerate(blocks) if block is None]
+    def get_chunk(self, chunk_key: bytes, num_layers: int, layers: Sequence[int] | None = None) -> list[Block]:
+        """Layers ``layers`` (default all) of one chunk, from the fastest tier that has each;
+        raises MissingBlock / CorruptData. Only the blocks asked for are read."""
+        wanted = list(range(num_layers)) if layers is None else list(layers)
+        blocks: list[Block | None] = [self._get_from_memory(block_storage_key(chunk_key, layer)) for layer in wanted]
+        missing = [i for i, block in enumerate(blocks) if block is None]
         if missing:
-            loaded = self._load(chunk_key, missing)
-            for layer, block in zip(missing, loaded):
-                blocks[layer] = block
+            loaded = self._load(chunk_key, [wanted[i] for i in missing])
+            for i, block in zip(missing, loaded):
+                blocks[i] = block
                 if self.tiers:
                     self._place(len(self.tiers) - 1, block, promoted=True)
         return blocks  # type: ignore[return-value]
@@ -44,13 +54,12 @@ class TieredBlockStore:
     def _load(self, chunk_key: bytes, layers: list[int]) -> list[Block]:
         blocks = []
         with self.backend.read() as txn:
-            db = self.backend.db["blocks"]
             for layer in layers:
                 key = block_storage_key(chunk_key, layer)
-                raw = txn.get(key, db=db)
+                raw = txn.get("blocks", key)
                 if raw is None:
                     self.lmdb_counters.misses += 1
-                    raise NotFound(f"block {chunk_key.hex()} layer {layer} is missing: the session was deleted or changed while being read; retry")
+                    raise MissingBlock(f"block {chunk_key.hex()} layer {layer} is missing")
                 blocks.append(decode_block(key, raw))
         self.lmdb_counters.hits += len(layers)
         return blocks
@@ -64,12 +73,6 @@ class TieredBlockStore:
         for victim in tier.put(block):
             if index + 1 < len(self.tiers):
                 self._place(index + 1, victim)
-
-    def cache(self, blocks: list[Block]) -> None:
-        """Write-through: keep freshly committed blocks in the slowest memory tier."""
-        if self.tiers:
-            for block in blocks:
-                self._place(len(self.tiers) - 1, block)
 
     def forget(self, storage_keys: list[bytes]) -> None:
         """Drop freed blocks from every memory tier."""

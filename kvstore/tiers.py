@@ -1,16 +1,15 @@
-"""Memory tiers: bounded-byte block caches in CPU memory or on a GPU.
+"""Memory tiers: bounded-byte block caches.
 
 A Tier is a narrow interface (get, put, delete, contains, bytes used, capacity). The durable
-LMDB store sits below all tiers and always holds every block, so a memory tier may drop a block
-at any time without losing data; TieredBlockStore moves blocks between tiers.
+backend sits below all tiers and always holds every block, so a memory tier may drop a block
+at any time without losing data; TieredBlockStore moves blocks between tiers. A quantized or
+device tier plugs in by implementing the same protocol.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol
-
-import torch
 
 from kvstore.codec import Block
 from kvstore.policy import EvictionPolicy, LRUPolicy
@@ -38,19 +37,14 @@ class Tier(Protocol):
 
 
 class MemoryTier:
-    """Blocks held in memory up to ``capacity_bytes``; ``put`` returns the blocks it evicted.
+    """Encoded blocks held in process memory up to ``capacity_bytes``; ``put`` returns the
+    blocks it evicted."""
 
-    device "cpu" keeps the encoded records as bytes. A CUDA device also pins a copy of each
-    record's payload in GPU memory (``device_tensor``) for consumers on that GPU.
-    """
-
-    def __init__(self, name: str, capacity_bytes: int, policy_factory: Callable[[], EvictionPolicy] = LRUPolicy, device: str = "cpu"):
+    def __init__(self, name: str, capacity_bytes: int, policy_factory: Callable[[], EvictionPolicy] = LRUPolicy):
         self.name = name
-        self.device = torch.device(device)
         self._capacity = capacity_bytes
         self._policy = policy_factory()
         self._blocks: dict[bytes, Block] = {}
-        self._device_copies: dict[bytes, torch.Tensor] = {}
         self._used = 0
         self._lock = threading.Lock()
         self.counters = TierCounters()
@@ -64,11 +58,6 @@ class MemoryTier:
             self.counters.hits += 1
             self._policy.accessed(key)
             return block
-
-    def device_tensor(self, key: bytes) -> torch.Tensor | None:
-        """uint8 [nbytes] copy of the record on this tier's device (GPU tiers only)."""
-        with self._lock:
-            return self._device_copies.get(key)
 
     def put(self, block: Block) -> list[Block]:
         """Insert (or refresh) a block; returns the blocks evicted to make room (maybe empty).
@@ -89,15 +78,12 @@ class MemoryTier:
                 evicted.append(self._remove_locked(victim))
                 self.counters.evictions += 1
             self._blocks[block.key] = block
-            if self.device.type != "cpu":
-                self._device_copies[block.key] = torch.frombuffer(bytearray(block.data), dtype=torch.uint8).to(self.device, non_blocking=True)
             self._used += block.nbytes
             self._policy.inserted(block.key)
         return evicted
 
     def _remove_locked(self, key: bytes) -> Block:
         block = self._blocks.pop(key)
-        self._device_copies.pop(key, None)
         self._policy.removed(key)
         self._used -= block.nbytes
         return block

@@ -38,8 +38,8 @@ def recomputed(store) -> dict[str, TenantUsage]:
     """Usage from scratch: every stored session, and the unique blocks each tenant refers to."""
     sessions, logical, chunks = {}, {}, {}
     with store.backend.read() as txn:
-        for key, raw in txn.cursor(db=store.backend.db["sessions"]):
-            record = decode_session(bytes(key), raw)
+        for key, raw in txn.scan("sessions"):
+            record = decode_session(key, raw)
             sessions[record.tenant] = sessions.get(record.tenant, 0) + 1
             logical[record.tenant] = logical.get(record.tenant, 0) + record.kv_bytes
             chunks.setdefault(record.tenant, set()).update(ref.key for ref in record.blocks)
@@ -48,7 +48,7 @@ def recomputed(store) -> dict[str, TenantUsage]:
             total = 0
             for chunk in keys:
                 for layer in range(TOY_SPEC.num_layers):
-                    total += len(txn.get(chunk + layer.to_bytes(2, "big"), db=store.backend.db["blocks"]))
+                    total += len(txn.get("blocks", chunk + layer.to_bytes(2, "big")))
             stored[tenant] = total
     return {tenant: TenantUsage(tenant, sessions[tenant], stored[tenant], logical[tenant]) for tenant in sessions}
 
@@ -198,7 +198,7 @@ def test_usage_follows_every_kind_of_write(qstore):
             qstore.delete(tenant, record.session_id)
     assert qstore.usage("a") == TenantUsage("a") and qstore.usage("b") == TenantUsage("b")
     with qstore.backend.read() as txn:
-        assert txn.stat(qstore.backend.db["usage"])["entries"] == 0  # empty rows are removed
+        assert txn.count("usage") == 0  # empty rows are removed
     check_usage(qstore)
 
 
@@ -219,15 +219,14 @@ def test_data_written_without_tenant_usage_gets_it_computed_at_open(store_config
     save(store, "b", "s1", range(20), seed=2)
     store.fork("a", "s1", "f", 20)
     expected = recomputed(store)
-    db = store.backend.db
 
     def forget(txn):  # what a data directory of the previous version looks like
         if drop_database:
-            txn.drop(db["usage"], delete=True)
+            txn.clear("usage")
         else:
-            for key in [bytes(k) for k, _ in txn.cursor(db=db["usage"])]:
-                txn.delete(key, db=db["usage"])
-        txn.delete(b"tenant_usage", db=db["meta"])
+            for key in [key for key, _ in txn.scan("usage", values=False)]:
+                txn.delete("usage", key)
+        txn.delete("meta", b"tenant_usage")
 
     store.backend.write(forget)
     store.close()

@@ -33,9 +33,9 @@ def _flip_aux_byte(store, key: bytes, offset: int, mask: int) -> None:
     """Damage one byte of a stored aux record in place (as a disk fault would)."""
 
     def flip(txn):
-        raw = bytearray(txn.get(key, db=store.backend.db["aux"]))
+        raw = bytearray(txn.get("aux", key))
         raw[offset] ^= mask
-        txn.put(key, bytes(raw), db=store.backend.db["aux"])
+        txn.put("aux", key, bytes(raw))
 
     store.backend.write(flip)
 
@@ -58,7 +58,7 @@ def test_aux_records_are_tagged_with_their_session_generation(store):
     store.put_aux("t", "s", {"index/x": b"new"}, newer)
     store.delete("t", "s")
     with store.backend.read() as txn:
-        assert txn.get(aux_key(session_key("t", "s"), "index/x"), db=store.backend.db["aux"]) is None
+        assert txn.get("aux", aux_key(session_key("t", "s"), "index/x")) is None
 
 
 def test_text_follows_appends_and_forks(store):
@@ -126,7 +126,7 @@ def test_block_index_is_stored_reloaded_and_rebuilt(store_config, smollm2, real_
         assert rebuilt.rebuilt and np.array_equal(rebuilt.index.search(7, probe, 5)[0], expected[7][0])
         key = aux_key(session_key("t", "doc"), "index/blocks/3")
         with store.backend.read() as txn:
-            middle = len(txn.get(key, db=store.backend.db["aux"])) // 2
+            middle = len(txn.get("aux", key)) // 2
         _flip_aux_byte(store, key, middle, 0xFF)  # a damaged record: detected, rebuilt, never searched
         repaired = block_index(store, rope, "t", "doc", config)
         assert repaired.rebuilt and repaired.reason.startswith("corrupt")

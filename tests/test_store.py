@@ -221,7 +221,8 @@ def test_disk_full_is_capacity_exceeded_and_the_store_keeps_working(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the LMDB-ceiling test covers the same path")
     try:
-        config = StoreConfig(data_dir=mount_point, chunk_tokens=64, cpu_tier_bytes=0, lmdb_map_bytes=64 << 20, lmdb_max_map_bytes=256 << 20)
+        config = StoreConfig(data_dir=mount_point, chunk_tokens=64, cpu_tier_bytes=0, lmdb_map_bytes=64 << 20, lmdb_max_map_bytes=256 << 20,
+                             max_session_bytes=64 << 20)  # past the disk: the write itself must fail
         store = SessionStore.open(config)
         first = random_layers(TOY_SPEC, 1000, seed=1)  # ~0.8 MB
         save(store, "first", range(1000), first)

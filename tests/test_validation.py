@@ -187,7 +187,7 @@ def test_records_written_before_fingerprints_and_canonical_rope_still_decode(fix
     assert b"weights_fingerprint" not in legacy and b"100000.0" in legacy
     decoded = decode_session(skey, legacy)
     assert decoded.spec == spec and decoded.spec.rope_json == '{"rope_theta":100000,"rope_type":"default"}'
-    fixed_store.backend.write(lambda txn: txn.put(skey, legacy, db=fixed_store.backend.db["sessions"]))
+    fixed_store.backend.write(lambda txn: txn.put("sessions", skey, legacy))
     keys, values, _ = fixed_store.restore("t", "old", dataclasses.replace(spec, rope_json='{"rope_type": "default", "rope_theta": 1e5}')).tensors()
     assert equal_layers(keys, values, layers)
 

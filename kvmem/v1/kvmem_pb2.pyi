@@ -63,7 +63,7 @@ class KVChunks(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[KVChunk, _Mapping]]] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("tenant", "session_id", "model", "num_tokens", "logical_length", "has_bias", "created_at_ms", "updated_at_ms", "expires_at_ms", "kv_bytes", "parent_session_id", "fork_offset", "version", "labels")
+    __slots__ = ("tenant", "session_id", "model", "num_tokens", "logical_length", "has_bias", "created_at_ms", "updated_at_ms", "expires_at_ms", "kv_bytes", "parent_session_id", "fork_offset", "version", "labels", "damage")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class SessionInfo(_message.Message):
     FORK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    DAMAGE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     model: ModelSpec
@@ -99,7 +100,8 @@ class SessionInfo(_message.Message):
     fork_offset: int
     version: int
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., num_tokens: _Optional[int] = ..., logical_length: _Optional[int] = ..., has_bias: _Optional[bool] = ..., created_at_ms: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., parent_session_id: _Optional[str] = ..., fork_offset: _Optional[int] = ..., version: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    damage: str
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., num_tokens: _Optional[int] = ..., logical_length: _Optional[int] = ..., has_bias: _Optional[bool] = ..., created_at_ms: _Optional[int] = ..., updated_at_ms: _Optional[int] = ..., expires_at_ms: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., parent_session_id: _Optional[str] = ..., fork_offset: _Optional[int] = ..., version: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., damage: _Optional[str] = ...) -> None: ...
 
 class SaveHeader(_message.Message):
     __slots__ = ("tenant", "session_id", "model", "token_ids", "positions", "logical_length", "has_bias", "ttl_seconds", "overwrite", "reuse_prefix_tokens", "text")

@@ -1,0 +1,110 @@
+"""The session catalogue check: tells a damaged catalogue from a short one.
+
+LMDB's B-tree pages carry no checksums: one damaged page can drop session keys from a scan
+without any error. Each tenant's usage row keeps how many sessions it holds and the XOR of a
+hash of every session key (``kvstore.txn``), updated in the same transaction as the sessions.
+A scan that disagrees is damage, reported as such (DATA_LOSS naming the tenant), never a
+shorter list answered OK. A single record that fails its own checksum is listed as a
+``DamagedSession`` beside the healthy ones instead of failing the tenant.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvstore.backend import Backend, ReadTxn
+from kvstore.codec import decode_session
+from kvstore.errors import CorruptData
+from kvstore.keys import catalog_digest, split_session_key, tenant_prefix
+from kvstore.records import SessionRecord
+from kvstore.txn import parse_usage_row, read_usage
+
+_ADVICE = "run `kvmem verify` to see what is damaged and `kvmem salvage` to copy out what is readable"
+
+
+@dataclass(frozen=True)
+class DamagedSession:
+    """A session key whose record fails its integrity check."""
+
+    tenant: str
+    session_id: str
+    key: bytes
+    damage: str
+
+
+def decode_or_damage(key: bytes, raw) -> SessionRecord | DamagedSession:
+    try:
+        return decode_session(key, raw)
+    except (CorruptData, ValueError, KeyError, TypeError) as exc:  # a damaged record may not even parse
+        tenant, session_id = split_session_key(key)
+        return DamagedSession(tenant, session_id, key, str(exc) if isinstance(exc, CorruptData) else f"session record {key!r} is unreadable ({exc})")
+
+
+def get_session_or_damage(txn: ReadTxn, skey: bytes) -> tuple[SessionRecord | None, bool]:
+    """(record, damaged): (None, False) when absent, (None, True) when its record is damaged."""
+    raw = txn.get("sessions", skey)
+    if raw is None:
+        return None, False
+    entry = decode_or_damage(skey, raw)
+    return (None, True) if isinstance(entry, DamagedSession) else (entry, False)
+
+
+def check_tenant(txn: ReadTxn, tenant: str) -> str | None:
+    """What is wrong with ``tenant``'s catalogue, or None when it is whole."""
+    try:
+        usage, digest = read_usage(txn, tenant)
+    except CorruptData as exc:
+        return f"{exc}; {_ADVICE}"
+    count = found = 0
+    prefix = tenant_prefix(tenant)
+    for key, _ in txn.scan("sessions", prefix=prefix, values=False):
+        count += 1
+        found ^= catalog_digest(key)
+    return _compare(txn, tenant, usage.sessions, digest, count, found)
+
+
+def _compare(txn: ReadTxn, tenant: str, recorded: int, digest: int, count: int, found: int) -> str | None:
+    if count != recorded:
+        return (f"the session catalogue of tenant {tenant!r} is damaged: {recorded} sessions are recorded but {count} were found; "
+                f"sessions may be missing from lists and restores. {_ADVICE}")
+    if found != digest and not _has_damaged_record(txn, tenant):
+        return f"the session catalogue of tenant {tenant!r} is damaged: the session ids found do not match the recorded ones. {_ADVICE}"
+    return None
+
+
+def _has_damaged_record(txn: ReadTxn, tenant: str) -> bool:
+    """True if some record of ``tenant`` fails its check (a damaged key changes the digest too;
+    such a record is listed as damaged, so the difference is not silent)."""
+    return any(isinstance(decode_or_damage(key, raw), DamagedSession) for key, raw in txn.scan("sessions", prefix=tenant_prefix(tenant)))
+
+
+def check_all(backend: Backend) -> dict[str, str]:
+    """Every tenant whose catalogue does not match its usage row -> what is wrong."""
+    problems: dict[str, str] = {}
+    try:
+        with backend.read() as txn:
+            seen: dict[str, list[int]] = {}
+            for key, _ in txn.scan("sessions", values=False):
+                tenant = split_session_key(key)[0]
+                entry = seen.setdefault(tenant, [0, 0])
+                entry[0] += 1
+                entry[1] ^= catalog_digest(key)
+            recorded: dict[str, tuple[int, int]] = {}
+            for key, raw in txn.scan("usage"):
+                tenant = key.decode("utf-8", "replace")
+                try:
+                    usage, digest = parse_usage_row(tenant, raw)
+                except CorruptData as exc:
+                    problems[tenant] = str(exc)
+                    continue
+                recorded[tenant] = (usage.sessions, digest)
+            for tenant in set(seen) | set(recorded):
+                if tenant in problems:
+                    continue
+                count, found = seen.get(tenant, (0, 0))
+                sessions, digest = recorded.get(tenant, (0, 0))
+                problem = _compare(txn, tenant, sessions, digest, count, found)
+                if problem is not None:
+                    problems[tenant] = problem
+    except CorruptData as exc:
+        problems["*"] = str(exc)
+    return problems
