@@ -7,6 +7,9 @@
     kvmem answer ID "question" [--dry-run] [--budget-s 5] [--force full] [--forbid ttt]
     kvmem keys add --keys-file keys.toml --tenant acme [--admin]   # prints a new token once
     kvmem keys rm --keys-file keys.toml KEY_ID | kvmem keys ls --keys-file keys.toml
+    kvmem verify --data-dir data            # scrub every record and block; exit 1 on damage
+    kvmem salvage data rescued              # copy every healthy session into a new data directory
+    kvmem backup --data-dir data snapshot   # consistent snapshot, also while the server runs
 
 Calls to a server send $KVMEM_TOKEN (or --token) as the API key; --tls/--tls-ca/--tls-cert/--tls-key
 for TLS and mutual TLS.
@@ -72,6 +75,19 @@ def _keys(args) -> int:
     return 0
 
 
+def _storage_command(argv: list[str]) -> int:
+    """verify / salvage / backup open a data directory directly: they need the server extra."""
+    try:
+        from kvmem import storage_cli
+    except ImportError as exc:
+        print(f"kvmem: this command opens a data directory and needs the server extra (pip install 'kvmem[server]'): {exc}", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="kvmem")
+    storage_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    index = next(i for i, word in enumerate(argv) if word in ("verify", "salvage", "backup"))
+    return storage_cli.run(parser.parse_args(argv[index:]))
+
+
 def _print(message) -> None:
     print(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
 
@@ -130,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     keys_commands.add_parser("ls", help="list keys (ids, tenants, roles; never tokens)")
     prepare = commands.add_parser("prepare-model", help="convert the bundled SmolLM2 GGUF once")
     prepare.add_argument("--cache-dir", type=Path, default=Path("data/models"))
-    args = parser.parse_args(argv)
+    for name, text in (("verify", "check a data directory for damage"), ("salvage", "copy the healthy sessions of a data directory"), ("backup", "snapshot a data directory")):
+        commands.add_parser(name, help=text, add_help=False)  # parsed by kvmem.storage_cli (server extra)
+    args, rest = parser.parse_known_args(argv)
+    if args.command in ("verify", "salvage", "backup"):
+        return _storage_command(argv)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "keys":
         return _keys(args)
     try:

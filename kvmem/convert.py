@@ -60,7 +60,11 @@ def spec_from_pb(message: pb.ModelSpec, *, stored: bool = False) -> ModelSpec:
     )
 
 
-def session_info(record: SessionRecord) -> pb.SessionInfo:
+def session_info(record) -> pb.SessionInfo:
+    """SessionInfo of a SessionRecord, or of a kvstore.catalog.DamagedSession (ids and damage only)."""
+    damage = getattr(record, "damage", None)
+    if damage is not None:
+        return pb.SessionInfo(tenant=record.tenant, session_id=record.session_id, damage=damage)
     return pb.SessionInfo(
         tenant=record.tenant,
         session_id=record.session_id,

@@ -48,8 +48,11 @@ def get_session_or_damage(txn: ReadTxn, skey: bytes) -> tuple[SessionRecord | No
     return (None, True) if isinstance(entry, DamagedSession) else (entry, False)
 
 
-def check_tenant(txn: ReadTxn, tenant: str) -> str | None:
-    """What is wrong with ``tenant``'s catalogue, or None when it is whole."""
+def check_tenant(txn: ReadTxn, tenant: str, strict: bool = False) -> str | None:
+    """What is wrong with ``tenant``'s catalogue, or None when it is whole.
+
+    A digest that differs only because some records are damaged (listed as such) passes,
+    unless ``strict``: a session that is not found where damaged keys exist may be one of them."""
     try:
         usage, digest = read_usage(txn, tenant)
     except CorruptData as exc:
@@ -59,13 +62,15 @@ def check_tenant(txn: ReadTxn, tenant: str) -> str | None:
     for key, _ in txn.scan("sessions", prefix=prefix, values=False):
         count += 1
         found ^= catalog_digest(key)
-    return _compare(txn, tenant, usage.sessions, digest, count, found)
+    return _compare(txn, tenant, usage.sessions, digest, count, found, strict)
 
 
-def _compare(txn: ReadTxn, tenant: str, recorded: int, digest: int, count: int, found: int) -> str | None:
+def _compare(txn: ReadTxn, tenant: str, recorded: int, digest: int, count: int, found: int, strict: bool = False) -> str | None:
     if count != recorded:
         return (f"the session catalogue of tenant {tenant!r} is damaged: {recorded} sessions are recorded but {count} were found; "
                 f"sessions may be missing from lists and restores. {_ADVICE}")
+    if found != digest and strict:
+        return f"tenant {tenant!r} has damaged session records (their ids may be damaged too). {_ADVICE}"
     if found != digest and not _has_damaged_record(txn, tenant):
         return f"the session catalogue of tenant {tenant!r} is damaged: the session ids found do not match the recorded ones. {_ADVICE}"
     return None

@@ -395,9 +395,9 @@ class SessionStore:
         with self.backend.read() as txn:
             raw = txn.get("sessions", skey)
             if raw is None:
-                problem = catalog.check_tenant(txn, tenant)
+                problem = catalog.check_tenant(txn, tenant, strict=True)
                 if problem is not None:
-                    raise CorruptData(f"session {session_id!r} of tenant {tenant!r} was not found and {problem}")
+                    raise CorruptData(f"session {session_id!r} of tenant {tenant!r} was not found, and {problem}")
                 record = None
             else:
                 record = decode_session(skey, raw)
