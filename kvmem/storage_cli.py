@@ -60,8 +60,9 @@ def _verify(args) -> int:
             print(f"DAMAGED catalogue of tenant {tenant}: {problem}")
         for error in report.errors:
             print(f"DAMAGED {error}")
-        if report.orphan_chunks or report.staged_entries:
-            print(f"{report.orphan_chunks} unreferenced chunks, {report.staged_entries} staged entries (removed by the server's sweep)")
+        if report.orphan_chunks or report.staged_entries or report.unreferenced_blocks:
+            print(f"{report.orphan_chunks} chunks without sessions, {report.unreferenced_blocks} blocks without references, "
+                  f"{report.staged_entries} staged entries (unfinished writes: the server's sweep removes them)")
         print("ok" if report.ok else f"damage found: run `kvmem salvage {args.data_dir} NEW_DIR` to copy out every healthy session")
     return 0 if report.ok else 1
 

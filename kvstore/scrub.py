@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 from kvstore import catalog
-from kvstore.chunking import block_storage_key
+from kvstore.chunking import KEY_BYTES, block_storage_key
 from kvstore.codec import decode_aux, decode_block
 from kvstore.errors import CorruptData
 from kvstore.keys import aux_key, split_session_key
@@ -26,6 +26,7 @@ class VerifyReport:
     damaged_blocks: list[dict] = field(default_factory=list)  # {block, damage}
     refcount_mismatches: list[dict] = field(default_factory=list)
     orphan_chunks: int = 0  # chunks with a reference count but no session
+    unreferenced_blocks: int = 0  # blocks of no referenced chunk (staged by unfinished writes, or leaked)
     staged_entries: int = 0  # unfinished writes (removed by the sweep)
     catalogue: dict[str, str] = field(default_factory=dict)  # tenant -> problem
     errors: list[str] = field(default_factory=list)  # scans LMDB could not finish
@@ -93,6 +94,7 @@ def verify(store) -> VerifyReport:
                 if txn.get("refs", key) is None:
                     report.refcount_mismatches.append({"chunk": key.hex(), "recorded": 0, "sessions": expected[key]})
             report.staged_entries = txn.count("staged")
+            report.unreferenced_blocks = sum(1 for key, _ in txn.scan("blocks", values=False) if txn.get("refs", key[:KEY_BYTES]) is None)
     except CorruptData as exc:
         report.errors.append(str(exc))
     return report

@@ -112,3 +112,59 @@ def test_sigterm_lets_an_in_flight_save_finish(server_process, tmp_path):
     server = server_process(tmp_path / "d")
     with Client(server.address, spec=TOY_SPEC) as client:
         assert same(client.restore("slow").layers, layers)
+
+
+def test_sigkill_during_streaming_saves_keeps_acknowledged_ones_and_the_sweep_leaves_no_staged_block(server_process, tmp_path):
+    """Sessions of ~6 MB: each stream writes (stages) blocks long before its commit."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    server = server_process(tmp_path / "d", "--set", "store.chunk_tokens=64")
+    acknowledged: dict[str, int] = {}
+    stop = threading.Event()
+    lock = threading.Lock()
+    tokens = 8000
+
+    def writer(worker: int) -> None:
+        with Client(server.address, spec=TOY_SPEC, timeout=60) as client:
+            index = 0
+            while not stop.is_set():
+                session_id, seed = f"w{worker}-{index}", worker * 10_000 + index
+                try:
+                    client.save(session_id, random_layers(TOY_SPEC, tokens, seed=seed), list(range(seed * 10_000, seed * 10_000 + tokens)), reuse_prefix=False)
+                except errors.KvmemError:
+                    return
+                with lock:
+                    acknowledged[session_id] = seed
+                index += 1
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(acknowledged) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # streams are mid-flight
+    server.process.kill()
+    server.process.wait(10)
+    stop.set()
+    for thread in threads:
+        thread.join(60)
+    assert len(acknowledged) >= 6
+
+    server = server_process(tmp_path / "d", "--set", "store.chunk_tokens=64")  # the start-up sweep runs here
+    with Client(server.address, spec=TOY_SPEC) as client:
+        listed = {info.session_id for info in client.list()}
+        assert set(acknowledged) <= listed
+        for session_id in listed:  # nothing partial is visible
+            worker, index = session_id[1:].split("-")
+            seed = int(worker) * 10_000 + int(index)
+            assert same(client.restore(session_id).layers, random_layers(TOY_SPEC, tokens, seed=seed))
+    assert server.terminate() == 0
+    verify = subprocess.run([sys.executable, "-m", "kvmem.cli", "verify", "--json", "--data-dir", str(tmp_path / "d")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    report = json.loads(verify.stdout)
+    assert report["ok"] and report["staged_entries"] == 0 and report["unreferenced_blocks"] == 0, report
