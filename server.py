@@ -126,7 +126,7 @@ class KVMemServicer:
         self.store = store
         self.planner = planner or PlannerSettings()
         self._planner_model = None
-        self.host = host  # the hosted model (kvstore.model_host.ModelHost) or None
+        self.host = host  # the hosted model (modelhost.host.ModelHost) or None
         self.retrieval = retrieval or RetrievalSettings()
         self.indexer = indexer  # retrieval.service.IndexBuilder or None
         self.quota_for = quota_for  # tenant -> kvstore.quota.Quota (for GetStats), or None
@@ -461,7 +461,7 @@ class Service:
                  server: grpc.aio.Server, port: int, health_servicer, pool: futures.ThreadPoolExecutor, frontend: FrontEnd,
                  keyring: KeyRing | None = None, indexer=None, host=None, metrics=None):
         self.config = config
-        self.host = host  # kvstore.model_host.ModelHost or None
+        self.host = host  # modelhost.host.ModelHost or None
         self.indexer = indexer
         self.store = store
         self.server = server
@@ -604,7 +604,7 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
 
     The configured model is hosted lazily: it is loaded on the first request that needs it.
     """
-    from kvstore.model_host import ModelHost
+    from modelhost.host import ModelHost
 
     check_security(config)
     try:
@@ -686,7 +686,7 @@ def _index_builder(config: ServiceConfig, store: SessionStore, host):
 
 def prepare_model(config: ServiceConfig) -> None:
     """Make the configured model available (convert the bundled GGUF once) without loading it."""
-    from kvstore.models import BUNDLED_NAME, prepare_model as prepare
+    from modelhost.models import BUNDLED_NAME, prepare_model as prepare
 
     if config.model.prepare and config.model.name == BUNDLED_NAME:
         started = time.perf_counter()

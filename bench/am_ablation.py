@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from compaction.metrics import mean_attention_error
     from compaction.queries import capture_queries
     from compaction.references import reference_queries
-    from kvstore.models import load_model
+    from modelhost.models import load_model
 
     model, tokenizer = load_model("smollm2-135m-instruct", cache_dir=MODEL_CACHE)
     context_len = 256 if args.quick else CONTEXT

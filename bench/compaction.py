@@ -415,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - run_started:7.1f}s] {message}", flush=True)
 
-    from kvstore.models import load_model
+    from modelhost.models import load_model
 
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m-instruct", cache_dir=MODEL_CACHE)

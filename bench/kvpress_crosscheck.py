@@ -97,7 +97,7 @@ def ours_side(ids: list[int]) -> tuple[dict, dict]:
 
     from compaction.base import CompactionInput, Target, make_compactor
     from compaction.queries import capture_queries
-    from kvstore.models import load_model
+    from modelhost.models import load_model
 
     model, _ = load_model(MODEL_DIR.name, cache_dir=MODEL_DIR.parent)
     captured = capture_queries(model, torch.tensor(ids).view(1, -1))
@@ -136,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
               "&& /work/kvpress-venv/bin/pip install kvpress\nSkipping the cross-check.")
         return 2
     if not MODEL_DIR.is_dir():
-        print(f"{NAME}: model folder {MODEL_DIR} is missing; run: python -m kvstore.models prepare --cache-dir {MODEL_DIR.parent}")
+        print(f"{NAME}: model folder {MODEL_DIR} is missing; run: python -m modelhost.models prepare --cache-dir {MODEL_DIR.parent}")
         return 2
 
     import torch
     from safetensors.torch import load_file
 
-    from kvstore.models import load_model
+    from modelhost.models import load_model
 
     torch.set_num_threads(2)
     _, tokenizer = load_model(MODEL_DIR.name, cache_dir=MODEL_DIR.parent)

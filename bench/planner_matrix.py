@@ -33,7 +33,7 @@ SEEDS = {1000: 4, 2000: 4, 4000: 4, 8000: 4, 16000: 2, 32000: 2}
 
 def prefill(model, context_ids: torch.Tensor, window: int) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
     """Keys, values per layer [H, T, D] of the context and the seconds it took."""
-    from kvstore.hf_cache import cache_to_layers
+    from kvmem.hf_cache import cache_to_layers
     from retrieval.long_prefill import windowed_prefill
 
     started = time.perf_counter()
@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pin_threads()
     from bench.planner_tasks import SuiteFactory, suite_plan
-    from kvstore.models import load_model
+    from modelhost.models import load_model
     from kvstore.store import SessionStore, StoreConfig
     from retrieval.embedder import TextEmbedder
     from retrieval.executors import ExecutorSettings

@@ -1,6 +1,6 @@
 """Restore an 8k-token SmolLM2 session into a DynamicCache vs prefilling those tokens (goal >= 20x).
 
-Real model (SmolLM2-135M-Instruct via kvstore.models.load_model) and real English text (Debian's
+Real model (SmolLM2-135M-Instruct via modelhost.models.load_model) and real English text (Debian's
 licence texts under /usr/share/common-licenses, concatenated). 8000 tokens: SmolLM2's context is
 8192. Side by side in one process:
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     pin_threads()
     from transformers.utils import logging as hf_logging
 
-    from kvstore.models import load_model
+    from modelhost.models import load_model
 
     hf_logging.disable_progress_bar()  # keep the table output clean
     tokens = 1000 if args.quick else 8000

@@ -42,7 +42,7 @@ METHODS = PROBES + ("rag", "truncate", "full")
 
 def build_session(model, task, window: int):
     """SessionKV + BlockIndex of a task's context, and the seconds the prefill took."""
-    from kvstore.hf_cache import cache_to_layers
+    from kvmem.hf_cache import cache_to_layers
     from retrieval.block_index import BlockIndex
     from retrieval.context import SessionKV
     from retrieval.long_prefill import windowed_prefill
@@ -82,7 +82,7 @@ def rag_answer(model, tokenizer, embedder, task, budget: int) -> str:
 def true_top_blocks(model, kv, index, task, sink_end: int, recent_start: int) -> list[np.ndarray]:
     """Per layer: retrievable block ids by attention mass from the question over the full cache."""
     from compaction.queries import recording_queries
-    from kvstore.hf_cache import layers_to_cache
+    from kvmem.hf_cache import layers_to_cache
     from retrieval.context import retrievable_blocks
 
     cache = layers_to_cache([(k.clone(), v.clone()) for k, v in zip(kv.keys, kv.values)], model.config)
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finish(json.loads(saved.read_text()))
         return 0
     pin_threads()
-    from kvstore.models import load_model
+    from modelhost.models import load_model
     from retrieval.embedder import TextEmbedder
 
     model, tokenizer = load_model("smollm2-135m-instruct", cache_dir=Path(__file__).resolve().parent.parent / ".cache" / "models")

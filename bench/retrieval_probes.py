@@ -33,7 +33,7 @@ DESIGNS = ("queries, pooled, 4 reps", "queries, late interaction", "keys, pooled
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
     pin_threads()
-    from kvstore.models import load_model
+    from modelhost.models import load_model
     from retrieval.actqkv import Probe
     from retrieval.block_index import BlockIndex, BlockIndexConfig
     from retrieval.context import RetrievalConfig, SessionKV, always_kept, probe_pass, retrievable_blocks

@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pin_threads(args.threads) if args.threads else pin_threads()
     from bench.planner_matrix import prefill
     from bench.planner_tasks import SuiteFactory, score
-    from kvstore.models import load_model
+    from modelhost.models import load_model
     from retrieval.executors import generate_on
     from retrieval.ttt import TTTConfig, adapt, heldout_loss, span_starts
 

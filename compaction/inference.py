@@ -75,7 +75,7 @@ class CompactedCache(_dynamic_cache_class()):
     """
 
     def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], bias: Sequence[torch.Tensor | None], logical_length: int, config: Any = None):
-        from kvstore.hf_cache import layers_to_cache
+        from kvmem.hf_cache import layers_to_cache
 
         super().__init__(config=config) if config is not None else super().__init__()
         filled = layers_to_cache(layers, config)

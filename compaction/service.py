@@ -11,7 +11,7 @@ from compaction.base import CompactionInput, Target, make_compactor
 from compaction.metrics import mean_attention_error
 from compaction.naming import COMPACTION_LABEL, compacted_id
 from kvstore.errors import FailedPrecondition, InvalidRequest
-from kvstore.model_host import ModelHost
+from modelhost.host import ModelHost
 from kvstore.records import SessionRecord
 from kvstore.store import SessionStore
 

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return _keys(args)
     try:
         if args.command == "prepare-model":
-            from kvstore.models import prepare_model
+            from modelhost.models import prepare_model
 
             print(prepare_model(args.cache_dir))
             return 0

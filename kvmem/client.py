@@ -204,7 +204,7 @@ class Client:
         the rest (the server shares the stored chunks); if that prefix vanishes meanwhile it
         falls back to sending everything.
         """
-        from kvstore.hf_cache import cache_to_layers
+        from kvmem.hf_cache import cache_to_layers
 
         spec = self._spec(spec)
         layers = cache_to_layers(cache)
@@ -243,7 +243,7 @@ class Client:
         The cache's earlier tokens are assumed to be the stored session; with ``check_length``
         the server refuses (Conflict) if the session does not hold exactly that many tokens.
         """
-        from kvstore.hf_cache import cache_to_layers
+        from kvmem.hf_cache import cache_to_layers
 
         spec = self._spec(spec)
         layers = cache_to_layers(cache)
@@ -296,7 +296,7 @@ class Client:
         return self._restore(request, config, device, None)
 
     def _restore(self, request: pb.RestoreSessionRequest, config: Any, device: str | torch.device, model: Any, build_cache: bool = True) -> RestoredSession:
-        from kvstore.hf_cache import layers_to_cache
+        from kvmem.hf_cache import layers_to_cache
 
         parts = self._restore_stream(request, **self._call)
         first = next(parts)

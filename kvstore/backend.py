@@ -79,16 +79,3 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
-
-def put_blocks(backend: Backend, blocks: Iterable[tuple[bytes, bytes | memoryview]], staged: Iterable[tuple[bytes, bytes]] = ()) -> int:
-    """The default ``Backend.put_blocks``: one write transaction over the given items."""
-    blocks, staged = list(blocks), list(staged)
-
-    def apply(txn: WriteTxn) -> int:
-        new = sum(txn.put_if_absent("blocks", key, data) for key, data in blocks)
-        for key, value in staged:
-            txn.put("staged", key, value)
-        return new
-
-    return backend.write(apply)
-

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from kvstore.errors import InvalidRequest, ModelMismatch
-from kvstore.fingerprint import weights_fingerprint
 
 # Wire/storage dtype codes. The numbers are persisted: never renumber.
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -99,7 +98,7 @@ class ModelSpec:
                   (see ``canonical_rope_json``); "" if none
     max_position: the model's context window, 1..2^62 (0 only in records of older versions)
     weights_fingerprint: lowercase hex digest of the model's weights (``from_model`` fills it
-                  with ``kvstore.fingerprint.weights_fingerprint``); "" = unknown
+                  with ``modelhost.fingerprint.weights_fingerprint``); "" = unknown
     """
 
     name: str
@@ -132,7 +131,7 @@ class ModelSpec:
         if not isinstance(fingerprint, str) or len(fingerprint) > MAX_FINGERPRINT_CHARS or not _HEX.fullmatch(fingerprint):
             raise InvalidRequest(
                 f"model spec weights_fingerprint must be lowercase hex of at most {MAX_FINGERPRINT_CHARS} characters "
-                f"(kvstore.fingerprint.weights_fingerprint(model)), or \"\" when unknown; got {str(fingerprint)[:40]!r}"
+                f"(modelhost.fingerprint.weights_fingerprint(model)), or \"\" when unknown; got {str(fingerprint)[:40]!r}"
             )
         object.__setattr__(self, "rope_json", canonical_rope_json(self.rope_json))
 
@@ -190,8 +189,10 @@ class ModelSpec:
         """Spec of a transformers causal LM (reads its config; KV dtype defaults to the model's).
 
         weights_fingerprint is the digest of the model's weights, computed once per model object
-        (see ``kvstore.fingerprint``); rope_json goes through the same canonical form as any spec.
+        (see ``modelhost.fingerprint``); rope_json goes through the same canonical form as any spec.
         """
+        from modelhost.fingerprint import weights_fingerprint  # a model's identity, computed where models live
+
         config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

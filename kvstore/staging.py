@@ -134,7 +134,6 @@ class StagedWrite:
         self._unflushed_chunks: set[int] = set()
         self._finished = self._closed = False
         self.bytes_received = 0
-        self.bytes_written = 0
         if prefill:
             for layer, arrays in prefill.items():
                 self._fill(layer, self._origin, start - self._origin, *arrays)
@@ -216,16 +215,15 @@ class StagedWrite:
             return
         now = _STAGED_AT.pack(int(time.time() * 1000))
         staged = [(staged_key(self.chunks[i].key, self.owner), now) for i in sorted(self._unflushed_chunks - self._staged_chunks)]
-        written = self.backend.put_blocks(self._queue, staged)
+        self.backend.put_blocks(self._queue, staged)
         self._staged_chunks |= self._unflushed_chunks
-        self.bytes_written += sum(len(data) for _, data in self._queue) if written else 0
         self._unflushed_chunks = set()
         self.budget.give(self._queued_bytes)
         self._held -= self._queued_bytes
         self._queue, self._queued_bytes = [], 0
 
     def finish(self) -> None:
-        """Every layer must cover [start, end) exactly once; then everything is written."""
+        """Every layer must cover [start, end) exactly once (then the commit writes the rest)."""
         if self._finished:
             return
         for layer in range(self.spec.num_layers):
@@ -239,16 +237,21 @@ class StagedWrite:
                     f"layer {layer}: chunks cover tokens [{self.start}, {got}) of [{self.start}, {self.end}); "
                     "the stream ended early or chunks are missing, nothing was stored"
                 )
-        self.flush()
         self._finished = True
+
+    def pending_blocks(self) -> list[tuple[bytes, bytearray]]:
+        """Sealed blocks not flushed yet: the commit writes them in its own transaction (one
+        fsync for a small write, instead of a flush and then a commit)."""
+        return self._queue
 
     def staged_keys(self) -> list[bytes]:
         """``staged`` entries this write made (the commit deletes them)."""
         return [staged_key(self.chunks[i].key, self.owner) for i in sorted(self._staged_chunks)]
 
     def written_chunks(self) -> set[bytes]:
-        """Keys of the chunks whose blocks this write staged (all layers)."""
-        return {self.chunks[i].key for i in self._staged_chunks}
+        """Keys of the chunks whose blocks this write staged or holds pending (all layers, after
+        ``finish``)."""
+        return {self.chunks[i].key for i in self._staged_chunks | self._unflushed_chunks}
 
     def committed(self) -> None:
         """The commit linked the staged chunks and removed the staged entries."""

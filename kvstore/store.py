@@ -361,12 +361,14 @@ class SessionStore:
         """
         dedup = written = 0
         layers = staged.spec.num_layers
+        for key, data in staged.pending_blocks():
+            tx.txn.put_if_absent("blocks", key, data)
         written_chunks = staged.written_chunks()
         plans = {plan.key: plan for plan in staged.chunks}
         for ref in refs:
             if tx.incref(ref.key):
                 dedup += ref.count
-            elif ref.key in written_chunks and all(tx.txn.get("blocks", block_storage_key(ref.key, layer)) is not None for layer in range(layers)):
+            elif ref.key in written_chunks:  # every layer staged; a staged entry keeps them from deletion
                 written += tx.link_chunk(tenant, ref.key, layers, staged.record_bytes(plans[ref.key]))
             elif ref.start < reused_until:
                 raise Conflict(f"the prefix chunk at token {ref.start} is no longer stored; send the save again without reuse_prefix_tokens")

@@ -20,7 +20,7 @@ import torch
 
 from compaction.inference import CompactedCache
 from kvstore.errors import InvalidRequest
-from kvstore.hf_cache import cache_to_layers
+from kvmem.hf_cache import cache_to_layers
 from retrieval.rope import Rope
 
 

@@ -99,7 +99,7 @@ class FrozenSpanCache(_dynamic_cache_class()):
     ones: the span attends to exactly the prefill's states, and no gradient flows into them."""
 
     def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], start: int, config: Any):
-        from kvstore.hf_cache import layers_to_cache
+        from kvmem.hf_cache import layers_to_cache
 
         super().__init__(config=config)
         self.layers = layers_to_cache([(k[:, :start], v[:, :start]) for k, v in zip(keys, values)], config).layers

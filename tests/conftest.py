@@ -58,20 +58,20 @@ _heavy_loads: list[str] = []
 def _record_heavy_loads():
     """Record every load of the causal LM or the text embedder, wherever it happens (a test, a
     fixture, a server the test started in this process), for the check in pytest_runtest_makereport.
-    Calls through names bound before the patch (``from kvstore.models import load_model`` at the top
+    Calls through names bound before the patch (``from modelhost.models import load_model`` at the top
     of a test module) and loads in server subprocesses are not seen: mark those tests by hand."""
-    import kvstore.models
+    import modelhost.models
     from retrieval.embedder import TextEmbedder
 
-    load_model, prepare_model = kvstore.models.load_model, kvstore.models.prepare_model
+    load_model, prepare_model = modelhost.models.load_model, modelhost.models.prepare_model
     load_embedder = TextEmbedder.load.__func__
 
     def recording_load_model(*args, **kwargs):
-        _heavy_loads.append("kvstore.models.load_model (the causal LM)")
+        _heavy_loads.append("modelhost.models.load_model (the causal LM)")
         return load_model(*args, **kwargs)
 
     def recording_prepare_model(*args, **kwargs):
-        _heavy_loads.append("kvstore.models.prepare_model (the GGUF conversion)")
+        _heavy_loads.append("modelhost.models.prepare_model (the GGUF conversion)")
         return prepare_model(*args, **kwargs)
 
     def recording_load_embedder(cls, *args, **kwargs):
@@ -79,8 +79,8 @@ def _record_heavy_loads():
         return load_embedder(cls, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(kvstore.models, "load_model", recording_load_model)
-        patch.setattr(kvstore.models, "prepare_model", recording_prepare_model)
+        patch.setattr(modelhost.models, "load_model", recording_load_model)
+        patch.setattr(modelhost.models, "prepare_model", recording_prepare_model)
         patch.setattr(TextEmbedder, "load", classmethod(recording_load_embedder))
         yield
 
@@ -106,7 +106,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the bundled SmolLM2-135M-Instruct, converted once into .cache/models."""
-    from kvstore.models import load_model
+    from modelhost.models import load_model
 
     torch.manual_seed(0)
     return load_model("smollm2-135m-instruct", cache_dir=MODEL_CACHE)

@@ -1,12 +1,10 @@
 """Damage is never silent and never hides healthy data: missing blocks, lost catalogue entries
-and damaged records, through the store and over gRPC; verify, salvage and backup."""
+and damaged records, through the store and over gRPC; verify and salvage (backup: tests/test_operations.py)."""
 from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -145,41 +143,3 @@ def test_verify_finds_planted_damage_and_salvage_copies_every_healthy_session(tm
     assert copy.lookup("t", TOY_SPEC, np.arange(0, 40)) == 40  # prefix dedup works in the copy
     copy.close()
     assert _kvmem("salvage", config.data_dir, rescued).returncode == 2  # never into a non-empty directory
-
-
-def test_backup_while_serving_restores_bit_exact(server_process, tmp_path):
-    server = server_process(tmp_path / "live")
-    sessions = {}
-    with Client(server.address, spec=TOY_SPEC) as client:
-        for i in range(4):
-            sessions[f"s{i}"] = random_layers(TOY_SPEC, 300, seed=i)
-            client.save(f"s{i}", sessions[f"s{i}"], list(range(1000 * i, 1000 * i + 300)))
-        stop = threading.Event()
-        errors = []
-
-        def keep_saving():  # writes go on during the snapshot
-            with Client(server.address, spec=TOY_SPEC) as writer:
-                i = 100
-                while not stop.is_set():
-                    try:
-                        writer.save(f"w{i}", random_layers(TOY_SPEC, 64, seed=i), list(range(i * 100, i * 100 + 64)))
-                    except grpc.RpcError as exc:  # pragma: no cover - reported below
-                        errors.append(exc)
-                    i += 1
-
-        thread = threading.Thread(target=keep_saving)
-        thread.start()
-        try:
-            out = _kvmem("backup", "--data-dir", tmp_path / "live", tmp_path / "snapshot", check=0).stdout
-        finally:
-            stop.set()
-            thread.join()
-        assert "backup of" in out and not errors
-    _kvmem("verify", "--data-dir", tmp_path / "snapshot", check=0)
-    restored_server = server_process(tmp_path / "snapshot")
-    with Client(restored_server.address, spec=TOY_SPEC) as client:
-        for session_id, layers in sessions.items():
-            assert _layers_equal(client.restore(session_id, build_cache=False).layers, layers)
-        partial = [info.session_id for info in client.list() if info.session_id.startswith("w")]
-        for session_id in partial:  # whatever the snapshot holds of the concurrent writes is whole
-            assert client.restore(session_id, build_cache=False).layers[0][0].shape[1] == 64

@@ -33,21 +33,23 @@ def test_data_survives_graceful_restart(server_process, tmp_path):
         assert client.get("s").expires_at_ms > 0
 
 
-def test_sigkill_during_concurrent_saves_loses_no_acknowledged_save(server_process, tmp_path):
-    server = server_process(tmp_path / "d")
+def _kill_during_saves(server, tokens_of, at_least: int, pause: float = 0.0, timeout: float = 30.0) -> dict[str, int]:
+    """4 writers save sessions (session w{worker}-{index}, seed worker*10000+index, tokens_of(seed)
+    tokens, distinct token ids) until ``at_least`` are acknowledged; then SIGKILL the server.
+    Returns the acknowledged saves: session id -> seed."""
     acknowledged: dict[str, int] = {}
     stop = threading.Event()
     lock = threading.Lock()
 
     def writer(worker: int) -> None:
-        with Client(server.address, spec=TOY_SPEC, timeout=30) as client:
+        with Client(server.address, spec=TOY_SPEC, timeout=timeout) as client:
             index = 0
             while not stop.is_set():
                 session_id, seed = f"w{worker}-{index}", worker * 10_000 + index
-                tokens = 200 + (seed % 7) * 50
+                tokens = tokens_of(seed)
                 try:
                     # distinct token ids per session: same tokens would (rightly) dedup to the same KV
-                    client.save(session_id, random_layers(TOY_SPEC, tokens, seed=seed), list(range(seed * 1000, seed * 1000 + tokens)), reuse_prefix=False)
+                    client.save(session_id, random_layers(TOY_SPEC, tokens, seed=seed), list(range(seed * 10_000, seed * 10_000 + tokens)), reuse_prefix=False)
                 except errors.KvmemError:
                     return  # the server died mid-call: this save was never acknowledged
                 with lock:
@@ -57,15 +59,25 @@ def test_sigkill_during_concurrent_saves_loses_no_acknowledged_save(server_proce
     threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 30
-    while len(acknowledged) < 12 and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout
+    while len(acknowledged) < at_least and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(pause)
     server.process.kill()  # SIGKILL, saves in flight
     server.process.wait(10)
     stop.set()
     for thread in threads:
-        thread.join(30)
-    assert len(acknowledged) >= 12
+        thread.join(timeout)
+    assert len(acknowledged) >= at_least
+    return dict(acknowledged)
+
+
+def _small_tokens(seed: int) -> int:
+    return 200 + (seed % 7) * 50
+
+
+def test_sigkill_during_concurrent_saves_loses_no_acknowledged_save(server_process, tmp_path):
+    acknowledged = _kill_during_saves(server_process(tmp_path / "d"), _small_tokens, 12)
 
     server = server_process(tmp_path / "d")
     with Client(server.address, spec=TOY_SPEC) as client:
@@ -74,7 +86,7 @@ def test_sigkill_during_concurrent_saves_loses_no_acknowledged_save(server_proce
         for session_id, info in listed.items():  # and nothing partial is visible: every listed session is whole
             worker, index = session_id[1:].split("-")
             seed = int(worker) * 10_000 + int(index)
-            tokens = 200 + (seed % 7) * 50
+            tokens = _small_tokens(seed)
             assert info.num_tokens == tokens
             assert same(client.restore(session_id).layers, random_layers(TOY_SPEC, tokens, seed=seed))
         assert client.stats().sessions == len(listed)
@@ -122,38 +134,9 @@ def test_sigkill_during_streaming_saves_keeps_acknowledged_ones_and_the_sweep_le
 
     from tests.conftest import REPO
 
-    server = server_process(tmp_path / "d", "--set", "store.chunk_tokens=64")
-    acknowledged: dict[str, int] = {}
-    stop = threading.Event()
-    lock = threading.Lock()
     tokens = 8000
-
-    def writer(worker: int) -> None:
-        with Client(server.address, spec=TOY_SPEC, timeout=60) as client:
-            index = 0
-            while not stop.is_set():
-                session_id, seed = f"w{worker}-{index}", worker * 10_000 + index
-                try:
-                    client.save(session_id, random_layers(TOY_SPEC, tokens, seed=seed), list(range(seed * 10_000, seed * 10_000 + tokens)), reuse_prefix=False)
-                except errors.KvmemError:
-                    return
-                with lock:
-                    acknowledged[session_id] = seed
-                index += 1
-
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 60
-    while len(acknowledged) < 6 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # streams are mid-flight
-    server.process.kill()
-    server.process.wait(10)
-    stop.set()
-    for thread in threads:
-        thread.join(60)
-    assert len(acknowledged) >= 6
+    server = server_process(tmp_path / "d", "--set", "store.chunk_tokens=64")
+    acknowledged = _kill_during_saves(server, lambda seed: tokens, 6, pause=0.3, timeout=60)  # streams are mid-flight
 
     server = server_process(tmp_path / "d", "--set", "store.chunk_tokens=64")  # the start-up sweep runs here
     with Client(server.address, spec=TOY_SPEC) as client:

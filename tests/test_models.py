@@ -1,4 +1,4 @@
-"""Tests for kvstore.models using the real bundled SmolLM2 model (no mocks)."""
+"""Tests for modelhost.models using the real bundled SmolLM2 model (no mocks)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvstore.models import (
+from modelhost.models import (
     BUNDLED_NAME,
     MARKER_FILE,
     bundled_gguf_path,
@@ -95,7 +95,7 @@ def _tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32):
 
 
 def test_fingerfingerprintfollows_the_weights() -> None:
-    from kvstore.fingerprint import compute_weights_fingerprint, weights_fingerprint
+    from modelhost.fingerprint import compute_weights_fingerprint, weights_fingerprint
 
     model = _tiny_llama(seed=1)
     twin = _tiny_llama(seed=2)
@@ -117,7 +117,7 @@ def test_spec_from_model_carries_the_fingerfingerprintand_it_separates_specs() -
     import dataclasses
 
     from kvstore.errors import ModelMismatch
-    from kvstore.fingerprint import weights_fingerprint
+    from modelhost.fingerprint import weights_fingerprint
     from kvstore.spec import ModelSpec
 
     model = _tiny_llama(seed=4)
@@ -139,7 +139,7 @@ def test_hosted_model_spec_has_its_fingerfingerprintand_accepts_unknown_ones(cac
     import dataclasses
 
     from kvstore.errors import ModelMismatch
-    from kvstore.model_host import ModelHost
+    from modelhost.host import ModelHost
     from kvstore.spec import ModelSpec
 
     host = ModelHost(BUNDLED_NAME, cache_dir)

@@ -63,15 +63,17 @@ def test_documented_backup_while_serving_restores_bit_exactly(server_process, tm
 
         writer = threading.Thread(target=keep_writing)
         writer.start()
-        backup = tmp_path / "backup" / "lmdb"
-        backup.mkdir(parents=True)
-        snippet = next(block for block in DOC.read_text().split("```") if "lmdb.open(sys.argv[1]" in block)
-        command = re.search(r'python -c "(.*?)"', snippet, re.S).group(1)
+        snippet = next(block for block in DOC.read_text().split("```") if "kvmem backup" in block)
+        command = re.search(r"kvmem backup --data-dir (\S+) (\S+)", snippet)
+        assert command and command.group(1) == "data"  # the documented form, run on this server's directory
         try:
-            subprocess.run([sys.executable, "-c", command, str(tmp_path / "live" / "lmdb"), str(backup)], check=True, timeout=120)
+            subprocess.run([sys.executable, "-m", "kvmem.cli", "backup", "--data-dir", str(tmp_path / "live"), str(tmp_path / "backup")],
+                           check=True, timeout=120, cwd=REPO)
         finally:
             stop.set()
             writer.join(60)
+    verified = subprocess.run([sys.executable, "-m", "kvmem.cli", "verify", "--data-dir", str(tmp_path / "backup")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert verified.returncode == 0 and "ok" in verified.stdout, verified.stdout
     restored_server = server_process(tmp_path / "backup")
     with Client(restored_server.address, spec=TOY_SPEC) as client:
         for name, layers in saved.items():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvstore.hf_cache import cache_to_layers, layers_to_cache
+from kvmem.hf_cache import cache_to_layers, layers_to_cache
 from retrieval.block_index import BlockIndex
 from retrieval.context import RetrievalConfig, SessionKV, answer
 from retrieval.long_prefill import windowed_prefill

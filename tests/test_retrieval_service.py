@@ -91,7 +91,7 @@ def real_session(smollm2, long_text):
 
 
 def _save_real(store, model, ids, cache, session_id="doc"):
-    from kvstore.hf_cache import cache_to_layers
+    from kvmem.hf_cache import cache_to_layers
 
     total = ids.shape[1]
     pieces = _pieces(store, ModelSpec.from_model(model), cache_to_layers(cache), 0, total)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kvstore import errors
-from kvstore.hf_cache import cache_to_layers
+from kvmem.hf_cache import cache_to_layers
 from retrieval.ttt import FrozenSpanCache, TTTConfig, adapt, heldout_loss, query_parameters, query_shadow, query_weights_digest, span_loss, span_starts
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kvstore.errors import ModelMismatch
-from kvstore.fingerprint import weights_fingerprint
+from modelhost.fingerprint import weights_fingerprint
 from kvstore.spec import ModelSpec
 
 
@@ -42,7 +42,7 @@ class ModelHost:
     def _load(self) -> tuple[Any, Any]:
         with self._load_lock:
             if self._loaded is None:
-                from kvstore.models import load_model
+                from modelhost.models import load_model
 
                 model, tokenizer = load_model(self.name_or_path, cache_dir=self.cache_dir, device=self.device)
                 weights_fingerprint(model)  # fingerprint the weights as loaded, before any request can adapt them

@@ -13,7 +13,7 @@ every location is passed in explicitly.
 
 CLI::
 
-    python -m kvstore.models prepare --cache-dir DIR
+    python -m modelhost.models prepare --cache-dir DIR
 """
 
 from __future__ import annotations
@@ -293,8 +293,8 @@ def _resolve_model(
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse command-line arguments for the ``kvstore.models`` CLI."""
-    parser = argparse.ArgumentParser(prog="python -m kvstore.models")
+    """Parse command-line arguments for the ``modelhost.models`` CLI."""
+    parser = argparse.ArgumentParser(prog="python -m modelhost.models")
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="convert the bundled GGUF model")
     prepare.add_argument("--cache-dir", type=Path, required=True)
