@@ -35,7 +35,7 @@ from kvmem.auth import KeyRing, KeysFileError
 from kvmem.config import ConfigError, PlannerSettings, RetrievalSettings, ServiceConfig, load_config
 from kvmem.frontend import SERVICE_NAME, FrontEnd, FrontEndSettings
 from kvmem.v1 import kvmem_pb2 as pb
-from kvstore.errors import Conflict, CorruptData, FailedPrecondition, InvalidRequest, Unavailable
+from kvstore.errors import CorruptData, FailedPrecondition, InvalidRequest, Unavailable
 from kvstore.scrub import Scrubber
 from kvstore.store import OpenWrite, RestorePlan, SessionStore
 from kvstore.validation import positions_array

@@ -8,7 +8,6 @@ import numpy as np
 
 from kvmem.v1 import kvmem_pb2 as pb
 from kvstore.errors import InvalidRequest
-from kvstore.records import SessionRecord
 from kvstore.spec import MAX_FINGERPRINT_CHARS, MAX_POSITION_LIMIT, ModelSpec
 
 DTYPE_TO_PB = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16, "bfloat16": pb.DTYPE_BFLOAT16}

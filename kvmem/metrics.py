@@ -61,6 +61,10 @@ class StoreCollector:
                 family.add_metric([tier["name"]], tier.get(name, 0))
         yield from (tier_bytes, tier_capacity, tier_entries, *counters.values())
         yield GaugeMetricFamily("kvmem_open_streams", "Save/Append/Restore/Retrieve streams open now", value=self.open_streams())
+        yield GaugeMetricFamily("kvmem_inflight_bytes", "KV held in memory by unfinished writes (bounded by store.inflight_bytes)", value=stats["inflight_bytes"])
+        yield CounterMetricFamily("kvmem_group_commits", "Durable (fsync'd) commits of the writer thread", value=stats["group_commits"])
+        yield CounterMetricFamily("kvmem_group_commit_writes", "Writes those commits carried (/ commits = writes per fsync)", value=stats["group_commit_writes"])
+        yield GaugeMetricFamily("kvmem_damaged_tenants", "Tenants whose session catalogue failed its check at start (see the log)", value=stats["damaged_tenants"])
 
 
 class Metrics:

@@ -9,12 +9,14 @@ shorter list answered OK. A single record that fails its own checksum is listed 
 """
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 
 from kvstore.backend import Backend, ReadTxn
-from kvstore.codec import decode_session
+from kvstore.codec import SESSION_HEADER_BYTES as _SESSION_HEADER_BYTES, decode_session
 from kvstore.errors import CorruptData
-from kvstore.keys import catalog_digest, split_session_key, tenant_prefix
+from kvstore.keys import catalog_digest, session_key, split_session_key, tenant_prefix
 from kvstore.records import SessionRecord
 from kvstore.txn import parse_usage_row, read_usage
 
@@ -29,14 +31,34 @@ class DamagedSession:
     session_id: str
     key: bytes
     damage: str
+    record: SessionRecord | None = None  # the intact record, when only its key is damaged (salvage copies it)
 
 
 def decode_or_damage(key: bytes, raw) -> SessionRecord | DamagedSession:
     try:
         return decode_session(key, raw)
     except (CorruptData, ValueError, KeyError, TypeError) as exc:  # a damaged record may not even parse
+        moved = _intact_under_damaged_key(key, raw)
+        if moved is not None:
+            return moved
         tenant, session_id = split_session_key(key)
         return DamagedSession(tenant, session_id, key, str(exc) if isinstance(exc, CorruptData) else f"session record {key!r} is unreadable ({exc})")
+
+
+def _intact_under_damaged_key(key: bytes, raw) -> DamagedSession | None:
+    """A record whose checksum holds for the ids it names is intact and its *key* is damaged:
+    it is listed under its own (checked) id, so the damaged entry names the right session."""
+    try:
+        claimed = json.loads(bytes(raw)[_SESSION_HEADER_BYTES : _SESSION_HEADER_BYTES + struct.unpack_from("<I", raw, 8)[0]])
+        tenant, session_id = claimed["tenant"], claimed["session_id"]
+        real_key = session_key(tenant, session_id)
+        if real_key == key:
+            return None
+        record = decode_session(real_key, raw)
+    except (CorruptData, ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError):
+        return None
+    return DamagedSession(tenant, session_id, key, f"the record of session {session_id!r} is intact but stored under a damaged key {key!r}; "
+                          "run `kvmem salvage` (it copies such a session under its own key)", record)
 
 
 def get_session_or_damage(txn: ReadTxn, skey: bytes) -> tuple[SessionRecord | None, bool]:

@@ -38,6 +38,7 @@ SESSION_MAGIC = b"KVS1"
 SESSION_VERSION = 1
 _SESSION_HEADER = struct.Struct("<4sBxxxIIII16s")  # magic ver | meta_len n_tokens n_positions n_blocks | checksum
 _BLOCK_REF = struct.Struct("<16sQI")
+SESSION_HEADER_BYTES = _SESSION_HEADER.size  # meta_len is the u32 at offset 8
 
 # Raw-bit views: copying KV never needs float semantics, and numpy has no bfloat16.
 RAW_DTYPES: dict[int, np.dtype] = {1: np.dtype("<u4"), 2: np.dtype("<u2"), 3: np.dtype("<u2")}

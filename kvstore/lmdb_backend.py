@@ -24,7 +24,9 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import queue
+import struct
 import shutil
 import threading
 from dataclasses import dataclass
@@ -42,7 +44,11 @@ SCHEMA_VERSION = 1
 _DISK_FULL_TEXTS = ("No space left", "Input/output error")
 # what LMDB raises when the file itself is damaged
 _DAMAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.BadValsizeError, lmdb.PanicError,
-                  lmdb.VersionMismatchError, lmdb.BadChecksumError, lmdb.IncompatibleError)
+                  lmdb.VersionMismatchError, lmdb.BadChecksumError, lmdb.IncompatibleError,
+                  lmdb.BadTxnError)  # BadTxnError: LMDB swallowed a page-not-found while refreshing a sub-database
+_META = struct.Struct("<IIQQ")  # magic, version, address, mapsize: at the start of each meta page's MDB_meta
+_META_TXNID = 16 + 128  # page header (16) + magic, version, address, mapsize, dbs[2], last_pg (128): txnid
+_LMDB_MAGIC = 0xBEEFC0DE
 _MAX_BATCH = 64  # write requests per group commit
 _MAX_BATCH_BYTES = 16 << 20  # block bytes per group commit (dirty pages are held in memory until it)
 
@@ -62,6 +68,42 @@ def damage(path: Path, exc: Exception) -> CorruptData:
         f"the LMDB file {path / 'data.mdb'} is damaged ({type(exc).__name__}: {exc}); "
         f"run `kvmem verify --data-dir {path.parent}` to see what is readable and `kvmem salvage` to copy it out, or restore a backup"
     )
+
+
+def check_meta_pages(data_file: Path) -> str | None:
+    """What is wrong with the two meta pages of ``data_file`` (None: they agree).
+
+    LMDB keeps two meta pages and writes the new root of each commit into page ``txnid & 1``;
+    they carry no checksum. A damaged transaction id makes LMDB pick an older root and serve the
+    store as it was one commit earlier, silently; so both pages must have the magic, the same
+    version, and transaction ids that are adjacent and on the page their parity names."""
+    with open(data_file, "rb") as handle:
+        head = handle.read(16 + 48)
+        if len(head) < 16 + 48:
+            return f"it is {len(head)} bytes long, shorter than an LMDB meta page"
+        page_size = struct.unpack_from("<I", head, 16 + 24)[0]  # mm_dbs[FREE_DBI].md_pad holds the page size
+        if page_size not in (4096, 8192, 16384, 32768, 65536):
+            return f"its first meta page names a page size of {page_size}"
+        handle.seek(0)
+        pages = handle.read(2 * page_size)
+    if len(pages) < 2 * page_size:
+        return "it is shorter than its two meta pages"
+    metas = []
+    for index in range(2):
+        base = index * page_size
+        magic, version, _, _ = _META.unpack_from(pages, base + 16)
+        txnid = struct.unpack_from("<Q", pages, base + _META_TXNID)[0]
+        if magic != _LMDB_MAGIC:
+            return f"meta page {index} has a bad magic ({magic:#x})"
+        metas.append((version, txnid))
+    (v0, t0), (v1, t1) = metas
+    if v0 != v1:
+        return f"its meta pages disagree on the format version ({v0} / {v1})"
+    if (t0, t1) == (0, 0):
+        return None
+    if t0 % 2 or (t1 % 2 == 0) or abs(t0 - t1) != 1:
+        return f"its meta pages hold transaction ids {t0} and {t1}, which no commit writes (one of them is damaged)"
+    return None
 
 
 class _SharedExclusiveLock:
@@ -168,49 +210,89 @@ class LmdbBackend:
         if config.map_bytes > config.max_map_bytes:
             raise ValueError(f"lmdb map_bytes {config.map_bytes} exceeds max_map_bytes {config.max_map_bytes}")
         self.config = config
-        if config.readonly and not (config.path / "data.mdb").exists():
+        data_file = config.path / "data.mdb"
+        if config.readonly and not data_file.exists():
             raise Unavailable(f"no kvmem store at {config.path} (data.mdb is missing)")
         config.path.mkdir(parents=True, exist_ok=True)
-        existing = (config.path / "data.mdb").stat().st_size if (config.path / "data.mdb").exists() else 0
+        existing = data_file.stat().st_size if data_file.exists() else 0
+        self.meta_problem = check_meta_pages(data_file) if existing else None
+        if self.meta_problem is not None and not config.readonly:  # read-only (verify, salvage) reports it instead
+            raise damage(config.path, CorruptData(self.meta_problem))
         self._map_bytes = max(config.map_bytes, existing)  # never map less than the file holds
+        self._closed = False
         try:
             self.env = lmdb.open(
                 str(config.path), map_size=self._map_bytes, subdir=True, max_dbs=len(self.DBS), readahead=False,
                 sync=config.durable, metasync=config.durable, writemap=False, max_readers=config.max_readers,
                 lock=True, readonly=config.readonly,
             )
+        except (lmdb.LockError, lmdb.ReadersFullError):
+            raise
+        except lmdb.Error as exc:  # a damaged or foreign file (bad magic, version, meta page)
+            raise damage(config.path, exc) from exc
+        try:
             if not config.readonly:
                 self.env.reader_check()  # clear reader slots left by a killed process
-            self.db = self._open_dbs()
-        except _DAMAGE_ERRORS as exc:
+            self.db = self._open_dbs(fresh=existing == 0)
+        except (lmdb.Error, CorruptData) as exc:
+            self.env.close()
             raise damage(config.path, exc) from exc
         self._resize_lock = _SharedExclusiveLock()
-        self._closed = False
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self.commits = 0  # outer (fsync'd) commits, for tests and stats
         self.batched = 0  # write requests those commits carried
         if not config.readonly:
+            self._extend_file()
             self._writer = threading.Thread(target=self._write_loop, name="kvmem-lmdb-writer", daemon=True)
             self._writer.start()
-            self._check_schema()
+            try:
+                self._check_schema(fresh=existing == 0)
+            except BaseException:
+                self.close()
+                raise
 
-    def _open_dbs(self) -> dict:
-        if not self.config.readonly:
-            return {name: self.env.open_db(name.encode()) for name in self.DBS}
-        with self.env.begin() as txn:  # read-only: open only what exists
-            present = {bytes(key).decode() for key, _ in txn.cursor()}
-        return {name: self.env.open_db(name.encode(), create=False) for name in self.DBS if name in present}
+    def _open_dbs(self, fresh: bool) -> dict:
+        """Open every space. In an existing file the ``meta`` space must be there: if LMDB cannot
+        find it, the main B-tree is damaged, and creating empty spaces would serve an empty store."""
+        with self.env.begin() as txn:
+            present = {bytes(key).decode("utf-8", "replace") for key, _ in txn.cursor()}
+        if not fresh and "meta" not in present:
+            raise CorruptData("its main B-tree does not lead to kvmem's spaces (the meta space is missing)")
+        if self.config.readonly:
+            return {name: self.env.open_db(name.encode(), create=False) for name in self.DBS if name in present}
+        return {name: self.env.open_db(name.encode()) for name in self.DBS}
 
-    def _check_schema(self) -> None:
+    def _extend_file(self) -> None:
+        """Make data.mdb as long as the map (sparse: no disk used). LMDB trusts the sizes in its
+        pages; a damaged size then reads zeros, which fail kvmem's checks, instead of running past
+        the end of the file (SIGBUS)."""
+        data_file = self.config.path / "data.mdb"
+        try:
+            if data_file.stat().st_size < self._map_bytes:
+                os.truncate(data_file, self._map_bytes)
+        except OSError as exc:  # not fatal: only the crash protection is lost
+            log.warning("could not extend data.mdb to the map size", extra={"fields": {"error": str(exc)}})
+
+    def _check_schema(self, fresh: bool) -> None:
         def check(txn: LmdbTxn) -> None:
             raw = txn.get("meta", b"schema")
             if raw is None:
+                if not fresh:
+                    raise CorruptData("its schema record is missing")
                 txn.put("meta", b"schema", json.dumps({"version": SCHEMA_VERSION}).encode())
-            elif json.loads(bytes(raw))["version"] != SCHEMA_VERSION:
-                raise Unavailable(f"LMDB at {self.config.path} has schema {json.loads(bytes(raw))['version']}, this kvmem needs {SCHEMA_VERSION}")
+                return
+            try:
+                version = json.loads(bytes(raw))["version"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CorruptData(f"its schema record is unreadable ({exc!r})") from None
+            if version != SCHEMA_VERSION:
+                raise Unavailable(f"LMDB at {self.config.path} has schema {version}, this kvmem needs {SCHEMA_VERSION}")
 
-        self.write(check)
+        try:
+            self.write(check)
+        except CorruptData as exc:
+            raise damage(self.config.path, exc) from exc
 
     @property
     def map_bytes(self) -> int:
@@ -335,6 +417,7 @@ class LmdbBackend:
             self.env.set_mapsize(new_size)
         log.info("lmdb map grown", extra={"fields": {"from_bytes": self._map_bytes, "to_bytes": new_size}})
         self._map_bytes = new_size
+        self._extend_file()
 
     # ------------------------------------------------------------------ housekeeping
     def used_bytes(self) -> int:

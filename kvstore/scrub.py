@@ -10,7 +10,7 @@ from kvstore import catalog
 from kvstore.chunking import KEY_BYTES, block_storage_key
 from kvstore.codec import decode_aux, decode_block
 from kvstore.errors import CorruptData
-from kvstore.keys import aux_key, split_session_key
+from kvstore.keys import aux_key, session_key, split_session_key
 from kvstore.records import SessionRecord
 from kvstore.txn import REF
 
@@ -63,6 +63,8 @@ def verify(store) -> VerifyReport:
     """Check every session record, every block a session refers to, reference counts and each
     tenant's catalogue. Reads in one snapshot; safe while the server writes."""
     report = VerifyReport(catalogue=catalog.check_all(store.backend))
+    if getattr(store.backend, "meta_problem", None):
+        report.errors.append(f"the LMDB meta pages are damaged: {store.backend.meta_problem}")
     expected: dict[bytes, int] = {}
     checked: dict[bytes, str | None] = {}
     try:
@@ -171,6 +173,8 @@ def _salvage_one(source, destination, key: bytes, report: SalvageReport) -> None
     with source.backend.read() as txn:
         raw = txn.get("sessions", key)
         entry = catalog.decode_or_damage(key, raw) if raw is not None else None
+        if isinstance(entry, catalog.DamagedSession) and entry.record is not None:
+            key, entry = session_key(entry.tenant, entry.session_id), entry.record  # only its key was damaged
         if not isinstance(entry, SessionRecord):
             tenant, session_id = (entry.tenant, entry.session_id) if entry is not None else ("?", key.decode("utf-8", "replace"))
             report.skipped.append({"tenant": tenant, "session_id": session_id, "reason": entry.damage if entry else "record vanished"})

@@ -260,12 +260,16 @@ class SessionStore:
         backend = LmdbBackend(LmdbConfig(Path(config.data_dir) / "lmdb", config.lmdb_map_bytes, config.lmdb_max_map_bytes, config.durable, readonly=readonly))
         tiers = [MemoryTier("cpu", config.cpu_tier_bytes)] if config.cpu_tier_bytes > 0 else []
         store = cls(config, backend, TieredBlockStore(backend, tiers), clock, quota_for=quota_for)
-        if not readonly:
-            entries, blocks = sweep(backend)
-            if entries:
-                log.warning("staged blocks of unfinished writes removed", extra={"fields": {"entries": entries, "blocks": blocks}})
-            store.upgrade_usage()
-        store.damaged_tenants = catalog.check_all(backend)
+        try:
+            if not readonly:
+                entries, blocks = sweep(backend)
+                if entries:
+                    log.warning("staged blocks of unfinished writes removed", extra={"fields": {"entries": entries, "blocks": blocks}})
+                store.upgrade_usage()
+            store.damaged_tenants = catalog.check_all(backend)
+        except BaseException:
+            backend.close()
+            raise
         for tenant, problem in store.damaged_tenants.items():
             log.error("session catalogue damaged", extra={"fields": {"tenant": tenant, "problem": problem}})
         return store
@@ -276,7 +280,11 @@ class SessionStore:
 
         def apply(txn) -> bool:
             raw = txn.get("meta", USAGE_MARKER)
-            if raw is not None and json.loads(bytes(raw)).get("version") == USAGE_VERSION:
+            try:
+                current = raw is not None and json.loads(bytes(raw)).get("version") == USAGE_VERSION
+            except (ValueError, AttributeError):
+                current = False  # an unreadable marker: recompute (usage is derived data)
+            if current:
                 return False
             usage = recompute_usage(txn)
             txn.clear("usage")

@@ -47,7 +47,11 @@ def read_usage(txn: ReadTxn, tenant: str) -> tuple[TenantUsage, int]:
 
 def read_counters(txn: ReadTxn) -> dict[str, int]:
     raw = txn.get("meta", b"counters")
-    return dict.fromkeys(COUNTER_KEYS, 0) | (json.loads(bytes(raw)) if raw is not None else {})
+    try:
+        stored = json.loads(bytes(raw)) if raw is not None else {}
+        return dict.fromkeys(COUNTER_KEYS, 0) | {key: int(stored[key]) for key in COUNTER_KEYS if key in stored}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CorruptData(f"the store's counters record is damaged ({exc}); run `kvmem verify`") from None
 
 
 def usage_row_bytes(usage: dict[str, int], digest: int) -> bytes:

@@ -19,10 +19,13 @@ import faulthandler
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
 import sys
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 
 if __name__ == "__main__":  # run as a script: make the repository importable
@@ -115,7 +118,7 @@ def run_trial(pristine: Path, work: Path, expected: dict, trial: dict) -> dict:
         for tenant, ids in expected["tenants"].items():
             try:
                 entries = list_all(store, tenant)
-            except CorruptData as exc:
+            except CorruptData:
                 result["lists"][tenant] = "data_loss"
                 continue
             except BaseException as exc:  # noqa: BLE001
@@ -134,19 +137,20 @@ def run_trial(pristine: Path, work: Path, expected: dict, trial: dict) -> dict:
             if odd:
                 violation("list: entry that is neither SessionRecord nor DamagedSession", "; ".join(odd), tenant)
             if sorted(listed) != sorted(ids):
-                missing = sorted(set(ids) - set(listed))
-                extra = sorted(set(listed) - set(ids))
-                healthy_extra = sorted(e.session_id for e in entries if isinstance(e, SessionRecord) and e.session_id in extra)
+                missing = sorted((Counter(ids) - Counter(listed)).elements())
+                surplus = Counter(listed) - Counter(ids)  # ids listed more often than they exist (altered or duplicated)
+                healthy = Counter(e.session_id for e in entries if isinstance(e, SessionRecord))
                 if len(listed) < len(ids):
                     kind = "list: silently shorter"
-                elif healthy_extra:
-                    kind = "list: healthy entry with an unexpected id"
-                elif len(listed) > len(ids) or len(set(listed)) != len(listed):
-                    kind = "list: longer / duplicate ids"
-                else:
+                elif len(listed) > len(ids):
+                    kind = "list: longer than the catalogue"
+                elif any(count > 1 or session_id not in ids for session_id, count in healthy.items()):
+                    kind = "list: a healthy entry with an altered or duplicated id"
+                else:  # as many entries as sessions; what differs are DamagedSessions whose key (so id) was hit
                     kind = "list: ids differ (a DamagedSession listed under an altered id)"
                 damaged_detail = [(e.session_id, e.damage[:160]) for e in entries if isinstance(e, DamagedSession)]
-                violation(kind, f"missing={missing} unexpected={extra} listed={len(listed)} expected={len(ids)} damaged_entries={damaged_detail}", tenant)
+                violation(kind, f"missing={missing} surplus={sorted(surplus.elements())} listed={len(listed)} expected={len(ids)} "
+                                f"damaged_entries={damaged_detail}", tenant)
 
         for session in expected["sessions"]:
             tenant, sid = session["tenant"], session["id"]
@@ -193,7 +197,14 @@ def main(argv: list[str]) -> int:
     pristine, work, expected_path, trials_path = (Path(a) for a in argv)
     expected = json.loads(expected_path.read_text())
     trials = json.loads(trials_path.read_text())
+    # FLIP_WORKER_SELFTEST="1:crash,2:hang": the harness's own test (a SIGSEGV, a hang at those trials)
+    selftest = dict(item.split(":") for item in os.environ.get("FLIP_WORKER_SELFTEST", "").split(",") if item)
     for trial in trials:
+        action = selftest.get(str(trial.get("index")))
+        if action == "crash":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        elif action == "hang":
+            time.sleep(3600)
         try:
             result = run_trial(pristine, work, expected, trial)
         except BaseException as exc:  # noqa: BLE001 - the harness itself failed: still one line

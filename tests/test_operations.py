@@ -63,7 +63,7 @@ def test_documented_backup_while_serving_restores_bit_exactly(server_process, tm
 
         writer = threading.Thread(target=keep_writing)
         writer.start()
-        snippet = next(block for block in DOC.read_text().split("```") if "kvmem backup" in block)
+        snippet = next(block for block in DOC.read_text().split("```") if block.startswith("bash") and "kvmem backup" in block)
         command = re.search(r"kvmem backup --data-dir (\S+) (\S+)", snippet)
         assert command and command.group(1) == "data"  # the documented form, run on this server's directory
         try:
