@@ -69,6 +69,7 @@ bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.planner_matrix --quick
 	$(BIN)/python -m bench.planner --quick
 	$(BIN)/python -m bench.security --quick
+	$(BIN)/python -m bench.storage --quick
 
 bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.throughput
@@ -83,6 +84,7 @@ bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.planner_matrix  # about an hour: regenerates bench/data/planner_outcomes.jsonl
 	$(BIN)/python -m bench.planner --fit
 	$(BIN)/python -m bench.security
+	$(BIN)/python -m bench.storage
 	# needs kvpress in its own virtualenv (see bench/kvpress_crosscheck.py): python -m bench.kvpress_crosscheck
 
 proto: install  ## regenerate the committed gRPC stubs from proto/

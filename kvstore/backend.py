@@ -61,6 +61,10 @@ class WriteTxn(ReadTxn, Protocol):
     def clear(self, space: str) -> None: ...
 
 
+class Pending(Protocol):
+    def wait(self) -> int: ...
+
+
 class Backend(Protocol):
     name: str
 
@@ -68,9 +72,10 @@ class Backend(Protocol):
 
     def write(self, fn: Callable[[WriteTxn], T]) -> T: ...
 
-    def put_blocks(self, blocks: Iterable[tuple[bytes, bytes | memoryview]], staged: Iterable[tuple[bytes, bytes]] = ()) -> int:
-        """Put-if-absent each (key, record) into ``blocks`` and each (key, value) into
-        ``staged``, in one write; returns how many blocks were new."""
+    def put_blocks(self, blocks: Iterable[tuple[bytes, bytes | memoryview]], staged: Iterable[tuple[bytes, bytes]] = ()) -> "Pending":
+        """Queue put-if-absent of each (key, record) into ``blocks`` and each (key, value) into
+        ``staged`` as one write, without waiting: ``.wait()`` on the result returns how many
+        blocks were new once they are written (a stream fills its next batch meanwhile)."""
 
     def used_bytes(self) -> int: ...
 

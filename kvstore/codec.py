@@ -171,6 +171,14 @@ def new_block_record(layer: int, shape: tuple[int, int, int], dtype_code: int, h
     return record
 
 
+def reset_block_record(record: bytearray, layer: int, shape: tuple[int, int, int], dtype_code: int, has_bias: bool) -> bytearray:
+    """Reuse a written record of the same size for another block: a fresh header (checksum zero);
+    the caller overwrites the whole payload before sealing it."""
+    heads, tokens, head_dim = shape
+    _BLOCK_HEADER.pack_into(record, 0, BLOCK_MAGIC, BLOCK_VERSION, dtype_code, FLAG_BIAS if has_bias else 0, layer, heads, head_dim, tokens, b"")
+    return record
+
+
 def record_payload(record: bytearray, shape: tuple[int, int, int], dtype_code: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Writable raw-bit views into an unsealed record: keys, values [H, n, D], bias [H, n] or None."""
     heads, tokens, head_dim = shape

@@ -192,12 +192,20 @@ class LmdbTxn:
 
 
 class _Request:
+    """One queued write; ``wait()`` returns its result once it is committed (or raises)."""
+
     __slots__ = ("fn", "size", "result", "error", "done")
 
     def __init__(self, fn: Callable, size: int):
         self.fn, self.size = fn, size
         self.result = self.error = None
         self.done = threading.Event()
+
+    def wait(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class LmdbBackend:
@@ -316,6 +324,10 @@ class LmdbBackend:
         fills up, the batch is rolled back, the map doubled (up to the ceiling) and ``fn`` run
         again from scratch, so ``fn`` must not have side effects outside ``txn``.
         """
+        return self.submit(fn, size).wait()
+
+    def submit(self, fn: Callable[[LmdbTxn], T], size: int = 0) -> _Request:
+        """Queue ``fn`` like ``write`` without waiting: ``.wait()`` on the result does."""
         self._require_open()
         if self.config.readonly:
             raise Unavailable(f"the store at {self.config.path} is open read-only")
@@ -323,12 +335,11 @@ class LmdbBackend:
             raise RuntimeError("LmdbBackend.write called from inside a write")
         request = _Request(fn, size)
         self._queue.put(request)
-        request.done.wait()
-        if request.error is not None:
-            raise request.error
-        return request.result  # type: ignore[return-value]
+        return request
 
-    def put_blocks(self, blocks: Iterable[tuple[bytes, bytes]], staged: Iterable[tuple[bytes, bytes]] = ()) -> int:
+    def put_blocks(self, blocks: Iterable[tuple[bytes, bytes]], staged: Iterable[tuple[bytes, bytes]] = ()) -> _Request:
+        """Queue put-if-absent of ``blocks`` and puts of ``staged`` entries as one write;
+        ``.wait()`` returns how many blocks were new."""
         blocks, staged = list(blocks), list(staged)
 
         def apply(txn: LmdbTxn) -> int:
@@ -337,7 +348,7 @@ class LmdbBackend:
                 txn.put("staged", key, value)
             return new
 
-        return self.write(apply, size=sum(len(data) for _, data in blocks))
+        return self.submit(apply, size=sum(len(data) for _, data in blocks))
 
     # ------------------------------------------------------------------ the writer thread
     def _write_loop(self) -> None:

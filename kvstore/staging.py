@@ -27,14 +27,14 @@ import numpy as np
 
 from kvstore.backend import Backend, WriteTxn
 from kvstore.chunking import block_storage_key
-from kvstore.codec import block_record_bytes, new_block_record, record_payload, seal_block_record
+from kvstore.codec import block_record_bytes, new_block_record, record_payload, reset_block_record, seal_block_record
 from kvstore.errors import CapacityExceeded, InvalidRequest
 from kvstore.keys import OWNER_BYTES, staged_key
 from kvstore.pieces import check_piece
 from kvstore.spec import DTYPE_CODES, ModelSpec
 
-_STAGED_AT = struct.Struct(">Q")
-FLUSH_BYTES = 4 << 20
+_STAGED_AT = struct.Struct(">QH")  # staged entry: when (ms) and how many layers the chunk has
+FLUSH_BYTES = 8 << 20  # sealed blocks per write; one more batch may be in flight
 
 
 class InflightBudget:
@@ -132,6 +132,10 @@ class StagedWrite:
         self._held = 0  # bytes taken from the budget
         self._staged_chunks: set[int] = set()  # chunk indexes with a staged entry written
         self._unflushed_chunks: set[int] = set()
+        self._in_flight = None  # (pending write, its records, their bytes, their chunk indexes)
+        self._full_record_bytes = block_record_bytes((spec.num_kv_heads, chunk_tokens, spec.head_dim), self.dtype_code, has_bias)
+        self._max_spare = max(1, flush_bytes // self._full_record_bytes + 1)
+        self._spare: list[bytearray] = []  # written records of full chunks, refilled instead of allocated
         self._finished = self._closed = False
         self.bytes_received = 0
         if prefill:
@@ -205,27 +209,45 @@ class StagedWrite:
         size = block_record_bytes(shape, self.dtype_code, self.has_bias)
         self.budget.take(size)
         self._held += size
-        record = new_block_record(layer, shape, self.dtype_code, self.has_bias)
+        if size == self._full_record_bytes and self._spare:  # every byte of it is written again before it is sealed
+            record = reset_block_record(self._spare.pop(), layer, shape, self.dtype_code, self.has_bias)
+        else:
+            record = new_block_record(layer, shape, self.dtype_code, self.has_bias)
         return _Assembly(record, covered, views=record_payload(record, shape, self.dtype_code))
 
     # ------------------------------------------------------------------ out
     def flush(self) -> None:
-        """Write the sealed blocks queued so far (staged: invisible until the commit)."""
+        """Queue the sealed blocks so far for writing (staged: invisible until the commit) and
+        go on filling: at most one flush per stream is in flight, so filling the next batch
+        overlaps writing this one."""
+        self._wait_flushed()
         if not self._queue:
             return
-        now = _STAGED_AT.pack(int(time.time() * 1000))
+        now = _STAGED_AT.pack(int(time.time() * 1000), self.spec.num_layers)
         staged = [(staged_key(self.chunks[i].key, self.owner), now) for i in sorted(self._unflushed_chunks - self._staged_chunks)]
-        self.backend.put_blocks(self._queue, staged)
-        self._staged_chunks |= self._unflushed_chunks
+        self._in_flight = (self.backend.put_blocks(self._queue, staged), self._queue, self._queued_bytes, self._unflushed_chunks)
         self._unflushed_chunks = set()
-        self.budget.give(self._queued_bytes)
-        self._held -= self._queued_bytes
         self._queue, self._queued_bytes = [], 0
+
+    def _wait_flushed(self) -> None:
+        """Wait for the flush in flight (its errors surface here); its buffers are reused."""
+        if self._in_flight is None:
+            return
+        pending, records, nbytes, chunks = self._in_flight
+        self._in_flight = None
+        try:
+            pending.wait()
+        finally:
+            self.budget.give(nbytes)
+            self._held -= nbytes
+        self._staged_chunks |= chunks
+        self._spare = [record for _, record in records if len(record) == self._full_record_bytes][: self._max_spare]
 
     def finish(self) -> None:
         """Every layer must cover [start, end) exactly once (then the commit writes the rest)."""
         if self._finished:
             return
+        self._wait_flushed()
         for layer in range(self.spec.num_layers):
             for index, chunk in enumerate(self.chunks):
                 if chunk.end <= self.start or (index, layer) in self._done:
@@ -262,9 +284,13 @@ class StagedWrite:
         """Drop everything: the blocks held in memory and the staged blocks no one else uses."""
         if self._closed:
             return
+        try:
+            self._wait_flushed()  # its staged entries must be known to be removed
+        except Exception:  # noqa: BLE001 - a failed flush stored nothing
+            pass
         self._release()
         if self._staged_chunks:
-            keys = [self.chunks[i].key for i in self._staged_chunks]
+            keys = [(self.chunks[i].key, self.spec.num_layers) for i in self._staged_chunks]
             owner = self.owner
             self.backend.write(lambda txn: unstage(txn, keys, owner))
             self._staged_chunks = set()
@@ -277,20 +303,20 @@ class StagedWrite:
         self._held = 0
         self._open.clear()
         self._queue = []
+        self._spare = []
         self.owners.done(self.owner)
 
 
-def unstage(txn: WriteTxn, chunk_keys: list[bytes], owner: bytes) -> int:
-    """Remove ``owner``'s staged entries of ``chunk_keys``; delete the blocks of each chunk that
-    no committed session references and no other stream has staged. Returns blocks deleted."""
+def unstage(txn: WriteTxn, chunks: list[tuple[bytes, int]], owner: bytes) -> int:
+    """Remove ``owner``'s staged entries of ``chunks`` (chunk key, layers); delete the blocks of
+    each chunk that no committed session references and no other stream has staged (by their
+    keys: nothing is read). Returns blocks deleted."""
     deleted = 0
-    for chunk_key in chunk_keys:
+    for chunk_key, layers in chunks:
         txn.delete("staged", staged_key(chunk_key, owner))
         if txn.get("refs", chunk_key) is not None or next(txn.scan("staged", prefix=chunk_key, values=False), None) is not None:
             continue
-        for key in [key for key, _ in txn.scan("blocks", prefix=chunk_key, values=False)]:
-            txn.delete("blocks", key)
-            deleted += 1
+        deleted += sum(txn.delete("blocks", block_storage_key(chunk_key, layer)) for layer in range(layers))
     return deleted
 
 
@@ -299,18 +325,20 @@ def sweep(backend: Backend, live: LiveOwners | None = None, older_than_s: float 
     None) and older than ``older_than_s``, with their unreferenced blocks.
     Returns (entries removed, blocks deleted)."""
     cutoff = int((time.time() - older_than_s) * 1000)
-    doomed: dict[bytes, list[bytes]] = {}
+    doomed: dict[bytes, list[tuple[bytes, int]]] = {}
     with backend.read() as txn:
         for key, raw in txn.scan("staged"):
             chunk_key, owner = key[:-OWNER_BYTES], key[-OWNER_BYTES:]
-            if (live is not None and owner in live) or len(raw) != _STAGED_AT.size or _STAGED_AT.unpack(raw)[0] > cutoff:
+            if (live is not None and owner in live) or len(raw) != _STAGED_AT.size:
                 continue
-            doomed.setdefault(owner, []).append(chunk_key)
+            staged_at, layers = _STAGED_AT.unpack(raw)
+            if staged_at <= cutoff:
+                doomed.setdefault(owner, []).append((chunk_key, layers))
     if not doomed:
         return 0, 0
 
     def apply(txn: WriteTxn) -> int:
-        return sum(unstage(txn, keys, owner) for owner, keys in doomed.items())
+        return sum(unstage(txn, chunks, owner) for owner, chunks in doomed.items())
 
     blocks = backend.write(apply)
-    return sum(len(keys) for keys in doomed.values()), blocks
+    return sum(len(chunks) for chunks in doomed.values()), blocks

@@ -568,7 +568,9 @@ class SessionStore:
                 with self.backend.read() as txn:
                     raw = txn.get("sessions", skey)
                     current = None if raw is None else decode_session(skey, raw)
-                changed = current is None or current.version != record.version or current.created_at_ms != record.created_at_ms
+                if current is None or current.is_expired(self._now_ms()):
+                    raise NotFound(f"session {record.session_id!r} of tenant {record.tenant!r} was deleted while it was being read") from None
+                changed = current.version != record.version or current.created_at_ms != record.created_at_ms
             else:  # a prefix restore: damage if the chunk is still referenced
                 with self.backend.read() as txn:
                     changed = txn.get("refs", ref.key) is None

@@ -107,8 +107,8 @@ def test_a_write_sees_its_own_changes_and_reads_see_a_snapshot(factory):
 def test_committed_writes_survive_close_and_reopen_bit_exact(factory):
     backend = factory()
     payload = bytes(range(256)) * 4096  # 1 MiB: an LMDB overflow value
-    assert backend.put_blocks([(b"k" * 18, payload)], staged=[(b"k" * 32, b"\x00" * 8)]) == 1
-    assert backend.put_blocks([(b"k" * 18, b"other")]) == 0  # put-if-absent: the block is immutable
+    assert backend.put_blocks([(b"k" * 18, payload)], staged=[(b"k" * 32, b"\x00" * 8)]).wait() == 1
+    assert backend.put_blocks([(b"k" * 18, b"other")]).wait() == 0  # put-if-absent: the block is immutable
     backend.close()
     reopened = factory()
     assert _get(reopened, "blocks", b"k" * 18) == payload

@@ -47,10 +47,14 @@ def test_a_missing_block_of_a_committed_session_is_data_loss_naming_it(store):
     assert same(out, saved["s0"])
 
 
-def test_a_block_gone_because_the_session_changed_is_conflict_not_damage(store):
-    _fill(store, count=1)
+def test_a_block_gone_because_the_session_changed_is_conflict_or_not_found_never_damage(store):
+    _fill(store, count=2)
     plan = store.restore("t", "s0")
     store.delete("t", "s0")
+    with pytest.raises(NotFound, match="deleted while it was being read"):
+        list(plan.pieces())
+    plan = store.restore("t", "s1")
+    store.save("t", "s1", TOY_SPEC, np.arange(500, 540), pieces_for(store, random_layers(TOY_SPEC, 40, seed=7)), overwrite=True)
     with pytest.raises(Conflict, match="changed while it was being read"):
         list(plan.pieces())
 
