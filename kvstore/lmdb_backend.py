@@ -21,7 +21,10 @@ tells a damaged catalogue from a short one.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
+import functools
 import json
 import logging
 import os
@@ -29,6 +32,7 @@ import queue
 import struct
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -68,6 +72,15 @@ def damage(path: Path, exc: Exception) -> CorruptData:
         f"the LMDB file {path / 'data.mdb'} is damaged ({type(exc).__name__}: {exc}); "
         f"run `kvmem verify --data-dir {path.parent}` to see what is readable and `kvmem salvage` to copy it out, or restore a backup"
     )
+
+
+_MADV_DONTNEED = 4
+_DROP_INTERVAL_S = 0.05  # at most this often, the writer unmaps data.mdb's pages after a commit
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def check_meta_pages(data_file: Path) -> str | None:
@@ -248,6 +261,7 @@ class LmdbBackend:
         self._resize_lock = _SharedExclusiveLock()
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._last_drop = 0.0
         self.commits = 0  # outer (fsync'd) commits, for tests and stats
         self.batched = 0  # write requests those commits carried
         if not config.readonly:
@@ -398,6 +412,10 @@ class LmdbBackend:
                                 child.commit()
                 self.commits += 1
                 self.batched += len(batch)
+                now = time.monotonic()
+                if now - self._last_drop >= _DROP_INTERVAL_S:  # writing into reused pages maps them too
+                    self._last_drop = now
+                    self.drop_mapped_pages()
                 return
             except lmdb.MapFullError:
                 self._grow()
@@ -439,6 +457,25 @@ class LmdbBackend:
                 stat = txn.stat(db)
                 total += (stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]) * stat["psize"]
             return total
+
+    def drop_mapped_pages(self) -> bool:
+        """Unmap data.mdb's pages from this process (madvise MADV_DONTNEED on its read-only
+        mapping): LMDB touches every page of a large value it reads or deletes, and the kernel
+        maps whole page-cache folios, so a big abort or delete would leave gigabytes of
+        file-backed RSS. The pages stay in the page cache; the next access maps them again.
+        Returns False where this cannot be done (no /proc, no libc)."""
+        try:
+            target = str((self.config.path / "data.mdb").resolve())
+            regions = []
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    if line.rstrip().endswith(target):
+                        start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                        regions.append((start, end - start))
+            libc = _libc()
+            return bool(regions) and all(libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED) == 0 for start, length in regions)
+        except (OSError, AttributeError, ValueError):
+            return False
 
     def snapshot(self, destination: Path) -> None:
         """A consistent, compacted copy of the committed state into directory ``destination``

@@ -290,9 +290,9 @@ class StagedWrite:
             pass
         self._release()
         if self._staged_chunks:
-            keys = [(self.chunks[i].key, self.spec.num_layers) for i in self._staged_chunks]
-            owner = self.owner
-            self.backend.write(lambda txn: unstage(txn, keys, owner))
+            chunks = [(self.chunks[i].key, self.spec.num_layers) for i in sorted(self._staged_chunks)]
+            per_group = max(1, self.flush_bytes // max(1, self.record_bytes(self.chunks[0])))
+            unstage_all(self.backend, {self.owner: chunks}, per_group)
             self._staged_chunks = set()
 
     def _release(self) -> None:
@@ -337,8 +337,19 @@ def sweep(backend: Backend, live: LiveOwners | None = None, older_than_s: float 
     if not doomed:
         return 0, 0
 
-    def apply(txn: WriteTxn) -> int:
-        return sum(unstage(txn, chunks, owner) for owner, chunks in doomed.items())
-
-    blocks = backend.write(apply)
+    blocks = unstage_all(backend, doomed, 64)
     return sum(len(chunks) for chunks in doomed.values()), blocks
+
+
+def unstage_all(backend: Backend, chunks_by_owner: dict[bytes, list[tuple[bytes, int]]], per_group: int) -> int:
+    """``unstage`` in transactions of ``per_group`` chunks, unmapping the file's pages after each
+    (deleting a block maps all of its pages): memory stays bounded however much was staged."""
+    deleted = 0
+    drop = getattr(backend, "drop_mapped_pages", None)
+    for owner, chunks in chunks_by_owner.items():
+        for at in range(0, len(chunks), per_group):
+            group = chunks[at : at + per_group]
+            deleted += backend.write(lambda txn, group=group, owner=owner: unstage(txn, group, owner))
+            if drop is not None:
+                drop()
+    return deleted
