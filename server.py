@@ -706,8 +706,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def tune_malloc() -> bool:
+    """Blocks of streaming writes are 0.1-1 MB buffers allocated and freed on many pool threads.
+    With glibc's defaults they land in per-thread arenas and under a threshold that adapts
+    upwards, so freed buffers stay in the process (peak RSS of one save varied 40-100 MB from run
+    to run). Two arenas and a fixed 256 KiB mmap threshold return them to the system when freed.
+    Returns False where there is no glibc (the defaults then stay)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold, m_arena_max = -3, -8
+        return bool(libc.mallopt(m_arena_max, 2)) and bool(libc.mallopt(m_mmap_threshold, 256 << 10))
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_malloc()
     overrides = list(args.set)
     for flag, key in ((args.host, "server.host"), (args.port, "server.port"), (args.data_dir, "store.data_dir"), (args.keys_file, "auth.keys_file")):
         if flag is not None:

@@ -75,6 +75,8 @@ def damage(path: Path, exc: Exception) -> CorruptData:
 
 
 _MADV_DONTNEED = 4
+_GATHER_S = 0.0005  # how long the writer waits for more writes when other threads are writing
+_RECENT_S = 0.01  # a thread that wrote this recently counts as writing
 _DROP_INTERVAL_S = 0.05  # at most this often, the writer unmaps data.mdb's pages after a commit
 
 
@@ -262,6 +264,7 @@ class LmdbBackend:
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._last_drop = 0.0
+        self._writers_seen: dict[int, float] = {}  # thread -> when it last submitted a write
         self.commits = 0  # outer (fsync'd) commits, for tests and stats
         self.batched = 0  # write requests those commits carried
         if not config.readonly:
@@ -348,8 +351,17 @@ class LmdbBackend:
         if threading.current_thread() is self._writer:
             raise RuntimeError("LmdbBackend.write called from inside a write")
         request = _Request(fn, size)
+        self._writers_seen[threading.get_ident()] = time.monotonic()
         self._queue.put(request)
         return request
+
+    def _recent_writers(self) -> int:
+        """Threads that submitted a write in the last _RECENT_S (a hint of how many to batch)."""
+        horizon = time.monotonic() - _RECENT_S
+        seen = self._writers_seen
+        for ident in [ident for ident, at in list(seen.items()) if at < horizon]:
+            seen.pop(ident, None)
+        return len(seen)
 
     def put_blocks(self, blocks: Iterable[tuple[bytes, bytes]], staged: Iterable[tuple[bytes, bytes]] = ()) -> _Request:
         """Queue put-if-absent of ``blocks`` and puts of ``staged`` entries as one write;
@@ -371,9 +383,10 @@ class LmdbBackend:
             if first is None:
                 return
             batch, size = [first], first.size
+            expected = self._recent_writers()
             while len(batch) < _MAX_BATCH and size < _MAX_BATCH_BYTES:
-                try:
-                    nxt = self._queue.get_nowait()
+                try:  # when several threads write, wait a moment for the others: one fsync for all
+                    nxt = self._queue.get(timeout=_GATHER_S) if len(batch) < expected else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:

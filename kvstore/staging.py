@@ -34,7 +34,7 @@ from kvstore.pieces import check_piece
 from kvstore.spec import DTYPE_CODES, ModelSpec
 
 _STAGED_AT = struct.Struct(">QH")  # staged entry: when (ms) and how many layers the chunk has
-FLUSH_BYTES = 8 << 20  # sealed blocks per write; one more batch may be in flight
+FLUSH_BYTES = 4 << 20  # sealed blocks per write; one more batch may be in flight
 
 
 class InflightBudget:
