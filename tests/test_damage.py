@@ -147,3 +147,19 @@ def test_verify_finds_planted_damage_and_salvage_copies_every_healthy_session(tm
     assert copy.lookup("t", TOY_SPEC, np.arange(0, 40)) == 40  # prefix dedup works in the copy
     copy.close()
     assert _kvmem("salvage", config.data_dir, rescued).returncode == 2  # never into a non-empty directory
+
+
+def test_the_background_scrub_finds_a_damaged_block_and_wraps_around(store):
+    from kvstore.scrub import Scrubber
+
+    _fill(store, count=3)
+    record = store.get("t", "s2")
+    _flip_value(store, "blocks", block_storage_key(record.blocks[1].key, 3), offset=200)
+    with store.backend.read() as txn:
+        total = txn.count("blocks")
+    scrubber = Scrubber(store, bytes_per_second=10_000)  # a few blocks per call
+    while scrubber.passes == 0:
+        assert scrubber.run_for(1.0) > 0
+    assert scrubber.checked == total and scrubber.damaged == 1
+    scrubber.run_for(1e6)  # the next pass starts again at the first block
+    assert scrubber.passes == 2 and scrubber.checked == 2 * total and scrubber.damaged == 2

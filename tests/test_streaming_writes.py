@@ -197,3 +197,23 @@ def test_concurrent_writers_share_fsyncs(store):
     assert backend.commits - before == 2  # the slow one, then the five in one fsync
     with backend.read() as txn:
         assert all(txn.get("meta", b"w%d" % i) is not None for i in range(5))
+
+
+def test_the_periodic_sweep_spares_open_streams_and_removes_abandoned_ones(store_config, small_flush):
+    store = SessionStore.open(dataclasses.replace(store_config, staged_max_age_seconds=0))
+    before = _counts(store)
+    open_write = store.begin_save("t", "open", TOY_SPEC, np.arange(64))
+    _add(open_write, random_layers(TOY_SPEC, 64, seed=8), 0, 48)
+    abandoned = store.begin_save("t", "gone", TOY_SPEC, np.arange(500, 564))
+    _add(abandoned, random_layers(TOY_SPEC, 64, seed=9), 0, 48)
+    abandoned.staged._release()  # its stream vanished without an abort (the owner is no longer live)
+    entries, blocks = store.sweep_staged()
+    assert entries > 0 and blocks > 0
+    layers = random_layers(TOY_SPEC, 64, seed=8)
+    _add(open_write, layers, 48, 64)
+    open_write.commit()  # the open stream's staged blocks were spared
+    _, out = restored(store, "open")
+    assert same(out, layers)
+    store.delete("t", "open")
+    assert _counts(store) == before
+    store.close()
