@@ -4,9 +4,10 @@ chunks arrive, invisible until the session record that names them is committed.
 A ``StagedWrite`` fills one encoded block record per (chunk, layer) in place as pieces arrive;
 a full record is sealed (checksummed) and queued, and queued records are written
 (put-if-absent) once they reach ``flush_bytes``, together with a ``staged`` entry
-``chunk key + owner`` per chunk. So the server holds at most ``flush_bytes`` plus the blocks
-being filled per open stream, whatever the size of the session; a global ``InflightBudget``
-bounds the sum over all streams (RESOURCE_EXHAUSTED instead of growing).
+``chunk key + owner (16 bytes) -> staged at (ms), layers`` per chunk. One batch is written while
+the next fills, so the server holds at most two batches plus the blocks being filled per open
+stream, whatever the size of the session; a global ``InflightBudget`` bounds the sum over all
+streams (RESOURCE_EXHAUSTED instead of growing). The last batch is written by the commit itself.
 
 Staged blocks are invisible: only a committed session record refers to chunks, and only the
 commit (``SessionStore``) gives a chunk its first reference and removes the staged entries.
