@@ -59,7 +59,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ import grpc
 import numpy as np
 import torch
 
+from bench.common import _fs_type, disk_tempdir
 from kvmem.client import Client
 from kvmem.v1 import kvmem_pb2 as pb
 from kvstore.spec import ModelSpec
@@ -124,31 +124,6 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(), "torch": torch.__version__, "grpcio": grpc.__version__, "cpu_count": os.cpu_count(),
         "machine": platform.machine(), "git_commit": commit, "repo": str(REPO), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }
-
-
-def _fs_type(path: Path) -> str:
-    best, kind = "", ""
-    with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
-        for line in mounts:
-            parts = line.split()
-            if len(parts) >= 3 and (str(path) == parts[1] or str(path).startswith(parts[1].rstrip("/") + "/")) and len(parts[1]) > len(best):
-                best, kind = parts[1], parts[2]
-    return kind
-
-
-@contextlib.contextmanager
-def disk_tempdir(prefix: str) -> Iterator[Path]:
-    """A temporary directory on a real disk (bench/results/*.tmp if the system temp dir is in memory)."""
-    base = Path(tempfile.gettempdir()).resolve()
-    if _fs_type(base) in ("tmpfs", "ramfs"):
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        path = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=RESULTS_DIR))
-    else:
-        path = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def random_kv(tokens: int, seed: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
