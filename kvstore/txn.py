@@ -46,12 +46,27 @@ def read_usage(txn: ReadTxn, tenant: str) -> tuple[TenantUsage, int]:
 
 
 def read_counters(txn: ReadTxn) -> dict[str, int]:
+    """The store's totals. They are derived data: a damaged record is recomputed from the
+    tenants' usage rows and the chunk references (and rewritten by the next write)."""
     raw = txn.get("meta", b"counters")
     try:
-        stored = json.loads(bytes(raw)) if raw is not None else {}
-        return dict.fromkeys(COUNTER_KEYS, 0) | {key: int(stored[key]) for key in COUNTER_KEYS if key in stored}
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise CorruptData(f"the store's counters record is damaged ({exc}); run `kvmem verify`") from None
+        if raw is None:
+            return dict.fromkeys(COUNTER_KEYS, 0)
+        stored = json.loads(bytes(raw))
+        return {key: int(stored[key]) for key in COUNTER_KEYS}  # every write stores all four
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        log.error("counters record damaged; recomputed from usage rows", extra={"fields": {"error": str(exc)}})
+        return recompute_counters(txn)
+
+
+def recompute_counters(txn: ReadTxn) -> dict[str, int]:
+    counters = dict.fromkeys(COUNTER_KEYS, 0)
+    for key, raw in txn.scan("usage"):
+        usage = parse_usage_row(key.decode("utf-8", "replace"), raw)[0]
+        for name in USAGE_KEYS:
+            counters[name] += getattr(usage, name)
+    counters["chunks"] = txn.count("refs")
+    return counters
 
 
 def usage_row_bytes(usage: dict[str, int], digest: int) -> bytes:

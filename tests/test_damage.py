@@ -163,3 +163,14 @@ def test_the_background_scrub_finds_a_damaged_block_and_wraps_around(store):
     assert scrubber.checked == total and scrubber.damaged == 1
     scrubber.run_for(1e6)  # the next pass starts again at the first block
     assert scrubber.passes == 2 and scrubber.checked == 2 * total and scrubber.damaged == 2
+
+
+def test_a_damaged_counters_record_is_recomputed_and_writes_go_on(store):
+    saved = _fill(store, count=3)
+    expected = {key: store.stats()[key] for key in ("sessions", "chunks", "stored_bytes", "logical_bytes")}
+    _flip_value(store, "meta", b"counters", offset=2)  # the JSON no longer parses
+    assert {key: store.stats()[key] for key in expected} == expected  # derived data: recomputed
+    store.save("t", "after", TOY_SPEC, np.arange(9000, 9040), pieces_for(store, random_layers(TOY_SPEC, 40, seed=5)))
+    assert store.stats()["sessions"] == 4
+    _, out = restored(store, "s1")
+    assert same(out, saved["s1"])
