@@ -53,7 +53,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -72,6 +71,7 @@ import numpy as np
 import torch
 
 from bench.common import _fs_type, disk_tempdir
+from bench.common import environment as common_environment
 from kvmem.client import Client
 from kvmem.v1 import kvmem_pb2 as pb
 from kvstore.spec import ModelSpec
@@ -116,14 +116,20 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: s
 
 
 def environment() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "grpcio": grpc.__version__, "cpu_count": os.cpu_count(),
-        "machine": platform.machine(), "git_commit": commit, "repo": str(REPO), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-    }
+    """bench.common's record of the machine, plus what this benchmark needs to tell runs apart."""
+    return {**common_environment(), "repo": str(REPO), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+
+
+def start_together(threads: list[threading.Thread], barrier: threading.Barrier) -> float:
+    """Start ``threads`` (each waits on ``barrier`` first), release them at once, wait for all;
+    returns the moment they were released (perf_counter)."""
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return started
 
 
 def random_kv(tokens: int, seed: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -403,13 +409,7 @@ def writers_run(server: Server, writers: int, saves_each: int, layers, size: int
             with lock:
                 finished.append(time.perf_counter())
 
-    threads = [threading.Thread(target=writer, args=(i,), name=f"bench-writer-{i}") for i in range(writers)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
+    start = start_together([threading.Thread(target=writer, args=(i,), name=f"bench-writer-{i}") for i in range(writers)], barrier)
     for client in clients:
         client.close()
     if errors:
@@ -481,13 +481,7 @@ def backend_commits(root: Path, writes_each: int, repeats: int, writer_counts=(1
             for n in range(writes_each):
                 put(f"{tag}/{index}/{n}".encode())
 
-        workers = [threading.Thread(target=writer, args=(i,)) for i in range(threads)]
-        for worker in workers:
-            worker.start()
-        barrier.wait()
-        started = time.perf_counter()
-        for worker in workers:
-            worker.join()
+        started = start_together([threading.Thread(target=writer, args=(i,)) for i in range(threads)], barrier)
         return threads * writes_each / (time.perf_counter() - started)
 
     probe = root / "commits" / "fsync.probe"

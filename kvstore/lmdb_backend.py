@@ -264,6 +264,7 @@ class LmdbBackend:
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._last_drop = 0.0
+        self._map_regions: list[tuple[int, int]] | None = None  # where data.mdb is mapped (drop_mapped_pages)
         self._writers_seen: dict[int, float] = {}  # thread -> when it last submitted a write
         self.commits = 0  # outer (fsync'd) commits, for tests and stats
         self.batched = 0  # write requests those commits carried
@@ -457,6 +458,7 @@ class LmdbBackend:
         new_size = min(self._map_bytes * 2, ceiling)
         with self._resize_lock.exclusive():
             self.env.set_mapsize(new_size)
+            self._map_regions = None  # the map moved
         log.info("lmdb map grown", extra={"fields": {"from_bytes": self._map_bytes, "to_bytes": new_size}})
         self._map_bytes = new_size
         self._extend_file()
@@ -478,17 +480,27 @@ class LmdbBackend:
         file-backed RSS. The pages stay in the page cache; the next access maps them again.
         Returns False where this cannot be done (no /proc, no libc)."""
         try:
-            target = str((self.config.path / "data.mdb").resolve())
-            regions = []
-            with open("/proc/self/maps") as maps:
-                for line in maps:
-                    if line.rstrip().endswith(target):
-                        start, end = (int(x, 16) for x in line.split()[0].split("-"))
-                        regions.append((start, end - start))
             libc = _libc()
-            return bool(regions) and all(libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED) == 0 for start, length in regions)
+            with self._resize_lock.shared():  # a resize moves the map: never advise an address it left
+                if self._closed:
+                    return False
+                if self._map_regions is None:  # found once per map (see _grow)
+                    self._map_regions = self._find_map_regions()
+                regions = self._map_regions
+                return bool(regions) and all(libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED) == 0 for start, length in regions)
         except (OSError, AttributeError, ValueError):
             return False
+
+    def _find_map_regions(self) -> list[tuple[int, int]]:
+        """(start, length) of this process's mappings of data.mdb, from /proc/self/maps."""
+        target = str((self.config.path / "data.mdb").resolve())
+        regions = []
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                if line.rstrip().endswith(target):
+                    start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                    regions.append((start, end - start))
+        return regions
 
     def snapshot(self, destination: Path) -> None:
         """A consistent, compacted copy of the committed state into directory ``destination``

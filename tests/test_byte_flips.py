@@ -33,6 +33,7 @@ import torch
 from kvstore.store import SessionStore
 from tests.conftest import REPO, TOY_SPEC, random_layers
 from tests.flip_worker import content_digests, store_config
+from tests.test_store import pieces_for
 
 WORKER = REPO / "tests" / "flip_worker.py"
 PAGE = 4096  # LMDB's page size here (the OS page size): pages 0 and 1 are the two meta pages
@@ -48,14 +49,6 @@ BUILD_CLOCK = 1_750_000_000.0  # the pristine store's clock (June 2025): its TTL
 
 
 # ----------------------------------------------------------------------------- the pristine store
-def _pieces(store, layers, start=0, spec=TOY_SPEC, bias=None):
-    end = start + layers[0][0].shape[1]
-    pieces = store.new_pieces(spec, start, end, has_bias=bias is not None)
-    for layer, (k, v) in enumerate(layers):
-        pieces.add_tensors(layer, start, k, v, None if bias is None else bias[layer])
-    return pieces
-
-
 def _build(store, rng: random.Random) -> tuple[dict[str, list[str]], dict[tuple[str, str], str]]:
     """Save the sessions; returns ({tenant: ids}, {(tenant, id): text})."""
     ids: dict[str, list[str]] = {}
@@ -80,28 +73,28 @@ def _build(store, rng: random.Random) -> tuple[dict[str, list[str]], dict[tuple[
                 options["labels"] = {"kind": "labelled", "tenant": tenant}
             if index == 5:
                 options["ttl_seconds"] = 10 * 365 * 86400  # in the TTL index, never expires during the test
-            store.save(tenant, sid, TOY_SPEC, tokens, _pieces(store, kv), **options)
+            store.save(tenant, sid, TOY_SPEC, tokens, pieces_for(store, kv), **options)
             ids[tenant].append(sid)
         # the whole base prefix, twice: refcounts of 2+ on every base chunk
         for sid in ("base", "base-copy"):
-            store.save(tenant, sid, TOY_SPEC, base_tokens, _pieces(store, base_kv))
+            store.save(tenant, sid, TOY_SPEC, base_tokens, pieces_for(store, base_kv))
             ids[tenant].append(sid)
         # a fork inside a chunk (its boundary chunk is copied), then appended to
         store.fork(tenant, "base", "fork", 37)
         extra = random_layers(TOY_SPEC, 11, seed=5000 + t_index)
-        store.append(tenant, "fork", TOY_SPEC, np.arange(11, dtype=np.uint32) + 7, _pieces(store, extra, start=37))
+        store.append(tenant, "fork", TOY_SPEC, np.arange(11, dtype=np.uint32) + 7, pieces_for(store, extra, start=37))
         ids[tenant].append("fork")
         if tenant == "alpha":  # a compacted session: positions, logical_length, bias -> private keys
             layers = random_layers(TOY_SPEC, 20, seed=77)
             bias = [torch.randn(TOY_SPEC.num_kv_heads, 20, generator=torch.Generator().manual_seed(layer)) for layer in range(TOY_SPEC.num_layers)]
             positions = np.array([0, 1, 2, 3, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 197, 198, 199])
-            store.save(tenant, "compacted", TOY_SPEC, np.arange(20), _pieces(store, layers, bias=bias), positions=positions, logical_length=200)
-            store.save(tenant, "gapped", TOY_SPEC, np.arange(30), _pieces(store, random_layers(TOY_SPEC, 30, seed=78)), logical_length=64)
+            store.save(tenant, "compacted", TOY_SPEC, np.arange(20), pieces_for(store, layers, bias=bias), positions=positions, logical_length=200)
+            store.save(tenant, "gapped", TOY_SPEC, np.arange(30), pieces_for(store, random_layers(TOY_SPEC, 30, seed=78)), logical_length=64)
             ids[tenant] += ["compacted", "gapped"]
     # churn: a deleted and an overwritten session leave freed pages and reused refcounts behind
-    store.save("beta", "doomed", TOY_SPEC, np.arange(50), _pieces(store, random_layers(TOY_SPEC, 50, seed=9)))
+    store.save("beta", "doomed", TOY_SPEC, np.arange(50), pieces_for(store, random_layers(TOY_SPEC, 50, seed=9)))
     store.delete("beta", "doomed")
-    store.save("gamma", "s03", TOY_SPEC, np.arange(70, dtype=np.uint32) + 3, _pieces(store, random_layers(TOY_SPEC, 70, seed=10)), overwrite=True)
+    store.save("gamma", "s03", TOY_SPEC, np.arange(70, dtype=np.uint32) + 3, pieces_for(store, random_layers(TOY_SPEC, 70, seed=10)), overwrite=True)
     return ids, texts
 
 
