@@ -195,7 +195,7 @@ class KVMemServicer:
         else:
             if not request.HasField("model") or not len(request.lookup_token_ids):
                 raise InvalidRequest("give a session_id, or lookup_token_ids together with the model spec")
-            plan = self.store.restore_prefix(tenant, convert.spec_from_pb(request.model), convert.tokens_array(request.lookup_token_ids))
+            plan = self.store.restore_prefix(tenant, convert.spec_from_pb(request.model), convert.tokens_array(request.lookup_token_ids), request.token_start, request.token_end)
 
         def messages():
             yield pb.RestoreSessionResponse(header=self._restore_header(plan))

@@ -195,6 +195,7 @@ class Client:
         logical_length: int = 0,
         bias: Sequence[torch.Tensor] | None = None,
         text: str = "",
+        cache_start: int = 0,
     ) -> pb.SaveSessionResponse:
         """Save a cache (DynamicCache or per-layer (keys, values)) for token_ids [T].
 
@@ -203,6 +204,10 @@ class Client:
         With ``reuse_prefix`` the client first asks which prefix is already stored and sends only
         the rest (the server shares the stored chunks); if that prefix vanishes meanwhile it
         falls back to sending everything.
+
+        ``cache_start``: the cache holds only tokens [cache_start, T) (a vLLM worker copies out
+        just the blocks kvmem lacks); tokens [0, cache_start) must be stored already as a prefix
+        of token_ids, else Conflict (nothing is saved, and the caller cannot resend them).
         """
         from kvmem.hf_cache import cache_to_layers
 
@@ -210,14 +215,22 @@ class Client:
         layers = cache_to_layers(cache)
         tokens = _token_list(token_ids)
         total = len(tokens)
-        if layers[0][0].shape[1] != total:
-            raise InvalidRequest(f"cache holds {layers[0][0].shape[1]} tokens but {total} token ids were given")
+        if not 0 <= cache_start < total:
+            raise InvalidRequest(f"cache_start {cache_start} is not inside the {total} token ids")
+        if layers[0][0].shape[1] != total - cache_start:
+            raise InvalidRequest(f"cache holds {layers[0][0].shape[1]} tokens but {total - cache_start} were expected "
+                                 f"({total} token ids, cache_start {cache_start})")
         plain = positions is None and bias is None
+        if cache_start and not (plain and reuse_prefix):
+            raise InvalidRequest("cache_start needs reuse_prefix=True and a plain cache (no positions, no bias)")
         lookup = self._stub.Lookup(pb.LookupRequest(tenant=self.tenant, model=convert.spec_to_pb(spec), token_ids=tokens), **self._call)
         chunk_tokens = lookup.chunk_tokens
         reuse = 0
         if reuse_prefix and plain:
             reuse = lookup.matched_tokens if lookup.matched_tokens == total else (lookup.matched_tokens // chunk_tokens) * chunk_tokens
+        if reuse < cache_start:
+            raise Conflict(f"only {lookup.matched_tokens} of the first {cache_start} tokens are stored (the prefix changed); "
+                           "save the whole cache (cache_start=0)")
         header = pb.SaveHeader(
             tenant=self.tenant, session_id=session_id, model=convert.spec_to_pb(spec), token_ids=tokens,
             positions=list(positions) if positions is not None else [], logical_length=logical_length,
@@ -226,13 +239,13 @@ class Client:
 
         def send(reuse_tokens: int) -> pb.SaveSessionResponse:
             header.reuse_prefix_tokens = reuse_tokens
-            chunks = _iter_chunks(layers, reuse_tokens, total, 0, chunk_tokens, bias)
+            chunks = _iter_chunks(layers, reuse_tokens, total, cache_start, chunk_tokens, bias)
             return self._save(_stream(pb.SaveSessionRequest(header=header), chunks, pb.SaveSessionRequest), **self._call)
 
         try:
             return send(reuse)
         except grpc.RpcError as exc:
-            if reuse and exc.code() == grpc.StatusCode.ABORTED:
+            if reuse and not cache_start and exc.code() == grpc.StatusCode.ABORTED:
                 return send(0)
             raise
 
@@ -290,10 +303,16 @@ class Client:
         return self._restore(request, config if model is None else model.config, device, model, build_cache)
 
     @_translate_errors
-    def restore_prefix(self, token_ids: Any, *, spec: ModelSpec | None = None, config: Any = None, device: str | torch.device = "cpu") -> RestoredSession:
-        """Restore the longest stored prefix of token_ids (NotFound if none is stored)."""
-        request = pb.RestoreSessionRequest(tenant=self.tenant, model=convert.spec_to_pb(self._spec(spec)), lookup_token_ids=_token_list(token_ids))
-        return self._restore(request, config, device, None)
+    def restore_prefix(self, token_ids: Any, *, spec: ModelSpec | None = None, start: int = 0, end: int = 0, config: Any = None,
+                       device: str | torch.device = "cpu", build_cache: bool = True) -> RestoredSession:
+        """Restore the longest stored prefix of token_ids (NotFound if none is stored).
+
+        ``start``/``end`` narrow it to tokens [start, end) of that prefix (end 0 = all of it); the
+        result may stop early where the stored prefix does (``len(result.token_ids)`` says where),
+        and NotFound means nothing is stored at ``start``."""
+        request = pb.RestoreSessionRequest(tenant=self.tenant, model=convert.spec_to_pb(self._spec(spec)), lookup_token_ids=_token_list(token_ids),
+                                           token_start=start, token_end=end)
+        return self._restore(request, config, device, None, build_cache)
 
     def _restore(self, request: pb.RestoreSessionRequest, config: Any, device: str | torch.device, model: Any, build_cache: bool = True) -> RestoredSession:
         from kvmem.hf_cache import layers_to_cache
@@ -453,8 +472,16 @@ class Client:
     @_translate_errors
     def lookup(self, token_ids: Any, *, spec: ModelSpec | None = None) -> int:
         """How many leading tokens are already stored for this tenant and model."""
+        return self.lookup_chunked(token_ids, spec=spec)[0]
+
+    @_translate_errors
+    def lookup_chunked(self, token_ids: Any, *, spec: ModelSpec | None = None, timeout: float | None = None) -> tuple[int, int]:
+        """(matched tokens, the store's chunk size in tokens): a save that reuses the prefix starts
+        at a multiple of the chunk size. ``timeout`` overrides the client's for this call."""
         request = pb.LookupRequest(tenant=self.tenant, model=convert.spec_to_pb(self._spec(spec)), token_ids=_token_list(token_ids))
-        return self._stub.Lookup(request, **self._call).matched_tokens
+        call = self._call if timeout is None else {**self._call, "timeout": timeout}
+        response = self._stub.Lookup(request, **call)
+        return int(response.matched_tokens), int(response.chunk_tokens)
 
     @_translate_errors
     def get(self, session_id: str) -> pb.SessionInfo:

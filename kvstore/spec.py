@@ -194,19 +194,28 @@ class ModelSpec:
         from modelhost.fingerprint import weights_fingerprint  # a model's identity, computed where models live
 
         config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        return cls.from_config(
+            config, name=name or model.config.name_or_path or config.model_type,
+            dtype=dtype or next(model.parameters()).dtype, weights_fingerprint=weights_fingerprint(model),
+        )
+
+    @classmethod
+    def from_config(cls, config: Any, *, name: str, dtype: torch.dtype, weights_fingerprint: str = "") -> "ModelSpec":
+        """Spec from a transformers (text) config: the one reading of a config, shared by
+        ``from_model`` and the vLLM connector (which has vLLM's copy of the same config), so both
+        give one model one spec and their KV is interchangeable."""
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         rope = getattr(config, "rope_parameters", None)
         if rope is None:
             rope = {"rope_theta": getattr(config, "rope_theta", None), "rope_scaling": getattr(config, "rope_scaling", None)}
-        kv_dtype = dtype or next(model.parameters()).dtype
         return cls(
-            name=name or model.config.name_or_path or config.model_type,
+            name=name,
             num_layers=config.num_hidden_layers,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
-            dtype=dtype_name(kv_dtype),
+            dtype=dtype_name(dtype),
             rope_json=json.dumps(rope, sort_keys=True, separators=(",", ":"), default=str),
             max_position=getattr(config, "max_position_embeddings", 0) or 0,
-            weights_fingerprint=weights_fingerprint(model),
+            weights_fingerprint=weights_fingerprint,
         )

@@ -581,17 +581,25 @@ class SessionStore:
                 "Run `kvmem verify`; delete the session or restore it from a backup"
             ) from None
 
-    def restore_prefix(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray) -> RestorePlan:
-        """Restore the longest stored prefix of token_ids (no session needed: blocks are content-addressed)."""
+    def restore_prefix(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray, start: int = 0, end: int = 0) -> RestorePlan:
+        """Restore the longest stored prefix of token_ids (no session needed: blocks are content-addressed).
+
+        ``[start, end)`` (end 0 = the whole match) narrows it to the tokens a caller lacks (a vLLM
+        worker whose own prefix cache holds the first ones); the range is cut at the stored prefix,
+        so the plan may end before ``end``; nothing stored at ``start`` is NotFound."""
         validate_id(tenant, "tenant", self.config.max_id_bytes)
         token_ids = token_ids_array(token_ids)
+        if start < 0 or end < 0 or (end and start >= end):
+            raise InvalidRequest(f"token range [{start}, {end}) is empty or negative; give 0 <= token_start < token_end (token_end 0 = to the end)")
         matched, keys = self._match_prefix(tenant, spec, token_ids)
         if matched == 0:
             raise NotFound("no stored prefix of these tokens for this tenant and model; prefill and save them first")
+        if start >= matched:
+            raise NotFound(f"only the first {matched} of these tokens are stored for this tenant and model, not token {start}; prefill the rest")
         chunk = self.config.chunk_tokens
         refs = [BlockRef(key, i * chunk, min(chunk, matched - i * chunk)) for i, key in enumerate(keys)]
         record = SessionRecord(tenant, "", spec, token_ids[:matched], refs, logical_length=matched)
-        return self._plan(record, 0, matched)
+        return self._plan(record, start, min(end, matched) if end else matched)
 
     # ----------------------------------------------------------------- lookup
     def lookup(self, tenant: str, spec: ModelSpec, token_ids: np.ndarray) -> int:

@@ -10,9 +10,12 @@ does it right after loading).
 """
 from __future__ import annotations
 
+import json
+import os
 import struct
 import threading
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,3 +54,67 @@ def weights_fingerprint(model: Any) -> str:
             cached = compute_weights_fingerprint(model)
             _CACHE[model] = cached
         return cached
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (a single file or a sharded index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def checkpoint_weights_fingerprint(folder: str | os.PathLike[str], dtype: torch.dtype) -> str:
+    """The fingerprint ``weights_fingerprint(model)`` gives the model that
+    ``AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)`` loads, read from the checkpoint.
+
+    For servers that never hold a transformers model (the vLLM connector): the model is built on
+    the meta device for its state_dict order and tied weights, and each tensor is read from the
+    safetensors files one at a time, cast to ``dtype`` as from_pretrained casts it. So a KV
+    saved by vLLM and one saved by the transformers client carry one spec. Raises ValueError
+    when a state_dict entry has no tensor in the files (a renamed or computed weight): pass the
+    fingerprint explicitly then.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    files = _checkpoint_files(folder)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    entries = skeleton.state_dict(keep_vars=True)  # name -> meta tensor; tied names share one object
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in entries.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    digest = xxhash.xxh3_128()
+    digest.update(FINGERPRINT_VERSION)
+    handles: dict[Path, Any] = {}
+    try:
+        for name, meta in entries.items():
+            source = next((alias for alias in [name, *aliases[id(meta)]] if alias in files), None)
+            if source is None:
+                raise ValueError(f"{folder}: weight {name!r} is not in the checkpoint files (renamed or computed at load); "
+                                 "give the weights fingerprint explicitly")
+            path = files[source]
+            if path not in handles:
+                handles[path] = safe_open(str(path), framework="pt").__enter__()
+            tensor = handles[path].get_tensor(source).to(meta.dtype)
+            if tuple(tensor.shape) != tuple(meta.shape):
+                raise ValueError(f"{folder}: weight {source!r} has shape {tuple(tensor.shape)}, the model expects {tuple(meta.shape)}")
+            _update_str(digest, name)
+            _update_str(digest, str(tensor.dtype))
+            digest.update(struct.pack(f"<I{tensor.dim()}q", tensor.dim(), *tensor.shape))
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+    return digest.hexdigest()
