@@ -176,7 +176,7 @@ class KVMemConnector(KVConnectorBase_V1):
         self._requests.pop(request.request_id, None)
         if state is None:
             return False, None
-        params = {"kvmem_session": state.session_id if state.session_end else "", "kvmem_loaded_tokens": state.loaded,
+        params = {"kvmem_session": state.session_id if state.session_end else "", "kvmem_load_tokens": state.loaded,
                   "kvmem_saved_tokens": state.session_end}
         return False, params
 

@@ -63,7 +63,7 @@ class RequestState:
     session_end: tokens the request's session holds (0 until its first save)
     computed:    tokens whose KV sits in the request's blocks after the step being planned
     local_computed: tokens vLLM's own prefix cache supplied (a load starts after them)
-    loaded:      tokens kvmem supplied
+    loaded:      tokens planned to come from kvmem (a failed load is recomputed by vLLM)
     """
 
     req_id: str

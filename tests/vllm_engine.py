@@ -1,0 +1,80 @@
+"""A vLLM engine in its own process, driven over stdin/stdout (runs in the vLLM environment).
+
+    .venv-vllm/bin/python tests/vllm_engine.py --model DIR [--kvmem ADDRESS] [--example-dir DIR]
+
+One JSON request per stdin line, one answer per stdout line prefixed "ENGINE " (vLLM's own
+logs go to stderr):
+    {"op": "generate", "prompt": [ids], "max_tokens": n, "params": {kv_transfer_params}}
+        -> {"tokens": [ids], "cached": num_cached_tokens, "kv_transfer_params": {...}, "seconds": s}
+    {"op": "spec"}  -> the kvmem ModelSpec the connector derives from this engine's config
+    {"op": "quit"}
+An engine costs 25-50 s to start, so the tests start each one once and reuse it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def build_engine(model: str, kvmem: str, example_dir: str, max_model_len: int, prefix_caching: bool, extra: dict):
+    from vllm import LLM
+    from vllm.config import KVTransferConfig
+
+    transfer = None
+    if kvmem:
+        transfer = KVTransferConfig(
+            kv_connector="KVMemConnector", kv_connector_module_path="kvmem.vllm.connector", kv_role="kv_both",
+            kv_load_failure_policy="recompute", kv_connector_extra_config={"kvmem_address": kvmem, **extra},
+        )
+    elif example_dir:
+        transfer = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
+                                    kv_connector_extra_config={"shared_storage_path": example_dir})
+    return LLM(model=model, dtype="float32", max_model_len=max_model_len, enforce_eager=True, kv_transfer_config=transfer,
+               enable_prefix_caching=prefix_caching, seed=0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--kvmem", default="", help="kvmem address; none = no connector")
+    parser.add_argument("--example-dir", default="", help="use vLLM's ExampleConnector with files here")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--extra", default="{}", help="JSON of more kv_connector_extra_config keys")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # vLLM prints to stdout too: keep ours clean
+    from vllm import SamplingParams
+
+    llm = build_engine(args.model, args.kvmem, args.example_dir, args.max_model_len, not args.no_prefix_caching, json.loads(args.extra))
+    answers.write("ENGINE " + json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.get("op")
+        if op == "quit":
+            break
+        if op == "spec":
+            from kvmem.vllm.settings import ConnectorSettings, spec_from_vllm
+
+            spec = spec_from_vllm(llm.llm_engine.vllm_config, ConnectorSettings())
+            answers.write("ENGINE " + json.dumps(spec.to_dict()) + "\n")
+            continue
+        extra_args = {"kv_transfer_params": request["params"]} if request.get("params") else None
+        sampling = SamplingParams(max_tokens=request.get("max_tokens", 8), temperature=0.0, extra_args=extra_args)
+        started = time.perf_counter()
+        output = llm.generate([{"prompt_token_ids": request["prompt"]}], sampling, use_tqdm=False)[0]
+        seconds = time.perf_counter() - started
+        answers.write("ENGINE " + json.dumps({
+            "tokens": list(output.outputs[0].token_ids), "cached": output.num_cached_tokens or 0,
+            "kv_transfer_params": output.kv_transfer_params, "seconds": seconds,
+        }) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
