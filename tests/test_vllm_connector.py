@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,60 +17,12 @@ from kvmem.client import Client
 from kvstore.chunking import block_storage_key
 from kvstore.spec import ModelSpec
 from kvstore.store import SessionStore, StoreConfig
-from tests.conftest import MODEL_CACHE, REPO, ServerProcess
+from bench.vllm_engine import VLLM_PYTHON, Engine
+from tests.conftest import MODEL_CACHE, ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 BLOCK = 128  # vLLM's CPU block size (tokens)
-
-
-class Engine:
-    """A vLLM engine process (tests/vllm_engine.py); ``ask`` sends one request, waits for its answer."""
-
-    def __init__(self, name: str, args: list[str], log_dir: Path):
-        if not VLLM_PYTHON.exists():
-            pytest.fail(f"{VLLM_PYTHON} is missing: `make vllm-env` builds the vLLM environment (make test does)")
-        self.name = name
-        self.log_path = log_dir / f"engine-{name}.log"
-        self._log = self.log_path.open("w")
-        self.process = subprocess.Popen([str(VLLM_PYTHON), str(REPO / "tests" / "vllm_engine.py"), *args], cwd=REPO,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
-        self._ready = False
-
-    def _read(self) -> dict:
-        while True:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"engine {self.name} exited ({self.process.poll()}); its log:\n{self.log_path.read_text()[-4000:]}")
-            if line.startswith("ENGINE "):
-                return json.loads(line[len("ENGINE "):])
-
-    def ask(self, **request) -> dict:
-        if not self._ready:
-            assert self._read() == {"ready": True}
-            self._ready = True
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        return self._read()
-
-    def generate(self, prompt: list[int], max_tokens: int = 12, **params) -> dict:
-        return self.ask(op="generate", prompt=prompt, max_tokens=max_tokens, params=params or None)
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.process.stdin.flush()
-                self.process.wait(30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait(10)
-        self._log.close()
 
 
 def tokens(seed: int, count: int) -> list[int]:
@@ -94,6 +45,8 @@ def kvmem_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(model_dir, kvmem_server, tmp_path_factory):
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"{VLLM_PYTHON} is missing: `make vllm-env` builds the vLLM environment (make test does)")
     logs = tmp_path_factory.mktemp("vllm-logs")
     connector = ["--model", str(model_dir), "--kvmem", kvmem_server.address, "--extra", json.dumps({"kvmem_retry_after_s": 1.0})]
     started = {

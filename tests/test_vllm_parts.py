@@ -170,3 +170,26 @@ def test_a_save_of_only_the_missing_tokens_shares_the_stored_prefix(client):
         client.save("gap", [(k[:, 48:], v[:, 48:]) for k, v in layers], other, cache_start=48)
     with pytest.raises(NotFound):
         client.get("gap")
+
+
+def test_a_kernel_order_inside_the_cpu_regions_is_followed_both_ways():
+    """AVX2's CPU kernel keeps a block's keys dimension-major ([D, block_size]): with the positions
+    a probe measured, gather and scatter read and write in that order."""
+    from kvmem.vllm.layout import positions_from_probe
+
+    # what a dimension-major kernel writes at place p = d * BS + t: token t + 1 and dim d + 1
+    places = torch.arange(BS * D)
+    key_pos = positions_from_probe(places % BS + 1, places // BS + 1, BS, D)
+    value_pos = torch.arange(BS * D)
+    kv = torch.zeros(5, H, BS, 2 * D)
+    layout = PagedLayout.detect(kv, BS, H, D, key_pos, value_pos)
+    keys, values = torch.randn(H, 20, D), torch.randn(H, 20, D)
+    layout.scatter(kv, [3, 1], 6, keys, values)  # tokens [6, 26)
+    regions = kv.view(5, H, 2, BS * D)
+    token, dim = 9, 5  # token 9 is in block 3 at offset 9, the run's index 3
+    assert regions[3, 1, 0, dim * BS + token] == keys[1, 3, dim]
+    assert regions[3, 1, 1, token * D + dim] == values[1, 3, dim]
+    got_keys, got_values = layout.gather(kv, [3, 1], 6, 26)
+    assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+    with pytest.raises(ValueError, match="exactly once"):
+        positions_from_probe(torch.ones(BS * D), places // BS + 1, BS, D)  # every place says token 1

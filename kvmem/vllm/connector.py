@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
-from kvmem.vllm.layout import PagedLayout
+from kvmem.vllm.layout import PagedLayout, positions_from_probe
 from kvmem.vllm.plan import LoadJob, RequestState, SaveJob, loadable_tokens
 from kvmem.vllm.saver import BackgroundSaver, SaveTask
 from kvmem.vllm.settings import ConnectorSettings, spec_from_vllm
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvmem.vllm")
+log = logging.getLogger("vllm.kvmem")  # under vLLM's logger: its handler and format, INFO included
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
 
@@ -186,10 +186,48 @@ class KVMemConnector(KVConnectorBase_V1):
         if len(names) != self.spec.num_layers:
             raise ValueError(f"vLLM has {len(names)} attention layers with a KV cache, the model spec {self.spec.num_layers}")
         self._kv_caches = [kv_caches[name] for name in names]
-        self._layout = PagedLayout.detect(self._kv_caches[0], self.block_size, self.spec.num_kv_heads, self.spec.head_dim)
-        if self._kv_caches[0].dtype != self.spec.torch_dtype:
-            raise ValueError(f"vLLM's KV cache is {self._kv_caches[0].dtype}, the model spec says {self.spec.dtype}")
+        first = self._kv_caches[0]
+        if first.dtype != self.spec.torch_dtype:
+            raise ValueError(f"vLLM's KV cache is {first.dtype}, the model spec says {self.spec.dtype}")
+        layout = PagedLayout.detect(first, self.block_size, self.spec.num_kv_heads, self.spec.head_dim)
+        if layout.kind == "cpu":
+            key_pos, value_pos = self._probe_cpu_positions(first.dtype)
+            layout = PagedLayout.detect(first, self.block_size, self.spec.num_kv_heads, self.spec.head_dim, key_pos, value_pos)
+        self._layout = layout
         self._saver = BackgroundSaver(self._send_save, self.settings.max_pending_save_bytes)
+
+    def _probe_cpu_positions(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where vLLM's CPU attention kernel puts each (token, dim) of a block: write one block
+        of known values with its own cache-writing op (for this CPU's ISA) and read them back.
+        Two passes, one encoding the token and one the dimension (small integers, exact in
+        bf16 too), so the probe holds for every dtype the connector stores."""
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        size, heads, dim = self.block_size, self.spec.num_kv_heads, self.spec.head_dim
+        if max(size, dim) > 255:
+            raise ValueError(f"block_size {size} / head_dim {dim}: the layout probe encodes positions up to 255")
+        isa = _get_attn_isa(dtype, size, dim)
+        token = torch.arange(1, size + 1).view(size, 1, 1).expand(size, heads, dim)
+        dimension = torch.arange(1, dim + 1).view(1, 1, dim).expand(size, heads, dim)
+        regions = []
+        for source in (token, dimension):
+            scratch = torch.zeros(1, heads, size, 2 * dim, dtype=dtype)
+            key_cache, value_cache = scratch.view(1, heads, 2 * size, dim).chunk(2, dim=2)
+            filled = source.to(dtype).contiguous()
+            ops.cpu_attn_reshape_and_cache(filled, filled, key_cache, value_cache, torch.arange(size, dtype=torch.long), isa)
+            regions.append(scratch.view(heads, 2, size * dim))
+        tokens, dims = regions
+        key_pos = positions_from_probe(tokens[0, 0], dims[0, 0], size, dim)
+        value_pos = positions_from_probe(tokens[0, 1], dims[0, 1], size, dim)
+        for head in range(1, heads):
+            if not (torch.equal(positions_from_probe(tokens[head, 0], dims[head, 0], size, dim), key_pos)
+                    and torch.equal(positions_from_probe(tokens[head, 1], dims[head, 1], size, dim), value_pos)):
+                raise ValueError("vLLM's CPU KV layout differs between heads; not supported")
+        log.info("kvmem: CPU KV layout (isa %s): keys %s, values %s", isa,
+                 "token-major" if torch.equal(key_pos, torch.arange(size * dim)) else "permuted",
+                 "token-major" if torch.equal(value_pos, torch.arange(size * dim)) else "permuted")
+        return key_pos, value_pos
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()

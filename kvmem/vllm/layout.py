@@ -4,8 +4,13 @@ A vLLM worker keeps one KV tensor per attention layer, cut into blocks of ``bloc
 token slots; a request's token t lives in block ``block_ids[t // block_size]`` at offset
 ``t % block_size``. Two physical layouts are handled (both with the blocks on dim 0 or 1):
 
-    cpu:   [num_blocks, H, block_size, 2 * D]  (vLLM's CPU backend: per block and head, the
-           block's keys [block_size, D] then its values [block_size, D])
+    cpu:   [num_blocks, H, block_size, 2 * D]  (vLLM's CPU backend: per block and head, a key
+           region of block_size * D elements, then a value region of as many; inside a region
+           the order is the attention kernel's own, which depends on the CPU's ISA: on AVX2 the
+           keys are dimension-major [D, block_size], the values token-major. The connector
+           measures the order once with vLLM's own cache-writing op (``probe_positions``) and
+           passes it here as ``key_pos``/``value_pos``: element (t, d) of a block sits at
+           ``key_pos[t * D + d]`` of its region.)
     flash: [2, num_blocks, block_size, H, D]   (FlashAttention / Triton backends on CUDA)
 
 Anything else (MLA's latent cache, fp8 scales, head-interleaved variants) is refused by
@@ -21,19 +26,26 @@ import torch
 
 @dataclass(frozen=True)
 class PagedLayout:
-    """How one layer's paged buffer holds keys and values. kind: "cpu" or "flash"."""
+    """How one layer's paged buffer holds keys and values. kind: "cpu" or "flash"; for "cpu",
+    key_pos/value_pos (long [block_size * D]) give each (token, dim)'s place in its region."""
 
     kind: str
     block_size: int
     num_kv_heads: int
     head_dim: int
+    key_pos: torch.Tensor | None = None
+    value_pos: torch.Tensor | None = None
 
     @classmethod
-    def detect(cls, kv_cache: torch.Tensor, block_size: int, num_kv_heads: int, head_dim: int) -> "PagedLayout":
-        """The layout of ``kv_cache``, checked against the model's H and D; ValueError otherwise."""
+    def detect(cls, kv_cache: torch.Tensor, block_size: int, num_kv_heads: int, head_dim: int,
+               key_pos: torch.Tensor | None = None, value_pos: torch.Tensor | None = None) -> "PagedLayout":
+        """The layout of ``kv_cache``, checked against the model's H and D; ValueError otherwise.
+        For the CPU layout, positions default to token-major order ([block_size, D])."""
         shape = tuple(kv_cache.shape)
         if len(shape) == 4 and shape[1:] == (num_kv_heads, block_size, 2 * head_dim):
-            return cls("cpu", block_size, num_kv_heads, head_dim)
+            identity = torch.arange(block_size * head_dim)
+            return cls("cpu", block_size, num_kv_heads, head_dim,
+                       identity if key_pos is None else key_pos, identity if value_pos is None else value_pos)
         if len(shape) == 5 and shape[0] == 2 and shape[2:] == (block_size, num_kv_heads, head_dim):
             return cls("flash", block_size, num_kv_heads, head_dim)
         raise ValueError(
@@ -41,13 +53,6 @@ class PagedLayout:
             f"dimension {head_dim}: kvmem's connector knows [blocks, H, block_size, 2*D] (CPU) and "
             "[2, blocks, block_size, H, D] (FlashAttention); MLA and tensor-parallel shards are not supported"
         )
-
-    def _split(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of the keys and values as [num_blocks, H, block_size, D] (strided, no copy)."""
-        if self.kind == "cpu":
-            blocks = kv_cache.view(kv_cache.shape[0], self.num_kv_heads, 2, self.block_size, self.head_dim)
-            return blocks[:, :, 0], blocks[:, :, 1]
-        return kv_cache[0].permute(0, 2, 1, 3), kv_cache[1].permute(0, 2, 1, 3)
 
     def _spans(self, block_ids: Sequence[int], start: int, end: int):
         """(block id, first offset in the block, tokens, first index in the [start, end) run) per block."""
@@ -59,35 +64,71 @@ class PagedLayout:
             yield block_ids[token // size], offset, count, token - start
             token += count
 
+    def _regions(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """CPU layout: [num_blocks, H, 2 (keys, values), block_size * D] (a view)."""
+        return kv_cache.view(kv_cache.shape[0], self.num_kv_heads, 2, self.block_size * self.head_dim)
+
+    def _positions(self, which: int, offset: int, count: int) -> torch.Tensor:
+        pos = self.key_pos if which == 0 else self.value_pos
+        return pos.view(self.block_size, self.head_dim)[offset : offset + count].reshape(-1)
+
     def gather(self, kv_cache: torch.Tensor, block_ids: Sequence[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of tokens [start, end) as (keys, values) [H, end - start, D] on the CPU.
 
         A copy, never a view: vLLM reuses freed blocks, and a slice of the paged buffer would
         pin (and pickle) the whole buffer."""
         self._check_range(block_ids, start, end)
-        keys_view, values_view = self._split(kv_cache)
-        shape = (self.num_kv_heads, end - start, self.head_dim)
-        keys = torch.empty(shape, dtype=kv_cache.dtype)
-        values = torch.empty(shape, dtype=kv_cache.dtype)
-        for block, offset, count, at in self._spans(block_ids, start, end):
-            keys[:, at : at + count].copy_(keys_view[block, :, offset : offset + count])
-            values[:, at : at + count].copy_(values_view[block, :, offset : offset + count])
-        return keys, values
+        H, D = self.num_kv_heads, self.head_dim
+        out = [torch.empty((H, end - start, D), dtype=kv_cache.dtype) for _ in range(2)]
+        if self.kind == "cpu":
+            regions = self._regions(kv_cache)
+            for block, offset, count, at in self._spans(block_ids, start, end):
+                for which in (0, 1):
+                    picked = regions[block, :, which][:, self._positions(which, offset, count)]  # [H, count * D]
+                    out[which][:, at : at + count].copy_(picked.view(H, count, D))
+        else:
+            for block, offset, count, at in self._spans(block_ids, start, end):
+                for which in (0, 1):
+                    out[which][:, at : at + count].copy_(kv_cache[which, block, offset : offset + count].permute(1, 0, 2))
+        return out[0], out[1]
 
     def scatter(self, kv_cache: torch.Tensor, block_ids: Sequence[int], start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write keys/values [H, n, D] (any device, the buffer's dtype) into tokens [start, start + n)."""
+        H, D = self.num_kv_heads, self.head_dim
         count_all = keys.shape[1]
-        if keys.shape != (self.num_kv_heads, count_all, self.head_dim) or values.shape != keys.shape:
-            raise ValueError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} are not [{self.num_kv_heads}, n, {self.head_dim}]")
+        if keys.shape != (H, count_all, D) or values.shape != keys.shape:
+            raise ValueError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} are not [{H}, n, {D}]")
         if keys.dtype != kv_cache.dtype or values.dtype != kv_cache.dtype:
             raise ValueError(f"KV dtype {keys.dtype} does not match the paged buffer's {kv_cache.dtype}")
         self._check_range(block_ids, start, start + count_all)
-        keys_view, values_view = self._split(kv_cache)
-        keys, values = keys.to(kv_cache.device), values.to(kv_cache.device)
-        for block, offset, count, at in self._spans(block_ids, start, start + count_all):
-            keys_view[block, :, offset : offset + count].copy_(keys[:, at : at + count])
-            values_view[block, :, offset : offset + count].copy_(values[:, at : at + count])
+        sources = (keys.to(kv_cache.device), values.to(kv_cache.device))
+        if self.kind == "cpu":
+            regions = self._regions(kv_cache)
+            for block, offset, count, at in self._spans(block_ids, start, start + count_all):
+                for which in (0, 1):
+                    target = regions[block, :, which]  # [H, block_size * D], a view of the buffer
+                    target[:, self._positions(which, offset, count)] = sources[which][:, at : at + count].reshape(H, count * D)
+        else:
+            for block, offset, count, at in self._spans(block_ids, start, start + count_all):
+                for which in (0, 1):
+                    kv_cache[which, block, offset : offset + count].copy_(sources[which][:, at : at + count].permute(1, 0, 2))
 
     def _check_range(self, block_ids: Sequence[int], start: int, end: int) -> None:
         if not 0 <= start <= end or end > len(block_ids) * self.block_size:
             raise ValueError(f"tokens [{start}, {end}) do not fit the request's {len(block_ids)} blocks of {self.block_size}")
+
+
+def positions_from_probe(region_tokens: torch.Tensor, region_dims: torch.Tensor, block_size: int, head_dim: int) -> torch.Tensor:
+    """key_pos/value_pos from one probe: ``region_tokens[p]`` / ``region_dims[p]`` are the token
+    (1-based) and dimension (1-based) an attention kernel wrote at place p of a region
+    ([block_size * D] each); ValueError unless every (token, dim) landed exactly once."""
+    tokens = region_tokens.to(torch.long) - 1
+    dims = region_dims.to(torch.long) - 1
+    size = block_size * head_dim
+    logical = tokens * head_dim + dims
+    valid = (tokens >= 0) & (tokens < block_size) & (dims >= 0) & (dims < head_dim)
+    if tokens.numel() != size or not bool(valid.all()) or torch.unique(logical).numel() != size:
+        raise ValueError("the KV cache layout probe did not find every (token, dim) exactly once; this layout is not supported")
+    positions = torch.empty(size, dtype=torch.long)
+    positions[logical] = torch.arange(size)
+    return positions

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-log = logging.getLogger("kvmem.vllm")
+log = logging.getLogger("vllm.kvmem")  # under vLLM's logger: its handler and format, INFO included
 
 
 @dataclass

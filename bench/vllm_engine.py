@@ -1,6 +1,10 @@
-"""A vLLM engine in its own process, driven over stdin/stdout (runs in the vLLM environment).
+"""A vLLM engine in its own process, driven over stdin/stdout, for the tests and bench.vllm_ttft.
 
-    .venv-vllm/bin/python tests/vllm_engine.py --model DIR [--kvmem ADDRESS] [--example-dir DIR]
+``main`` runs in the vLLM environment (.venv-vllm, `make vllm-env`):
+
+    .venv-vllm/bin/python bench/vllm_engine.py --model DIR [--kvmem ADDRESS | --example-dir DIR]
+
+``Engine`` (imported from kvmem's own environment) starts and drives one.
 
 One JSON request per stdin line, one answer per stdout line prefixed "ENGINE " (vLLM's own
 logs go to stderr):
@@ -15,8 +19,65 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+
+class Engine:
+    """A vLLM engine process; ``ask`` sends one request and waits for its answer."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path, python: Path = VLLM_PYTHON):
+        if not python.exists():
+            raise FileNotFoundError(f"{python} is missing: `make vllm-env` builds the vLLM environment (make test does)")
+        self.name = name
+        self.log_path = Path(log_dir) / f"engine-{name}.log"
+        self._log = self.log_path.open("w")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        self.process = subprocess.Popen([str(python), str(Path(__file__).resolve()), *args], cwd=REPO, env=env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1)
+        self._ready = False
+
+    def _read(self) -> dict:
+        while True:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"engine {self.name} exited ({self.process.poll()}); its log:\n{self.log_path.read_text()[-4000:]}")
+            if line.startswith("ENGINE "):
+                return json.loads(line[len("ENGINE "):])
+
+    def wait_ready(self) -> None:
+        if not self._ready:
+            assert self._read() == {"ready": True}
+            self._ready = True
+
+    def ask(self, **request) -> dict:
+        self.wait_ready()
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def generate(self, prompt: list[int], max_tokens: int = 12, **params) -> dict:
+        return self.ask(op="generate", prompt=prompt, max_tokens=max_tokens, params=params or None)
+
+    def log_text(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.process.stdin.flush()
+                self.process.wait(60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
 
 
 def build_engine(model: str, kvmem: str, example_dir: str, max_model_len: int, prefix_caching: bool, extra: dict):
