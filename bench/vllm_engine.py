@@ -80,7 +80,7 @@ class Engine:
         self._log.close()
 
 
-def build_engine(model: str, kvmem: str, example_dir: str, max_model_len: int, prefix_caching: bool, extra: dict):
+def build_engine(model: str, kvmem: str, example_dir: str, max_model_len: int, prefix_caching: bool, extra: dict, batched_tokens: int = 0):
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
@@ -93,8 +93,9 @@ def build_engine(model: str, kvmem: str, example_dir: str, max_model_len: int, p
     elif example_dir:
         transfer = KVTransferConfig(kv_connector="ExampleConnector", kv_role="kv_both",
                                     kv_connector_extra_config={"shared_storage_path": example_dir})
+    more = {"max_num_batched_tokens": batched_tokens} if batched_tokens else {}
     return LLM(model=model, dtype="float32", max_model_len=max_model_len, enforce_eager=True, kv_transfer_config=transfer,
-               enable_prefix_caching=prefix_caching, seed=0)
+               enable_prefix_caching=prefix_caching, seed=0, **more)
 
 
 def main() -> int:
@@ -104,6 +105,7 @@ def main() -> int:
     parser.add_argument("--example-dir", default="", help="use vLLM's ExampleConnector with files here")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=0, help="0 = vLLM's default (prefills longer than it are chunked)")
     parser.add_argument("--extra", default="{}", help="JSON of more kv_connector_extra_config keys")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -112,7 +114,8 @@ def main() -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # vLLM prints to stdout too: keep ours clean
     from vllm import SamplingParams
 
-    llm = build_engine(args.model, args.kvmem, args.example_dir, args.max_model_len, not args.no_prefix_caching, json.loads(args.extra))
+    llm = build_engine(args.model, args.kvmem, args.example_dir, args.max_model_len, not args.no_prefix_caching, json.loads(args.extra),
+                       args.max_num_batched_tokens)
     answers.write("ENGINE " + json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)

@@ -6,7 +6,8 @@ prefix cache off, so a repeated prompt is either loaded through the connector or
     recompute  no connector
     kvmem      kvmem's connector, a kvmem server process on 127.0.0.1 (LMDB on the real disk)
     example    vLLM's ExampleConnector, files under a temporary directory on the same disk
-Each prompt is stored by one request, then asked again ``repeats`` times with max_tokens=1 (the
+Every engine prefills in one step (max_num_batched_tokens = max_model_len: the
+ExampleConnector cannot store a chunked prefill). Each prompt is stored by one request, then asked again ``repeats`` times with max_tokens=1 (the
 request's time is its time to first token), the three engines taking turns. Reported: median
 seconds and the ratio to recompute.
 
@@ -55,7 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         prepare_model(MODEL_CACHE, "smollm2-135m-instruct")
     max_len = 2048 if args.quick else 8192
-    common = ["--model", str(model), "--max-model-len", str(max_len), "--no-prefix-caching"]
+    # one step per prefill: vLLM's ExampleConnector saves what one forward pass computed, so a
+    # chunked prefill would leave it a partial file (and a shape error on load)
+    common = ["--model", str(model), "--max-model-len", str(max_len), "--no-prefix-caching", "--max-num-batched-tokens", str(max_len)]
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(run_server("vllm", process=True))
         files = stack.enter_context(disk_tempdir("kvmem-bench-example-"))

@@ -48,11 +48,13 @@ def engines(model_dir, kvmem_server, tmp_path_factory):
     if not VLLM_PYTHON.exists():
         pytest.fail(f"{VLLM_PYTHON} is missing: `make vllm-env` builds the vLLM environment (make test does)")
     logs = tmp_path_factory.mktemp("vllm-logs")
-    connector = ["--model", str(model_dir), "--kvmem", kvmem_server.address, "--extra", json.dumps({"kvmem_retry_after_s": 1.0})]
+    # prefills of more than 512 tokens take several steps (chunked prefill): saves and loads must span them
+    common = ["--model", str(model_dir), "--max-num-batched-tokens", "512"]
+    connector = common + ["--kvmem", kvmem_server.address, "--extra", json.dumps({"kvmem_retry_after_s": 1.0})]
     started = {
         "saver": Engine("saver", connector, logs),
         "fresh": Engine("fresh", connector, logs),
-        "plain": Engine("plain", ["--model", str(model_dir)], logs),
+        "plain": Engine("plain", common, logs),
     }
     yield started
     for engine in started.values():
@@ -143,6 +145,20 @@ def test_kv_saved_by_transformers_restores_into_vllm_and_back(engines, kvmem_ser
         from_kvmem = model.generate(asked, cache=restored.cache, max_new_tokens=12, do_sample=False)
         from_scratch = model.generate(asked, max_new_tokens=12, do_sample=False)
     assert from_kvmem.tolist() == from_scratch.tolist()
+
+
+def test_kvmem_extends_what_vllms_own_prefix_cache_already_holds(engines, kvmem_server, spec):
+    """The saver engine holds X in its own prefix cache; kvmem holds X + Y (saved by the fresh
+    engine): a request for X + Y + Z loads only Y's blocks, after vLLM's own hit."""
+    x, y, z = tokens(10, 1000), tokens(11, 300), tokens(12, 20)
+    engines["saver"].generate(x, max_tokens=2)
+    assert wait_stored(kvmem_server.address, spec, x, 896) == 896
+    engines["fresh"].generate(x + y, max_tokens=2)
+    assert wait_stored(kvmem_server.address, spec, x + y, 1280) == 1280
+    answer = engines["saver"].generate(x + y + z, max_tokens=16)
+    assert answer["kv_transfer_params"]["kvmem_load_tokens"] == 1280 - 896  # tokens [896, 1280) from kvmem
+    assert answer["cached"] >= 1280
+    assert answer["tokens"] == engines["plain"].generate(x + y + z, max_tokens=16)["tokens"]
 
 
 def test_damaged_kv_is_never_served_vllm_recomputes(engines, kvmem_server, spec):

@@ -193,3 +193,18 @@ def test_a_kernel_order_inside_the_cpu_regions_is_followed_both_ways():
     assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
     with pytest.raises(ValueError, match="exactly once"):
         positions_from_probe(torch.ones(BS * D), places // BS + 1, BS, D)  # every place says token 1
+
+
+def test_any_other_kernel_order_goes_through_the_general_path_for_whole_and_partial_blocks():
+    generator = torch.Generator().manual_seed(5)
+    key_pos, value_pos = torch.randperm(BS * D, generator=generator), torch.randperm(BS * D, generator=generator)
+    kv = torch.zeros(6, H, BS, 2 * D)
+    layout = PagedLayout.detect(kv, BS, H, D, key_pos, value_pos)
+    assert layout._order(0) == layout._order(1) == "other"
+    keys, values = torch.randn(H, 45, D), torch.randn(H, 45, D)
+    layout.scatter(kv, [4, 0, 2, 5], 3, keys, values)  # tokens [3, 48): a partial block, two whole ones
+    regions = kv.view(6, H, 2, BS * D)
+    assert regions[0, 2, 0, key_pos[(20 - BS) * D + 7]] == keys[2, 17, 7]  # token 20 = block 0 (the second), offset 4
+    assert regions[2, 1, 1, value_pos[(40 - 2 * BS) * D + 1]] == values[1, 37, 1]
+    got_keys, got_values = layout.gather(kv, [4, 0, 2, 5], 3, 48)
+    assert torch.equal(got_keys, keys) and torch.equal(got_values, values)

@@ -106,18 +106,21 @@ class KVMemConnector(KVConnectorBase_V1):
         if (tokens is None or request.lora_request is not None or request.mm_features
                 or params.get("kvmem_load") is False and params.get("kvmem_save") is False):
             return 0, False  # prompt embeddings, adapters and images change the KV of the same token ids
-        matched, chunk = self._lookup(tokens)
-        if matched is None:
-            return 0, False
-        save = self.settings.save and params.get("kvmem_save") is not False
-        session = params.get("kvmem_session") or ""
-        if not isinstance(session, str):
-            log.warning("kvmem: request %s: kvmem_session must be a string, got %r; not saving it", request.request_id, session)
-            session, save = "", False
-        state = RequestState.create(request.request_id, len(tokens), session, chunk, matched, save)
+        state = self._states.get(request.request_id)
+        if state is None:  # first call for this request (vLLM asks again while it waits for blocks, or after preemption)
+            matched, chunk = self._lookup(tokens)
+            if matched is None:
+                return 0, False
+            save = self.settings.save and params.get("kvmem_save") is not False
+            session = params.get("kvmem_session") or ""
+            if not isinstance(session, str):
+                log.warning("kvmem: request %s: kvmem_session must be a string, got %r; not saving it", request.request_id, session)
+                session, save = "", False
+            state = RequestState.create(request.request_id, len(tokens), session, chunk, matched, save)
+            self._states[request.request_id] = state
+            self._requests[request.request_id] = request
         state.local_computed = num_computed_tokens  # vLLM's own prefix-cache hit: loading starts after it
-        self._states[request.request_id] = state
-        self._requests[request.request_id] = request
+        matched = state.stored
         if not self.settings.load or params.get("kvmem_load") is False:
             return 0, False
         external = loadable_tokens(matched, len(tokens), self.block_size) - num_computed_tokens

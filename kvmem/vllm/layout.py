@@ -72,45 +72,117 @@ class PagedLayout:
         pos = self.key_pos if which == 0 else self.value_pos
         return pos.view(self.block_size, self.head_dim)[offset : offset + count].reshape(-1)
 
+    def _split_aligned(self, start: int, end: int) -> tuple[int, int]:
+        """[a, b): the whole blocks inside [start, end) (a == b when there are none)."""
+        size = self.block_size
+        a, b = -(-start // size) * size, (end // size) * size
+        return (a, b) if a < b else (start, start)
+
+    def _edges(self, block_ids: Sequence[int], start: int, end: int):
+        """Spans of the partial blocks at either end of [start, end) (whole blocks go in one op)."""
+        a, b = self._split_aligned(start, end)
+        if a == b:
+            yield from self._spans(block_ids, start, end)
+            return
+        yield from self._spans(block_ids, start, a)
+        for block, offset, count, at in self._spans(block_ids, b, end):
+            yield block, offset, count, at + (b - start)
+
+    def _order(self, which: int) -> str:
+        """"token" (region = [bs, D]), "dim" (region = [D, bs], AVX2's keys) or "other"."""
+        pos = self.key_pos if which == 0 else self.value_pos
+        size, D = self.block_size, self.head_dim
+        if torch.equal(pos, torch.arange(size * D)):
+            return "token"
+        if torch.equal(pos, torch.arange(size * D).view(D, size).t().reshape(-1)):
+            return "dim"
+        return "other"
+
+    def _region_to_logical(self, regions: torch.Tensor, which: int) -> torch.Tensor:
+        """[n, H, bs*D] in region order -> [n, H, bs, D] (a view where the order is a transpose)."""
+        n, H, size, D = regions.shape[0], self.num_kv_heads, self.block_size, self.head_dim
+        order = self._order(which)
+        if order == "token":
+            return regions.view(n, H, size, D)
+        if order == "dim":
+            return regions.view(n, H, D, size).transpose(2, 3)
+        return regions.index_select(2, self._positions(which, 0, size).to(regions.device)).view(n, H, size, D)
+
+    def _logical_to_region(self, logical: torch.Tensor, which: int) -> torch.Tensor:
+        """[n, H, bs, D] -> [n, H, bs*D] in region order."""
+        n, H, size, D = logical.shape[0], self.num_kv_heads, self.block_size, self.head_dim
+        order = self._order(which)
+        if order == "token":
+            return logical.reshape(n, H, size * D)
+        if order == "dim":
+            return logical.transpose(2, 3).reshape(n, H, size * D)
+        pos = self.key_pos if which == 0 else self.value_pos
+        inverse = torch.empty_like(pos)
+        inverse[pos] = torch.arange(pos.numel())
+        return logical.reshape(n, H, size * D).index_select(2, inverse.to(logical.device))
+
+    def _whole_blocks(self, kv_cache: torch.Tensor, which: int) -> torch.Tensor:
+        """Keys (0) or values (1) as [num_blocks, H, block_size * D] (CPU: region order) / [num_blocks, block_size, H, D] (flash)."""
+        return self._regions(kv_cache)[:, :, which] if self.kind == "cpu" else kv_cache[which]
+
     def gather(self, kv_cache: torch.Tensor, block_ids: Sequence[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies of tokens [start, end) as (keys, values) [H, end - start, D] on the CPU.
 
         A copy, never a view: vLLM reuses freed blocks, and a slice of the paged buffer would
-        pin (and pickle) the whole buffer."""
+        pin (and pickle) the whole buffer. Whole blocks move in one indexing op per layer."""
         self._check_range(block_ids, start, end)
-        H, D = self.num_kv_heads, self.head_dim
+        H, D, size = self.num_kv_heads, self.head_dim, self.block_size
         out = [torch.empty((H, end - start, D), dtype=kv_cache.dtype) for _ in range(2)]
-        if self.kind == "cpu":
-            regions = self._regions(kv_cache)
-            for block, offset, count, at in self._spans(block_ids, start, end):
-                for which in (0, 1):
+        a, b = self._split_aligned(start, end)
+        if a < b:
+            blocks = torch.tensor(list(block_ids[a // size : b // size]), dtype=torch.long, device=kv_cache.device)
+            n = blocks.numel()
+            for which in (0, 1):
+                picked = self._whole_blocks(kv_cache, which).index_select(0, blocks)
+                if self.kind == "cpu":  # [n, H, bs*D] in region order -> [H, n, bs, D]
+                    logical = self._region_to_logical(picked, which).permute(1, 0, 2, 3)
+                else:  # [n, bs, H, D]
+                    logical = picked.permute(2, 0, 1, 3)
+                out[which][:, a - start : b - start].view(H, n, size, D).copy_(logical)
+        regions = self._regions(kv_cache) if self.kind == "cpu" else None
+        for block, offset, count, at in self._edges(block_ids, start, end):
+            for which in (0, 1):
+                if regions is not None:
                     picked = regions[block, :, which][:, self._positions(which, offset, count)]  # [H, count * D]
                     out[which][:, at : at + count].copy_(picked.view(H, count, D))
-        else:
-            for block, offset, count, at in self._spans(block_ids, start, end):
-                for which in (0, 1):
+                else:
                     out[which][:, at : at + count].copy_(kv_cache[which, block, offset : offset + count].permute(1, 0, 2))
         return out[0], out[1]
 
     def scatter(self, kv_cache: torch.Tensor, block_ids: Sequence[int], start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write keys/values [H, n, D] (any device, the buffer's dtype) into tokens [start, start + n)."""
-        H, D = self.num_kv_heads, self.head_dim
+        H, D, size = self.num_kv_heads, self.head_dim, self.block_size
         count_all = keys.shape[1]
         if keys.shape != (H, count_all, D) or values.shape != keys.shape:
             raise ValueError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} are not [{H}, n, {D}]")
         if keys.dtype != kv_cache.dtype or values.dtype != kv_cache.dtype:
             raise ValueError(f"KV dtype {keys.dtype} does not match the paged buffer's {kv_cache.dtype}")
-        self._check_range(block_ids, start, start + count_all)
+        end = start + count_all
+        self._check_range(block_ids, start, end)
         sources = (keys.to(kv_cache.device), values.to(kv_cache.device))
-        if self.kind == "cpu":
-            regions = self._regions(kv_cache)
-            for block, offset, count, at in self._spans(block_ids, start, start + count_all):
-                for which in (0, 1):
+        a, b = self._split_aligned(start, end)
+        if a < b:
+            blocks = torch.tensor(list(block_ids[a // size : b // size]), dtype=torch.long, device=kv_cache.device)
+            n = blocks.numel()
+            for which in (0, 1):
+                run = sources[which][:, a - start : b - start].reshape(H, n, size, D).permute(1, 0, 2, 3)  # [n, H, bs, D]
+                if self.kind == "cpu":
+                    placed = self._logical_to_region(run, which)  # [n, H, bs*D] in region order
+                else:
+                    placed = run.permute(0, 2, 1, 3)  # [n, bs, H, D]
+                self._whole_blocks(kv_cache, which).index_copy_(0, blocks, placed.contiguous())
+        regions = self._regions(kv_cache) if self.kind == "cpu" else None
+        for block, offset, count, at in self._edges(block_ids, start, end):
+            for which in (0, 1):
+                if regions is not None:
                     target = regions[block, :, which]  # [H, block_size * D], a view of the buffer
                     target[:, self._positions(which, offset, count)] = sources[which][:, at : at + count].reshape(H, count * D)
-        else:
-            for block, offset, count, at in self._spans(block_ids, start, start + count_all):
-                for which in (0, 1):
+                else:
                     kv_cache[which, block, offset : offset + count].copy_(sources[which][:, at : at + count].permute(1, 0, 2))
 
     def _check_range(self, block_ids: Sequence[int], start: int, end: int) -> None:
