@@ -14,6 +14,7 @@ carrying the server's message and the gRPC ``code``.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -314,14 +315,62 @@ class Client:
                                            token_start=start, token_end=end)
         return self._restore(request, config, device, None, build_cache)
 
-    def _restore(self, request: pb.RestoreSessionRequest, config: Any, device: str | torch.device, model: Any, build_cache: bool = True) -> RestoredSession:
-        from kvmem.hf_cache import layers_to_cache
-
+    def _restore_chunks(self, request: pb.RestoreSessionRequest) -> tuple[Any, Iterator[Any]]:
+        """(header, chunks): the stream's header, then its chunks as they arrive; the iterator
+        raises InvalidRequest if the stream ends before the header's num_chunks."""
         parts = self._restore_stream(request, **self._call)
         first = next(parts)
         if first.kind != "header":
             raise InvalidRequest(f"restore stream began with a {first.kind or 'empty'} message instead of its header")
         header = first.message
+
+        def chunks() -> Iterator[Any]:
+            received = 0
+            for part in parts:
+                if part.kind != "chunks":
+                    raise InvalidRequest(f"unexpected {part.kind or 'empty'} message in the restore stream ({part.message})")
+                for chunk in part.chunks:
+                    received += 1
+                    yield chunk
+            if received != header.num_chunks:
+                raise InvalidRequest(f"restore stream ended after {received} of {header.num_chunks} chunks")
+
+        return header, chunks()
+
+    @_translate_errors
+    def restore_prefix_into(self, token_ids: Any, write: Any, *, spec: ModelSpec | None = None, start: int = 0, end: int = 0) -> tuple[int, int]:
+        """Stream tokens [start, end) of the stored prefix of token_ids into ``write(layer,
+        token_start, keys, values)`` (keys/values: read-only tensors [H, n, D] over the received
+        bytes, valid during the call) without assembling the whole cache; returns the token
+        range [start, got) delivered. A vLLM worker writes each chunk straight into its paged
+        buffers. If it raises, some chunks may have been written already."""
+        spec = self._spec(spec)
+        request = pb.RestoreSessionRequest(tenant=self.tenant, model=convert.spec_to_pb(spec), lookup_token_ids=_token_list(token_ids),
+                                           token_start=start, token_end=end)
+        header, chunks = self._restore_chunks(request)
+        if list(header.token_ids) != _token_list(token_ids)[header.token_start : header.token_end]:
+            raise InvalidRequest("the restore stream's token ids are not the ones asked for")
+        stored = convert.spec_from_pb(header.session.model, stored=True)
+        dtype = stored.torch_dtype
+        heads, dim = stored.num_kv_heads, stored.head_dim
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        for chunk in chunks:
+            shape = (heads, chunk.num_tokens, dim)
+            expected = heads * chunk.num_tokens * dim * itemsize
+            if not (header.token_start <= chunk.token_start and chunk.token_start + chunk.num_tokens <= header.token_end
+                    and chunk.layer < stored.num_layers and len(chunk.keys) == len(chunk.values) == expected and expected):
+                raise InvalidRequest(f"restore chunk (layer {chunk.layer}, tokens {chunk.token_start}+{chunk.num_tokens}) does not fit the stream's header")
+            with warnings.catch_warnings():  # read-only views of the received bytes; ``write`` only reads them
+                warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+                keys = torch.frombuffer(chunk.keys, dtype=dtype).view(shape)
+                values = torch.frombuffer(chunk.values, dtype=dtype).view(shape)
+            write(chunk.layer, chunk.token_start, keys, values)
+        return int(header.token_start), int(header.token_end)
+
+    def _restore(self, request: pb.RestoreSessionRequest, config: Any, device: str | torch.device, model: Any, build_cache: bool = True) -> RestoredSession:
+        from kvmem.hf_cache import layers_to_cache
+
+        header, chunks = self._restore_chunks(request)
         spec = convert.spec_from_pb(header.session.model, stored=True)
         count = header.token_end - header.token_start
         shape = (spec.num_kv_heads, count, spec.head_dim)
@@ -329,22 +378,15 @@ class Client:
         raw = [(tensor_raw_view(k), tensor_raw_view(v)) for k, v in layers]  # writable views of the same memory
         bias = [torch.empty(shape[:2], dtype=torch.float32) for _ in range(spec.num_layers)] if header.session.has_bias else None
         raw_bias = [b.numpy() for b in bias] if bias is not None else None
-        received = 0
-        for part in parts:
-            if part.kind != "chunks":
-                raise InvalidRequest(f"unexpected {part.kind or 'empty'} message in the restore stream ({part.message})")
-            for chunk in part.chunks:
-                lo = chunk.token_start - header.token_start
-                hi = lo + chunk.num_tokens
-                keys, values = raw[chunk.layer]
-                piece_shape = (shape[0], chunk.num_tokens, shape[2])
-                keys[:, lo:hi] = np.frombuffer(chunk.keys, dtype=keys.dtype).reshape(piece_shape)
-                values[:, lo:hi] = np.frombuffer(chunk.values, dtype=values.dtype).reshape(piece_shape)
-                if raw_bias is not None:
-                    raw_bias[chunk.layer][:, lo:hi] = np.frombuffer(chunk.bias, dtype="<f4").reshape(shape[0], chunk.num_tokens)
-                received += 1
-        if received != header.num_chunks:
-            raise InvalidRequest(f"restore stream ended after {received} of {header.num_chunks} chunks")
+        for chunk in chunks:
+            lo = chunk.token_start - header.token_start
+            hi = lo + chunk.num_tokens
+            keys, values = raw[chunk.layer]
+            piece_shape = (shape[0], chunk.num_tokens, shape[2])
+            keys[:, lo:hi] = np.frombuffer(chunk.keys, dtype=keys.dtype).reshape(piece_shape)
+            values[:, lo:hi] = np.frombuffer(chunk.values, dtype=values.dtype).reshape(piece_shape)
+            if raw_bias is not None:
+                raw_bias[chunk.layer][:, lo:hi] = np.frombuffer(chunk.bias, dtype="<f4").reshape(shape[0], chunk.num_tokens)
         if torch.device(device).type != "cpu":
             layers = [(k.to(device, non_blocking=True), v.to(device, non_blocking=True)) for k, v in layers]
             bias = [b.to(device) for b in bias] if bias is not None else None

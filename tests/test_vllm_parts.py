@@ -208,3 +208,23 @@ def test_any_other_kernel_order_goes_through_the_general_path_for_whole_and_part
     assert regions[2, 1, 1, value_pos[(40 - 2 * BS) * D + 1]] == values[1, 37, 1]
     got_keys, got_values = layout.gather(kv, [4, 0, 2, 5], 3, 48)
     assert torch.equal(got_keys, keys) and torch.equal(got_values, values)
+
+
+def test_restore_prefix_into_streams_each_chunk_to_the_caller(client):
+    layers = random_layers(TOY_SPEC, 40, seed=6)
+    ids = list(range(300, 340))
+    client.save("streamed", layers, ids)
+    received = {}
+
+    def write(layer, token_start, keys, values):
+        received[(layer, token_start)] = (keys.clone(), values.clone())
+
+    assert client.restore_prefix_into(ids + [9], write, start=5, end=0) == (5, 40)
+    for layer, (keys, values) in enumerate(layers):
+        starts = sorted(start for (l, start) in received if l == layer)
+        assert starts[0] == 5
+        got_keys = torch.cat([received[(layer, s)][0] for s in starts], dim=1)
+        got_values = torch.cat([received[(layer, s)][1] for s in starts], dim=1)
+        assert torch.equal(got_keys, keys[:, 5:]) and torch.equal(got_values, values[:, 5:])
+    with pytest.raises(NotFound):
+        client.restore_prefix_into(list(range(10)), write)

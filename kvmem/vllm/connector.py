@@ -243,19 +243,19 @@ class KVMemConnector(KVConnectorBase_V1):
         """Restore tokens [start, end) into the request's blocks; blocks left without KV are
         reported invalid, so vLLM recomputes them."""
         assert self._layout is not None
+        layout, caches = self._layout, self._kv_caches
         got = job.start
-        try:
-            restored = self.client.restore_prefix(job.token_ids, start=job.start, end=job.end, build_cache=False)
-            count = len(restored.token_ids)
-            if restored.token_ids.tolist() != job.token_ids[job.start : job.start + count]:
-                raise ValueError("kvmem returned KV for other token ids")
-            for kv_cache, (keys, values) in zip(self._kv_caches, restored.layers):
-                self._layout.scatter(kv_cache, job.block_ids, job.start, keys, values)
-            got = job.start + count
-        except Exception as exc:
+
+        def write(layer: int, token_start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+            layout.scatter(caches[layer], job.block_ids, token_start, keys, values)
+
+        try:  # each chunk goes straight from the received message into the paged buffers
+            _, got = self.client.restore_prefix_into(job.token_ids, write, start=job.start, end=job.end)
+        except Exception as exc:  # chunks may have been written: every block of the job is recomputed
+            got = job.start
             log.warning("kvmem: loading tokens [%d, %d) of request %s failed (%s); vLLM recomputes them", job.start, job.end, job.req_id, exc)
         if got < job.end:
-            first_bad = got // self.block_size
+            first_bad = got // self.block_size  # the block holding token `got` onwards (got == start: all of the job's)
             with self._invalid_lock:
                 self._invalid_blocks.update(job.block_ids[first_bad:])
             if got > job.start:
