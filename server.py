@@ -122,8 +122,10 @@ class KVMemServicer:
     tenant is chosen.
     """
 
-    def __init__(self, store: SessionStore, host=None, retrieval: RetrievalSettings | None = None, indexer=None, planner: PlannerSettings | None = None, quota_for=None, metrics=None):
+    def __init__(self, store: SessionStore, host=None, retrieval: RetrievalSettings | None = None, indexer=None, planner: PlannerSettings | None = None, quota_for=None, metrics=None,
+                 references=None):
         self.store = store
+        self.references = references  # compaction.references.ReferenceCache or None
         self.planner = planner or PlannerSettings()
         self._planner_model = None
         self.host = host  # the hosted model (modelhost.host.ModelHost) or None
@@ -259,7 +261,7 @@ class KVMemServicer:
             self.store, self.host, tenant, request.session_id, request.method, target,
             target_session_id=request.target_session_id, replace=request.replace,
             queries=_reference_queries(request.queries, spec), held_out=_reference_queries(request.held_out, spec),
-            options={key: _option_value(value) for key, value in request.options.items()},
+            options={key: _option_value(value) for key, value in request.options.items()}, references=self.references,
         )
         call.session, call.bytes = report.record.session_id, report.bytes_after
         if self.metrics is not None:
@@ -277,10 +279,9 @@ class KVMemServicer:
             self.indexer.submit(record.tenant, record.session_id)
 
     def _block_index_config(self):
-        from retrieval.block_index import BlockIndexConfig
+        from retrieval.service import index_config_from
 
-        cfg = self.retrieval
-        return BlockIndexConfig(block_tokens=cfg.block_tokens, representatives=cfg.representatives, exact_max_vectors=cfg.exact_max_vectors)
+        return index_config_from(self.retrieval)
 
     def retrieve(self, call, request) -> Iterator:
         """Header, one RetrievedLayer per layer, then (include_kv) KV chunks; the selection is
@@ -381,7 +382,7 @@ class KVMemServicer:
 
         if self._planner_model is None:
             self._planner_model = load_planner_model(self.planner.model_path)
-        settings = executor_settings(self.planner, question.max_new_tokens)
+        settings = executor_settings(self.planner, question.max_new_tokens, self._block_index_config())
         embedder = self._text_embedder if self.retrieval.text_search else None
         decision, seconds = plan(self.store, model, tokenizer, self._planner_model, question, settings, embedder, self.planner.tolerance)
         return decision, seconds, settings, embedder
@@ -623,7 +624,10 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
     from kvmem.metrics import Metrics
 
     metrics = Metrics()
-    servicer = KVMemServicer(store, host, config.retrieval, indexer, config.planner, quota_for, metrics)
+    from compaction.references import ReferenceCache
+
+    references = ReferenceCache(config.model.reference_cache_bytes)
+    servicer = KVMemServicer(store, host, config.retrieval, indexer, config.planner, quota_for, metrics, references)
     pool = futures.ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="kvmem-rpc")
     server_settings = config.server
     frontend = FrontEnd(servicer, pool, keyring, FrontEndSettings(server_settings.stream_idle_timeout_s, server_settings.max_streams_per_tenant, server_settings.max_streams_per_connection),
@@ -670,9 +674,8 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
 def _index_builder(config: ServiceConfig, store: SessionStore, host):
     """Background block indexing for sessions of the hosted model (others are indexed on demand
     only when they are retrieved from, which needs their model anyway)."""
-    from retrieval.block_index import BlockIndexConfig
     from retrieval.rope import Rope
-    from retrieval.service import IndexBuilder
+    from retrieval.service import IndexBuilder, index_config_from
 
     def rope_for(spec):
         if not host.accepts(spec):
@@ -680,8 +683,7 @@ def _index_builder(config: ServiceConfig, store: SessionStore, host):
         with host.use() as (model, _):
             return Rope.from_model(model)
 
-    cfg = config.retrieval
-    return IndexBuilder(store, rope_for, BlockIndexConfig(cfg.block_tokens, cfg.representatives, cfg.exact_max_vectors))
+    return IndexBuilder(store, rope_for, index_config_from(config.retrieval))
 
 
 def prepare_model(config: ServiceConfig) -> None:

@@ -16,7 +16,10 @@ repeat + window 0.28 / 3.17, self-study + window 0.21 / 3.03, self-study + repea
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -83,3 +86,49 @@ def reference_queries(
 def repeat_prefill_queries(model, tokenizer, context_ids: torch.Tensor, max_repeat: int = 2048) -> References:
     """Repeat-prefill and recent-window references only (no self-study): the first variant measured."""
     return reference_queries(model, tokenizer, context_ids, self_study=0, use_repeat=True, max_repeat=max_repeat)
+
+
+class ReferenceCache:
+    """Reference queries the hosted model made for a session, kept in memory for the next
+    compaction of the same session (another method, another ratio): making them prefills and
+    generates (18-20 s at 1k tokens here), and they depend only on the session's tokens and the
+    model. Keys name the session generation (``version``, ``created_at_ms``) and the model's spec
+    digest, so an appended or replaced session, or another model, never gets stale queries.
+    Least recently used entries go first once ``max_bytes`` is exceeded; 0 disables the cache.
+    ``get`` hands out copies: a compactor may change its inputs in place."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._entries: "OrderedDict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], int]]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(record: Any, model_digest: bytes) -> tuple:
+        return (record.tenant, record.session_id, record.version, record.created_at_ms, model_digest)
+
+    def get_or_make(self, key: tuple, make: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor]]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+        if entry is not None:
+            return [q.clone() for q in entry[0]], [q.clone() for q in entry[1]]
+        queries, held_out = make()
+        size = sum(q.nbytes for q in queries) + sum(q.nbytes for q in held_out)
+        with self._lock:
+            self.misses += 1
+            if 0 < size <= self.max_bytes and key not in self._entries:
+                self._entries[key] = ([q.clone() for q in queries], [q.clone() for q in held_out], size)
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, (_, _, dropped) = self._entries.popitem(last=False)
+                    self._bytes -= dropped
+        return queries, held_out
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,8 +55,12 @@ def compact_session(
     queries: list[torch.Tensor] | None = None,
     held_out: list[torch.Tensor] | None = None,
     options: dict | None = None,
+    references: Any = None,
 ) -> CompactReport:
-    """Compact a stored session and store the result (beside it, or replacing it). Atomic."""
+    """Compact a stored session and store the result (beside it, or replacing it). Atomic.
+
+    ``references``: a compaction.references.ReferenceCache for the queries the hosted model
+    makes (None: made for this call only)."""
     started = time.perf_counter()
     compactor = make_compactor(method, **(options or {}))
     record = store.get(tenant, session_id)
@@ -65,7 +70,7 @@ def compact_session(
     target.tokens(record.num_tokens)  # validates the budget against the session length
     _, keys, values = load_layers(store, tenant, session_id)
     if queries is None and method not in QUERY_METHODS_WITHOUT_HOST:
-        queries, held_out = _host_queries(host, record, method)
+        queries, held_out = _host_queries(host, record, method, references)
     inputs = CompactionInput(keys, values, queries, held_out, torch.arange(record.num_tokens), record.num_tokens)
     result = compactor.compact(inputs, target)
     error = mean_attention_error(inputs, result) if held_out is not None else -1.0
@@ -96,12 +101,17 @@ def compact_session(
     )
 
 
-def _host_queries(host: ModelHost | None, record: SessionRecord, method: str):
+def _host_queries(host: ModelHost | None, record: SessionRecord, method: str, cache: Any = None):
     if host is None:
         raise InvalidRequest(f"{method} needs reference queries: this server hosts no model, so supply them in the request")
     host.require_spec(record.spec, f"compacting session {record.session_id!r}")
-    from compaction.references import reference_queries
+    from compaction.references import ReferenceCache, reference_queries
 
-    with host.use() as (model, tokenizer):
-        refs = reference_queries(model, tokenizer, torch.from_numpy(record.token_ids.astype(np.int64)).view(1, -1))
-    return refs.queries, refs.held_out
+    def make():
+        with host.use() as (model, tokenizer):
+            refs = reference_queries(model, tokenizer, torch.from_numpy(record.token_ids.astype(np.int64)).view(1, -1))
+        return refs.queries, refs.held_out
+
+    if cache is None:
+        return make()
+    return cache.get_or_make(ReferenceCache.key(record, host.spec.digest()), make)

@@ -55,6 +55,7 @@ class ModelConfig:
     name: str = "smollm2-135m-instruct"  # bundled name, or a path to a transformers causal LM folder
     cache_dir: str = ""  # where the bundled GGUF is converted once; "" = <store.data_dir>/models
     prepare: bool = True  # make the model available (convert the bundled GGUF) at start-up
+    reference_cache_bytes: int = 256 << 20  # reference queries the model made for compaction, kept per session for the next one (0 = off)
 
 
 @dataclass(frozen=True)

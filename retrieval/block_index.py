@@ -48,6 +48,12 @@ class BlockIndexConfig:
         """Vectors per block and head."""
         return self.representatives or self.block_tokens
 
+    @property
+    def tag(self) -> str:
+        """Names this configuration's stored index: sessions keep one index per configuration,
+        so requests with different settings never share (or overwrite) each other's."""
+        return f"b{self.block_tokens}-r{self.representatives}-x{self.exact_max_vectors}-n{self.hnsw_neighbors}"
+
 
 def block_ranges(num_tokens: int, block_tokens: int) -> np.ndarray:
     """int64 [nb, 2]: (start, end) of each block; the last one may be short."""

@@ -41,6 +41,12 @@ OPTION_HELP = {
 }
 
 
+def _default_block_index() -> Any:
+    from retrieval.block_index import BlockIndexConfig  # faiss loads with it: only when settings are made
+
+    return BlockIndexConfig()
+
+
 @dataclass(frozen=True)
 class ExecutorSettings:
     """How each option runs. Budgets are tokens of context the model attends to."""
@@ -52,6 +58,10 @@ class ExecutorSettings:
     compact_ratio: float = 0.5
     ttt: TTTConfig = field(default_factory=TTTConfig)
     max_new_tokens: int = 24
+    # kv_retrieval's block index settings (retrieval.block_index.BlockIndexConfig; the server
+    # passes its own). The default is BlockIndexConfig(): every key indexed, what the committed
+    # planner matrix (bench/planner_matrix.py) was measured with.
+    block_index: Any = field(default_factory=lambda: _default_block_index())
 
 
 @dataclass
@@ -215,7 +225,6 @@ def run_compacted(request: AnswerRequest) -> Execution:
 
 
 def run_kv_retrieval(request: AnswerRequest) -> Execution:
-    from retrieval.block_index import BlockIndexConfig
     from retrieval.context import RetrievalConfig, answer
     from retrieval.rope import Rope
     from retrieval.service import _load_source, block_index
@@ -228,7 +237,7 @@ def run_kv_retrieval(request: AnswerRequest) -> Execution:
     budget = min(settings.kv_budget_tokens, record.num_tokens)
     config = RetrievalConfig(method=settings.retrieval_method, budget_tokens=budget)
     with stages("index"):
-        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, request.session_id, BlockIndexConfig(), (record, kv))
+        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, request.session_id, settings.block_index, (record, kv))
     if not loaded.rebuilt:  # a stored index was only read: that is load time, not preparation
         stages.seconds["load"] += stages.seconds.pop("index")
     with stages("generate"):

@@ -15,12 +15,15 @@ from retrieval.ttt import TTTConfig
 MAX_NEW_TOKENS = 256
 
 
-def executor_settings(settings: Any, max_new_tokens: int = 24) -> ExecutorSettings:
-    """ExecutorSettings from kvmem.config.PlannerSettings."""
+def executor_settings(settings: Any, max_new_tokens: int = 24, block_index: Any = None) -> ExecutorSettings:
+    """ExecutorSettings from kvmem.config.PlannerSettings; ``block_index``: the server's
+    BlockIndexConfig (the one Retrieve and background indexing use), so Answer's kv_retrieval
+    reads the same stored index instead of building its own with other settings."""
+    more = {"block_index": block_index} if block_index is not None else {}
     return ExecutorSettings(
         rag_budget_tokens=settings.rag_budget_tokens, kv_budget_tokens=settings.kv_budget_tokens, compact_method=settings.compact_method,
         compact_ratio=settings.compact_ratio, max_new_tokens=max_new_tokens,
-        ttt=TTTConfig(steps=settings.ttt_steps, span_tokens=settings.ttt_span_tokens, learning_rate=settings.ttt_learning_rate),
+        ttt=TTTConfig(steps=settings.ttt_steps, span_tokens=settings.ttt_span_tokens, learning_rate=settings.ttt_learning_rate), **more,
     )
 
 
@@ -58,13 +61,13 @@ def features_for(store: SessionStore, model: Any, tokenizer: Any, question: Ques
                  embedder: Callable[[], Any] | None) -> tuple[Features, float]:
     """The planner's features for a question about a stored session, and the seconds they took.
     Text-search signals come from the session's text index (built and stored once if missing)."""
-    from retrieval.service import BLOCK_META, TEXT_INDEX, text_index
+    from retrieval.service import TEXT_INDEX, block_index_stored, text_index
 
     started = time.perf_counter()
     record = store.get(question.tenant, question.session_id)
     has_text = store.session_text(question.tenant, question.session_id) is not None
     text_stored = has_text and store.get_aux(question.tenant, question.session_id, TEXT_INDEX) is not None
-    block_stored = store.get_aux(question.tenant, question.session_id, BLOCK_META) is not None
+    block_stored = block_index_stored(store, question.tenant, question.session_id, settings.block_index)
     top1 = gap = None
     if has_text and embedder is not None:
         emb = embedder()

@@ -26,12 +26,22 @@ from retrieval.rope import Rope
 
 log = logging.getLogger("kvmem.retrieval")
 
-BLOCK_META = "index/blocks/meta"
 TEXT_INDEX = "index/text"
 
 
-def _layer_name(layer: int) -> str:
-    return f"index/blocks/{layer}"
+def index_config_from(settings: Any) -> BlockIndexConfig:
+    """The BlockIndexConfig of kvmem.config.RetrievalSettings: one for Retrieve, Answer and
+    background indexing alike, so they read and store the same index."""
+    return BlockIndexConfig(block_tokens=settings.block_tokens, representatives=settings.representatives, exact_max_vectors=settings.exact_max_vectors)
+
+
+def block_meta_name(config: BlockIndexConfig) -> str:
+    """Aux name of the stored index's header for ``config`` (one index per configuration)."""
+    return f"index/blocks/{config.tag}/meta"
+
+
+def _layer_name(config: BlockIndexConfig, layer: int) -> str:
+    return f"index/blocks/{config.tag}/{layer}"
 
 
 @dataclass
@@ -43,8 +53,8 @@ class Loaded:
     reason: str = ""  # why it was rebuilt: "missing", "stale", "corrupt: ..."
 
 
-def _load_block_index(store: SessionStore, tenant: str, session_id: str, record: SessionRecord) -> BlockIndex:
-    meta = store.get_aux(tenant, session_id, BLOCK_META)
+def _load_block_index(store: SessionStore, tenant: str, session_id: str, record: SessionRecord, config: BlockIndexConfig) -> BlockIndex:
+    meta = store.get_aux(tenant, session_id, block_meta_name(config))
     if meta is None:
         raise LookupError("missing")
     if not meta.matches(record):
@@ -52,14 +62,21 @@ def _load_block_index(store: SessionStore, tenant: str, session_id: str, record:
     layers = json.loads(meta.payload)["layers"]
     raw = []
     for layer in range(layers):
-        aux = store.get_aux(tenant, session_id, _layer_name(layer))
+        aux = store.get_aux(tenant, session_id, _layer_name(config, layer))
         if aux is None or not aux.matches(record):
             raise LookupError("missing layer")
         raw.append(aux.payload)
     index = BlockIndex.from_layer_bytes(raw)
+    if index.config != config:  # every layer records the settings it was built with
+        raise CorruptData(f"the index stored for settings {config.tag} was built with {index.config.tag}")
     if index.num_tokens != record.num_tokens:
         raise CorruptData(f"index covers {index.num_tokens} tokens, the session {record.num_tokens}")
     return index
+
+
+def block_index_stored(store: SessionStore, tenant: str, session_id: str, config: BlockIndexConfig) -> bool:
+    """Whether an index for ``config`` is stored beside the session (it may still be stale)."""
+    return store.get_aux(tenant, session_id, block_meta_name(config)) is not None
 
 
 def _load_source(store: SessionStore, tenant: str, session_id: str) -> tuple[SessionRecord, SessionKV]:
@@ -75,8 +92,8 @@ def build_block_index(store: SessionStore, rope: Rope, tenant: str, session_id: 
     record's generation, so an index of KV that changed meanwhile is refused by the store)."""
     record, kv = source or _load_source(store, tenant, session_id)
     index = BlockIndex.build(kv.keys, kv.positions, rope, config)
-    records = {_layer_name(l): index.layer_to_bytes(l) for l in range(index.num_layers)}
-    records[BLOCK_META] = json.dumps({"layers": index.num_layers, "config": asdict(config)}).encode()
+    records = {_layer_name(config, l): index.layer_to_bytes(l) for l in range(index.num_layers)}
+    records[block_meta_name(config)] = json.dumps({"layers": index.num_layers, "config": asdict(config)}).encode()
     try:
         store.put_aux(tenant, session_id, records, record)
     except Conflict:
@@ -86,12 +103,13 @@ def build_block_index(store: SessionStore, rope: Rope, tenant: str, session_id: 
 
 def block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, config: BlockIndexConfig,
                 source: tuple[SessionRecord, SessionKV] | None = None) -> Loaded:
-    """The session's block index: stored, or rebuilt (and stored) when missing/stale/corrupt.
+    """The session's block index for ``config``: stored, or rebuilt (and stored) when
+    missing/stale/corrupt. Each configuration has its own stored index (``BlockIndexConfig.tag``).
 
     With ``source`` (record, KV) the index must match that generation of the session."""
     record = source[0] if source is not None else store.get(tenant, session_id)
     try:
-        return Loaded(_load_block_index(store, tenant, session_id, record), False)
+        return Loaded(_load_block_index(store, tenant, session_id, record, config), False)
     except LookupError as exc:
         reason = str(exc)
     except CorruptData as exc:

@@ -109,3 +109,35 @@ def test_server_hosted_model_compacts_a_real_session_and_generate_continues(serv
         assert len(text.split()) >= 4, text
         with pytest.raises(errors.InvalidRequest, match="model="):
             client.restore(response.session.session_id)  # a compacted cache needs the model
+
+
+@pytest.mark.slow
+def test_the_hosted_models_reference_queries_are_made_once_per_session_generation(service, smollm2, long_text):
+    """A second compaction of the same session (another method and ratio) reuses the queries the
+    hosted model made for the first; an append makes new ones; cached queries give the same
+    result as freshly made ones."""
+    from compaction.references import ReferenceCache
+
+    model, tokenizer = smollm2
+    ids = tokenizer(long_text, return_tensors="pt").input_ids[:, :300]
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    references = service.frontend.servicer.references
+    with Client(f"127.0.0.1:{service.port}", spec=ModelSpec.from_model(model)) as client:
+        client.save("doc", cache, ids)
+        client.compact("doc", "snapkv", ratio=0.5, target_session_id="doc-a")
+        assert (references.hits, references.misses) == (0, 1)
+        client.compact("doc", "tova", ratio=0.25)
+        client.compact("doc", "snapkv", ratio=0.5, target_session_id="doc-b")
+        assert (references.hits, references.misses) == (2, 1)
+        a, b = client.restore("doc-a", model=model), client.restore("doc-b", model=model)
+        service.frontend.servicer.references = ReferenceCache(1 << 30)  # made afresh for the next one
+        client.compact("doc", "snapkv", ratio=0.5, target_session_id="doc-c")
+        c = client.restore("doc-c", model=model)
+        for (ka, va), (kb, vb), (kc, vc) in zip(a.layers, b.layers, c.layers):
+            assert torch.equal(ka, kb) and torch.equal(va, vb) and torch.equal(ka, kc) and torch.equal(va, vc)
+        with torch.no_grad():
+            grown = model(torch.cat([ids, ids[:, :20]], 1), use_cache=True).cache
+        client.append("doc", grown, ids[0, :20])
+        client.compact("doc", "snapkv", ratio=0.5, target_session_id="doc-d")
+        assert service.frontend.servicer.references.misses == 2  # the appended session: new queries

@@ -13,7 +13,7 @@ from kvstore.spec import ModelSpec
 from kvstore.store import SessionStore, aux_key, session_key
 from retrieval.block_index import BlockIndexConfig
 from retrieval.rope import Rope
-from retrieval.service import BLOCK_META, TEXT_INDEX, block_index
+from retrieval.service import TEXT_INDEX, _layer_name, block_index, block_index_stored, index_config_from
 from tests.conftest import TOY_SPEC, random_layers
 
 FACT = "The secret code for falcon is 4821937."
@@ -121,10 +121,10 @@ def test_block_index_is_stored_reloaded_and_rebuilt(store_config, smollm2, real_
         for layer in range(30):
             got = reopened.index.search(layer, probe, 5)
             assert np.array_equal(got[0], expected[layer][0]) and np.allclose(got[1], expected[layer][1])
-        store.delete_aux("t", "doc", "index/blocks/7")  # a lost record: rebuilt, same answers
+        store.delete_aux("t", "doc", _layer_name(config, 7))  # a lost record: rebuilt, same answers
         rebuilt = block_index(store, rope, "t", "doc", config)
         assert rebuilt.rebuilt and np.array_equal(rebuilt.index.search(7, probe, 5)[0], expected[7][0])
-        key = aux_key(session_key("t", "doc"), "index/blocks/3")
+        key = aux_key(session_key("t", "doc"), _layer_name(config, 3))
         with store.backend.read() as txn:
             middle = len(txn.get("aux", key)) // 2
         _flip_aux_byte(store, key, middle, 0xFF)  # a damaged record: detected, rebuilt, never searched
@@ -243,7 +243,35 @@ def test_saves_are_indexed_in_the_background(tmp_path, smollm2, real_session):
         with Client(f"127.0.0.1:{service.port}", spec=ModelSpec.from_model(model)) as client:
             client.save("doc", cache, ids)
             service.indexer.wait_idle()
-            assert service.store.get_aux("default", "doc", BLOCK_META) is not None
+            assert block_index_stored(service.store, "default", "doc", index_config_from(config.retrieval))
             assert not client.retrieve("doc", 256, text="patents").header.index_rebuilt
     finally:
         service.stop(grace=1)
+
+
+def test_each_index_setting_has_its_own_stored_index_and_a_mismatch_is_detected(store):
+    """Two requests with different index settings never share an index (the first one built
+    used to decide for every later one), and an index stored under the wrong settings is
+    detected and rebuilt, never searched."""
+    from tests.conftest import random_layers
+    from tests.test_retrieval_index import ROPE
+    from tests.test_store import pieces_for
+
+    spec = ModelSpec("toy-16", num_layers=2, num_kv_heads=2, head_dim=16, max_position=4096)
+    store.save("t", "doc", spec, np.arange(200), pieces_for(store, random_layers(spec, 200, seed=1), spec=spec))
+    exact, coarse = BlockIndexConfig(block_tokens=32), BlockIndexConfig(block_tokens=32, representatives=2)
+    first = block_index(store, ROPE, "t", "doc", exact)
+    assert first.rebuilt and first.index.config == exact
+    other = block_index(store, ROPE, "t", "doc", coarse)
+    assert other.rebuilt and other.index.config == coarse  # not the exact index stored a moment ago
+    for config in (exact, coarse):
+        again = block_index(store, ROPE, "t", "doc", config)
+        assert not again.rebuilt and again.index.config == config
+        assert block_index_stored(store, "t", "doc", config)
+    assert not block_index_stored(store, "t", "doc", BlockIndexConfig(block_tokens=16))
+    record = store.get("t", "doc")
+    misfiled = {_layer_name(coarse, layer): bytes(store.get_aux("t", "doc", _layer_name(exact, layer)).payload) for layer in range(2)}
+    store.put_aux("t", "doc", misfiled, record)  # the exact index's layers under the coarse settings' names
+    repaired = block_index(store, ROPE, "t", "doc", coarse)
+    assert repaired.rebuilt and "was built with" in repaired.reason and repaired.index.config == coarse
+    assert not block_index(store, ROPE, "t", "doc", coarse).rebuilt
