@@ -262,6 +262,7 @@ class KVMemServicer:
             target_session_id=request.target_session_id, replace=request.replace,
             queries=_reference_queries(request.queries, spec), held_out=_reference_queries(request.held_out, spec),
             options={key: _option_value(value) for key, value in request.options.items()}, references=self.references,
+            overwrite=request.overwrite, drop_source=request.drop_source, name_options=dict(request.options),
         )
         call.session, call.bytes = report.record.session_id, report.bytes_after
         if self.metrics is not None:

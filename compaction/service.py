@@ -10,7 +10,7 @@ import torch
 
 from compaction.base import CompactionInput, Target, make_compactor
 from compaction.metrics import mean_attention_error
-from compaction.naming import COMPACTION_LABEL, compacted_id
+from compaction.naming import COMPACTION_LABEL, SOURCE_SUFFIX, compacted_id
 from kvstore.errors import FailedPrecondition, InvalidRequest
 from modelhost.host import ModelHost
 from kvstore.records import SessionRecord
@@ -31,8 +31,8 @@ class CompactReport:
     heldout_attention_error: float  # -1 when no held-out queries
 
 
-def default_target_id(session_id: str, method: str, target: Target) -> str:
-    return compacted_id(session_id, method, target.ratio, target.budget)
+def default_target_id(session_id: str, method: str, target: Target, options: dict | None = None) -> str:
+    return compacted_id(session_id, method, target.ratio, target.budget, options)
 
 
 def load_layers(store: SessionStore, tenant: str, session_id: str) -> tuple[SessionRecord, list[torch.Tensor], list[torch.Tensor]]:
@@ -56,11 +56,20 @@ def compact_session(
     held_out: list[torch.Tensor] | None = None,
     options: dict | None = None,
     references: Any = None,
+    overwrite: bool = False,
+    drop_source: bool = False,
+    name_options: dict | None = None,
 ) -> CompactReport:
-    """Compact a stored session and store the result (beside it, or replacing it). Atomic.
+    """Compact a stored session and store the result (beside it, or replacing it).
 
-    ``references``: a compaction.references.ReferenceCache for the queries the hosted model
-    makes (None: made for this call only)."""
+    The compacted session names its lossless original in its labels ("source", "source_version"),
+    so exact KV can be recalled from it. ``replace`` stores the result under ``session_id`` and
+    keeps the original as ``<session_id>@source`` (a copy-on-write fork: no KV is copied; its
+    blocks stay on disk and leave the memory tiers as they age), unless ``drop_source``.
+    ``overwrite`` replaces an existing target (else AlreadyExists). ``references``: a
+    compaction.references.ReferenceCache for the queries the hosted model makes.
+    ``name_options``: the options as the caller spelled them (the RPC's strings), for the default
+    target id, so a client computes the same id (``compaction.naming.compacted_id``)."""
     started = time.perf_counter()
     compactor = make_compactor(method, **(options or {}))
     record = store.get(tenant, session_id)
@@ -82,17 +91,24 @@ def compact_session(
     for layer, compacted in enumerate(result.layers):
         bias = compacted.bias if compacted.bias is not None else torch.zeros(compacted.keys.shape[:2])
         pieces.add_tensors(layer, 0, compacted.keys.contiguous(), compacted.values.contiguous(), bias.contiguous())
+    source_id, source_version = session_id, record.version
+    if replace:  # the original first (exactly the tokens compacted), so nothing is lost if the replace fails
+        source_id, source_version = "", 0
+        if not drop_source:
+            source_id = session_id + SOURCE_SUFFIX
+            source_version = store.fork(tenant, session_id, source_id, at_token=record.num_tokens, overwrite=True).record.version
     labels = {
         COMPACTION_LABEL: method,
-        "source": session_id,
+        "source": source_id,
+        "source_version": str(source_version) if source_id else "",
         "ratio": f"{result.kept.float().mean().item() / record.num_tokens:.6f}",
         "kept_per_head": f"{result.kept.float().mean().item():.2f}",
         "slots": str(slots),
     }
-    destination = session_id if replace else (target_session_id or default_target_id(session_id, method, target))
+    destination = session_id if replace else (target_session_id or default_target_id(session_id, method, target, options if name_options is None else name_options))
     saved = store.save(
         tenant, destination, record.spec, record.token_ids[kept_index], pieces,
-        positions=np.asarray(kept_index, dtype=np.int64), logical_length=record.num_tokens, overwrite=replace, labels=labels,
+        positions=np.asarray(kept_index, dtype=np.int64), logical_length=record.num_tokens, overwrite=replace or overwrite, labels=labels,
     )
     bias_bytes = 4 * slots * record.spec.num_layers * record.spec.num_kv_heads
     return CompactReport(

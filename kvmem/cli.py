@@ -204,7 +204,7 @@ def _compact(client, args) -> int:
     with Progress(len(sessions), "session", stream=sys.stdout) as progress:
         try:
             for session_id in sessions:
-                destination = compacted_id(session_id, args.method, args.ratio, args.budget)
+                destination = compacted_id(session_id, args.method, args.ratio, args.budget, options)  # the server's default id
                 try:
                     client.get(destination)
                     skipped += 1

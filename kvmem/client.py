@@ -423,12 +423,17 @@ class Client:
         queries: Sequence[torch.Tensor] | None = None,
         held_out: Sequence[torch.Tensor] | None = None,
         options: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        drop_source: bool = False,
     ) -> pb.CompactResponse:
         """Compact a stored session (give ratio or budget). ``queries``/``held_out``: per layer
-        [Hq, n, D] post-RoPE reference queries; without them the server uses its hosted model."""
+        [Hq, n, D] post-RoPE reference queries; without them the server uses its hosted model.
+        ``replace`` keeps the original as "<session_id>@source" unless ``drop_source``;
+        ``overwrite`` replaces an existing target."""
         request = pb.CompactRequest(
             tenant=self.tenant, session_id=session_id, method=method, ratio=ratio, budget=budget,
             target_session_id=target_session_id, replace=replace, options={k: str(v) for k, v in (options or {}).items()},
+            overwrite=overwrite, drop_source=drop_source,
         )
         for field, tensors in (("queries", queries), ("held_out", held_out)):
             if tensors is not None:

@@ -69,10 +69,39 @@ def test_compacting_a_compacted_session_is_failed_precondition(client, toy):
         client.compact("ctx@knorm-r0.5", "attention_matching", ratio=0.5, queries=toy_queries())
 
 
-def test_replace_swaps_the_session_in_place(client, toy):
+def test_replace_swaps_the_session_in_place_and_keeps_the_lossless_original(client, toy):
     response = client.compact("ctx", "streaming_llm", ratio=0.5, replace=True)
-    assert response.session.session_id == "ctx" and client.stats().sessions == 1
-    assert client.get("ctx").labels["compaction"] == "streaming_llm"
+    assert response.session.session_id == "ctx"
+    info = client.get("ctx")
+    assert info.labels["compaction"] == "streaming_llm" and info.num_tokens == 60
+    assert info.labels["source"] == "ctx@source"
+    source = client.get("ctx@source")
+    assert info.labels["source_version"] == str(source.version)
+    original = client.restore("ctx@source", build_cache=False)
+    assert all(torch.equal(k, ref[0]) and torch.equal(v, ref[1]) for (k, v), ref in zip(original.layers, toy))  # bit-exact
+    assert sorted(s.session_id for s in client.list()) == ["ctx", "ctx@source"]
+
+
+def test_replace_with_drop_source_deletes_the_original(client, toy):
+    client.compact("ctx", "streaming_llm", ratio=0.5, replace=True, drop_source=True)
+    assert client.get("ctx").labels["source"] == "" and client.stats().sessions == 1
+    with pytest.raises(errors.NotFound):
+        client.get("ctx@source")
+
+
+def test_a_compacted_copy_names_its_source_and_options_and_overwrite_decide_its_id(client, toy):
+    plain = client.compact("ctx", "knorm", ratio=0.5)
+    assert plain.session.session_id == "ctx@knorm-r0.5"
+    assert plain.session.labels["source"] == "ctx" and plain.session.labels["source_version"] == str(client.get("ctx").version)
+    first = client.compact("ctx", "attention_matching", ratio=0.5, queries=toy_queries(), options={"selection": "omp"})
+    second = client.compact("ctx", "attention_matching", ratio=0.5, queries=toy_queries(), options={"selection": "rms"})
+    assert first.session.session_id != second.session.session_id  # two variants at one ratio no longer collide
+    assert first.session.session_id.startswith("ctx@attention_matching-r0.5-o")
+    with pytest.raises(errors.AlreadyExists):
+        client.compact("ctx", "knorm", ratio=0.5)
+    count = client.stats().sessions
+    again = client.compact("ctx", "knorm", ratio=0.5, overwrite=True)
+    assert again.session.session_id == "ctx@knorm-r0.5" and client.stats().sessions == count
 
 
 def test_batch_command_resumes_without_redoing(client, service, capsys):

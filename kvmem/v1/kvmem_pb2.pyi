@@ -392,7 +392,7 @@ class ReferenceQueries(_message.Message):
     def __init__(self, num_query_heads: _Optional[int] = ..., num_queries: _Optional[int] = ..., layers: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class CompactRequest(_message.Message):
-    __slots__ = ("tenant", "session_id", "method", "ratio", "budget", "target_session_id", "replace", "queries", "held_out", "options")
+    __slots__ = ("tenant", "session_id", "method", "ratio", "budget", "target_session_id", "replace", "queries", "held_out", "options", "overwrite", "drop_source")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -410,6 +410,8 @@ class CompactRequest(_message.Message):
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     HELD_OUT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    DROP_SOURCE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     method: str
@@ -420,7 +422,9 @@ class CompactRequest(_message.Message):
     queries: ReferenceQueries
     held_out: ReferenceQueries
     options: _containers.ScalarMap[str, str]
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., method: _Optional[str] = ..., ratio: _Optional[float] = ..., budget: _Optional[int] = ..., target_session_id: _Optional[str] = ..., replace: _Optional[bool] = ..., queries: _Optional[_Union[ReferenceQueries, _Mapping]] = ..., held_out: _Optional[_Union[ReferenceQueries, _Mapping]] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    overwrite: bool
+    drop_source: bool
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., method: _Optional[str] = ..., ratio: _Optional[float] = ..., budget: _Optional[int] = ..., target_session_id: _Optional[str] = ..., replace: _Optional[bool] = ..., queries: _Optional[_Union[ReferenceQueries, _Mapping]] = ..., held_out: _Optional[_Union[ReferenceQueries, _Mapping]] = ..., options: _Optional[_Mapping[str, str]] = ..., overwrite: _Optional[bool] = ..., drop_source: _Optional[bool] = ...) -> None: ...
 
 class CompactResponse(_message.Message):
     __slots__ = ("session", "method", "kept_tokens", "slots", "bytes_before", "bytes_after", "seconds", "heldout_attention_error")
