@@ -315,22 +315,23 @@ class KVMemServicer:
                 ids = torch.from_numpy(convert.tokens_array(request.query_token_ids).astype(np.int64))
             elif given[1]:
                 ids = tokenizer(request.query_text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-            result = retrieve(self.store, model, tenant, request.session_id, config, self._block_index_config(), question_ids=ids, query_vectors=vectors)
+            index_config = self._block_index_config()
+            result = retrieve(self.store, model, tenant, request.session_id, config, index_config, question_ids=ids, query_vectors=vectors)
         selection, kv = result.selection, result.kv
         if self.metrics is not None:
             self.metrics.retrieval.labels(config.method).observe(time.perf_counter() - started)
         runs = [_token_runs(layer.tokens) for layer in selection.layers] if request.include_kv else []
         yield pb.RetrieveResponse(header=pb.RetrieveHeader(
             session=convert.session_info(result.record), method=config.method, budget_tokens=config.budget_tokens,
-            block_tokens=self.retrieval.block_tokens, sink_end=selection.sink_end, recent_start=selection.recent_start,
+            block_tokens=index_config.block_tokens, sink_end=selection.sink_end, recent_start=selection.recent_start,
             index_rebuilt=result.index_rebuilt, seconds=time.perf_counter() - started, num_chunks=sum(len(r) for r in runs),
         ))
-        block_tokens = self.retrieval.block_tokens
+        from retrieval.context import ranked_spans
+
         for number, layer in enumerate(selection.layers):
-            order = np.argsort(-layer.scores, kind="stable")  # best first
-            starts = (layer.blocks[order] * block_tokens).tolist()
+            order, spans = ranked_spans(layer)  # best first, each with the margins answering adds
             yield pb.RetrieveResponse(layer=pb.RetrievedLayer(
-                layer=number, block_starts=starts, block_lengths=[min(block_tokens, record.num_tokens - s) for s in starts],
+                layer=number, block_starts=[a for a, _ in spans], block_lengths=[b - a for a, b in spans],
                 scores=layer.scores[order].tolist(), entropy=layer.entropy, num_tokens=len(layer.tokens),
             ))
         dtype = convert.DTYPE_TO_PB[record.spec.dtype]

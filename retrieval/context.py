@@ -88,12 +88,15 @@ class SessionKV:
 @dataclass
 class LayerSelection:
     """What one layer sees. blocks: retrieved block ids (ascending); scores: theirs; tokens: indices
-    into the session of sinks + blocks + recent window, ascending."""
+    into the session of sinks + blocks + recent window, ascending; spans: per block the token range
+    it brought in (its core and the margins taken beside it; tokens inside a span that another
+    block brought are selected too)."""
 
     blocks: np.ndarray
     scores: np.ndarray
     entropy: float
     tokens: np.ndarray
+    spans: np.ndarray | None = None  # int64 [len(blocks), 2]: [start, end) each block took, margins included
 
 
 @dataclass
@@ -149,35 +152,40 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig) -> S
         counts = [min(available, int(mean_blocks))] * index.num_layers
     layers = []
     for (ids, scores), entropy, count in zip(ranked, entropies, counts):
-        chosen, mask = _widened(index, ids, count * block_tokens, config.margin_tokens, sink_end, recent_start)
+        chosen, mask, spans = _widened(index, ids, count * block_tokens, config.margin_tokens, sink_end, recent_start)
         by_block = dict(zip(ids.tolist(), scores.tolist()))
         chosen_scores = np.array([by_block[b] for b in chosen], dtype=np.float32)
         tokens = np.sort(np.concatenate([fixed, np.nonzero(mask)[0]]))
-        layers.append(LayerSelection(chosen, chosen_scores, entropy, tokens.astype(np.int64)))
+        layers.append(LayerSelection(chosen, chosen_scores, entropy, tokens.astype(np.int64), spans))
     cap_tokens = max((len(l.tokens) - len(fixed) for l in layers), default=0)
     return Selection(layers, sink_end, recent_start, cap_tokens)
 
 
-def _widened(index: BlockIndex, ranked_ids: np.ndarray, budget: int, margin: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+def _widened(index: BlockIndex, ranked_ids: np.ndarray, budget: int, margin: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Take blocks best first, each widened by ``margin`` tokens on both sides (within [lo, hi)),
     until their union holds exactly ``budget`` tokens (the last one may be cut: its own tokens go
-    first, then its margins). Returns (chosen block ids ascending, bool [T] mask)."""
+    first, then its margins closest first, so what is taken beside a block always touches it).
+    Returns (chosen block ids ascending, bool [T] mask, int64 [chosen, 2] span each took)."""
     mask = np.zeros(index.num_tokens, dtype=bool)
-    chosen = []
+    chosen, spans = [], {}
     remaining = budget
     for block in ranked_ids:
         if remaining <= 0:
             break
         start, end = (int(x) for x in index.blocks[block])
         core = np.arange(max(lo, start), min(hi, end))
-        margins = np.concatenate([np.arange(max(lo, start - margin), max(lo, start)), np.arange(min(hi, end), min(hi, end + margin))])
+        left = np.arange(max(lo, start) - 1, max(lo, start - margin) - 1, -1)  # nearest first
+        right = np.arange(min(hi, end), min(hi, end + margin))
+        margins = np.concatenate([left, right])[np.argsort(np.concatenate([np.arange(len(left)), np.arange(len(right))]), kind="stable")]
         take = np.concatenate([core[~mask[core]], margins[~mask[margins]]])[:remaining]
         if len(take) == 0:
             continue
         mask[take] = True
         remaining -= len(take)
         chosen.append(int(block))
-    return np.sort(np.asarray(chosen, dtype=np.int64)), mask
+        spans[int(block)] = (int(take.min()), int(take.max()) + 1)
+    ordered = np.sort(np.asarray(chosen, dtype=np.int64))
+    return ordered, mask, np.asarray([spans[int(b)] for b in ordered], dtype=np.int64).reshape(-1, 2)
 
 
 def _consensus(ranked: list[tuple[np.ndarray, np.ndarray]], num_blocks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -313,3 +321,13 @@ def answer(model: Any, kv: SessionKV, index: BlockIndex, question_ids: torch.Ten
         # an explicit all-ones mask: the placeholders must not be taken for padding (positions come from it)
         out = model.generate(inputs, attention_mask=torch.ones_like(inputs), cache=cache, max_new_tokens=max_new_tokens, do_sample=False)
     return Answer(out[0, inputs.shape[1] :], selection, layout)
+
+
+
+def ranked_spans(layer: LayerSelection) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(order, spans): the layer's blocks best scored first and the token range each brought in,
+    margins included: what the Retrieve RPC reports, so every token an answer attends to outside
+    the sinks and the recent window lies in a reported range (a fact in a margin is retrieved too)."""
+    order = np.argsort(-layer.scores, kind="stable")
+    spans = layer.spans if layer.spans is not None else np.zeros((0, 2), dtype=np.int64)
+    return order, [(int(spans[i, 0]), int(spans[i, 1])) for i in order]

@@ -169,3 +169,28 @@ def test_packed_layout_keeps_order_and_stays_inside_the_window():
         Layout.plan(kv, selection, extra_tokens=40, window=600)
     fits = Layout.plan(kv, selection, extra_tokens=40, window=32768, packed=False)
     assert fits.original and fits.question_start == 20000
+
+
+@pytest.mark.parametrize("budget", [100, 300, 517])
+def test_reported_block_spans_cover_every_retrieved_token_margins_included(budget):
+    """What the Retrieve RPC reports per layer (retrieval.context.ranked_spans) holds every token
+    the selection gives the answer outside the sinks and the recent window, and no token it does
+    not give (a needle in a block's margin used to be missing from the RPC's blocks)."""
+    from retrieval.context import ranked_spans
+
+    kv, index, _, probes = _selection_setup()
+    config = RetrievalConfig(budget_tokens=budget, sink_tokens=4, recent_tokens=64, margin_tokens=24)
+    selection = select(index, probes, config)
+    for layer in selection.layers:
+        order, spans = ranked_spans(layer)
+        assert (np.diff(layer.scores[order]) <= 0).all()  # best first
+        for block, (start, end) in zip(layer.blocks[order], spans):  # each range is its block and margins at most
+            core_start, core_end = index.blocks[block]
+            assert core_start - config.margin_tokens <= start < end <= core_end + config.margin_tokens
+        covered = set()
+        for start, end in spans:
+            covered.update(range(start, end))
+        middle = {t for t in layer.tokens.tolist() if selection.sink_end <= t < selection.recent_start}
+        assert middle <= covered
+        assert covered <= set(layer.tokens.tolist())
+        assert len(spans) == len(layer.blocks)
