@@ -26,6 +26,29 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+CPU_BLOCK_TOKENS = 128  # vLLM's CPU block size (tokens per paged block)
+
+
+def prompt_tokens(count: int, seed: int) -> list[int]:
+    """A seeded prompt of ``count`` token ids (plain vocabulary, no special tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(100, 40_000) for _ in range(count)]
+
+
+def wait_stored(address: str, spec, prompt: list[int], at_least: int, timeout: float = 60.0) -> int:
+    """The connector saves in the background: wait until kvmem holds ``at_least`` leading tokens
+    of ``prompt`` (or ``timeout`` passes); returns what it holds."""
+    from kvmem.client import Client
+
+    deadline = time.monotonic() + timeout
+    with Client(address, spec=spec) as client:
+        while True:
+            matched = client.lookup(prompt)
+            if matched >= at_least or time.monotonic() > deadline:
+                return matched
+            time.sleep(0.1)
 
 
 class Engine:

@@ -17,34 +17,12 @@ seconds and the ratio to recompute.
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 from typing import Sequence
 
 from bench.common import MODEL_CACHE, SMOLLM2_SPEC, disk_tempdir, environment, format_table, median, parse_args, run_server, write_result
-from bench.vllm_engine import Engine
+from bench.vllm_engine import CPU_BLOCK_TOKENS, Engine, prompt_tokens, wait_stored
 from kvstore.spec import ModelSpec
-
-BLOCK = 128
-
-
-def prompt_tokens(count: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(100, 40_000) for _ in range(count)]
-
-
-def wait_stored(server, prompt: list[int], at_least: int, spec, timeout: float = 120.0) -> int:
-    client = server.client(spec)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            matched = client.lookup(prompt)
-            if matched >= at_least or time.monotonic() > deadline:
-                return matched
-            time.sleep(0.1)
-    finally:
-        client.close()
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0], argv)
@@ -78,12 +56,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = []
         for size in sizes:
             prompt = prompt_tokens(size, seed=size)
-            aligned = ((size - 1) // BLOCK) * BLOCK
+            aligned = ((size - 1) // CPU_BLOCK_TOKENS) * CPU_BLOCK_TOKENS
             for engine in engines.values():
                 engine.generate(prompt, max_tokens=1)  # stores it (kvmem, example); warms the engine for this length
             if spec is None:
                 spec = ModelSpec.from_dict(engines["kvmem"].ask(op="spec"))
-            stored = wait_stored(server, prompt, aligned, spec)
+            stored = wait_stored(server.address, spec, prompt, aligned, timeout=120.0)
             times: dict[str, list[float]] = {name: [] for name in engines}
             cached: dict[str, int] = {}
             for _ in range(repeats):
@@ -102,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_table(["prompt tokens", "engine", "TTFT s (median)", "x recompute", "cached tokens"], rows,
                            title=f"vLLM time to first token, stored prompt ({repeats} repeats each, engines take turns)"))
         payload = {"benchmark": "vllm_ttft", "quick": args.quick, "repeats": repeats, "engine_startup_s": startup_s,
-                   "model": SMOLLM2_SPEC.name, "block_size": BLOCK, "results": results, "environment": environment()}
+                   "model": SMOLLM2_SPEC.name, "block_size": CPU_BLOCK_TOKENS, "results": results, "environment": environment()}
         print("wrote", write_result("vllm_ttft", payload))
     return 0
 

@@ -77,6 +77,9 @@ def compact_session(
         used = record.labels.get(COMPACTION_LABEL, "an unknown method")
         raise FailedPrecondition(f"session {session_id!r} is already compacted (with {used}); compact the original session with {method!r} instead")
     target.tokens(record.num_tokens)  # validates the budget against the session length
+    if not replace and target_session_id == session_id:
+        raise InvalidRequest(f"the target is session {session_id!r} itself: compact it with replace=true, which keeps the "
+                             f"original as {session_id + SOURCE_SUFFIX!r}")
     _, keys, values = load_layers(store, tenant, session_id)
     if queries is None and method not in QUERY_METHODS_WITHOUT_HOST:
         queries, held_out = _host_queries(host, record, method, references)

@@ -311,9 +311,11 @@ class Client:
         ``start``/``end`` narrow it to tokens [start, end) of that prefix (end 0 = all of it); the
         result may stop early where the stored prefix does (``len(result.token_ids)`` says where),
         and NotFound means nothing is stored at ``start``."""
-        request = pb.RestoreSessionRequest(tenant=self.tenant, model=convert.spec_to_pb(self._spec(spec)), lookup_token_ids=_token_list(token_ids),
-                                           token_start=start, token_end=end)
-        return self._restore(request, config, device, None, build_cache)
+        return self._restore(self._prefix_request(token_ids, spec, start, end), config, device, None, build_cache)
+
+    def _prefix_request(self, token_ids: Any, spec: ModelSpec | None, start: int, end: int) -> pb.RestoreSessionRequest:
+        return pb.RestoreSessionRequest(tenant=self.tenant, model=convert.spec_to_pb(self._spec(spec)), lookup_token_ids=_token_list(token_ids),
+                                        token_start=start, token_end=end)
 
     def _restore_chunks(self, request: pb.RestoreSessionRequest) -> tuple[Any, Iterator[Any]]:
         """(header, chunks): the stream's header, then its chunks as they arrive; the iterator
@@ -344,10 +346,7 @@ class Client:
         bytes, valid during the call) without assembling the whole cache; returns the token
         range [start, got) delivered. A vLLM worker writes each chunk straight into its paged
         buffers. If it raises, some chunks may have been written already."""
-        spec = self._spec(spec)
-        request = pb.RestoreSessionRequest(tenant=self.tenant, model=convert.spec_to_pb(spec), lookup_token_ids=_token_list(token_ids),
-                                           token_start=start, token_end=end)
-        header, chunks = self._restore_chunks(request)
+        header, chunks = self._restore_chunks(self._prefix_request(token_ids, spec, start, end))
         if list(header.token_ids) != _token_list(token_ids)[header.token_start : header.token_end]:
             raise InvalidRequest("the restore stream's token ids are not the ones asked for")
         stored = convert.spec_from_pb(header.session.model, stored=True)

@@ -61,7 +61,7 @@ class ExecutorSettings:
     # kv_retrieval's block index settings (retrieval.block_index.BlockIndexConfig; the server
     # passes its own). The default is BlockIndexConfig(): every key indexed, what the committed
     # planner matrix (bench/planner_matrix.py) was measured with.
-    block_index: Any = field(default_factory=lambda: _default_block_index())
+    block_index: Any = field(default_factory=_default_block_index)
 
 
 @dataclass

@@ -99,6 +99,9 @@ def test_a_compacted_copy_names_its_source_and_options_and_overwrite_decide_its_
     assert first.session.session_id.startswith("ctx@attention_matching-r0.5-o")
     with pytest.raises(errors.AlreadyExists):
         client.compact("ctx", "knorm", ratio=0.5)
+    with pytest.raises(errors.InvalidRequest, match="replace=true"):  # overwrite never bypasses keeping the original
+        client.compact("ctx", "knorm", ratio=0.5, target_session_id="ctx", overwrite=True)
+    assert "compaction" not in client.get("ctx").labels
     count = client.stats().sessions
     again = client.compact("ctx", "knorm", ratio=0.5, overwrite=True)
     assert again.session.session_id == "ctx@knorm-r0.5" and client.stats().sessions == count

@@ -6,7 +6,6 @@ saves, the other is fresh and must load) and one without it, the recompute basel
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -17,18 +16,10 @@ from kvmem.client import Client
 from kvstore.chunking import block_storage_key
 from kvstore.spec import ModelSpec
 from kvstore.store import SessionStore, StoreConfig
-from bench.vllm_engine import VLLM_PYTHON, Engine
+from bench.vllm_engine import CPU_BLOCK_TOKENS as BLOCK, VLLM_PYTHON, Engine, prompt_tokens, wait_stored
 from tests.conftest import MODEL_CACHE, ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
-
-BLOCK = 128  # vLLM's CPU block size (tokens)
-
-
-def tokens(seed: int, count: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(100, 40_000) for _ in range(count)]
-
 
 @pytest.fixture(scope="module")
 def model_dir(smollm2) -> Path:
@@ -61,17 +52,6 @@ def engines(model_dir, kvmem_server, tmp_path_factory):
         engine.stop()
 
 
-def wait_stored(address: str, spec: ModelSpec, prompt: list[int], at_least: int, timeout: float = 60.0) -> int:
-    """The connector saves in the background: wait until kvmem holds ``at_least`` tokens of ``prompt``."""
-    deadline = time.monotonic() + timeout
-    with Client(address, spec=spec) as client:
-        while True:
-            matched = client.lookup(prompt)
-            if matched >= at_least or time.monotonic() > deadline:
-                return matched
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def spec(engines) -> ModelSpec:
     return ModelSpec.from_dict(engines["saver"].ask(op="spec"))
@@ -84,7 +64,7 @@ def test_the_connector_derives_the_spec_transformers_gives_the_same_checkpoint(s
 
 
 def test_a_fresh_engine_loads_the_stored_prefix_and_answers_exactly_as_recompute(engines, kvmem_server, spec):
-    prompt, question = tokens(1, 1000), tokens(2, 40)
+    prompt, question = prompt_tokens(1000, 1), prompt_tokens(40, 2)
     first = engines["saver"].generate(prompt)
     assert first["cached"] == 0 and first["kv_transfer_params"]["kvmem_load_tokens"] == 0  # nothing stored yet
     full_blocks = (1000 // BLOCK) * BLOCK
@@ -100,13 +80,13 @@ def test_a_fresh_engine_loads_the_stored_prefix_and_answers_exactly_as_recompute
 
 
 def test_a_named_session_keeps_the_requests_tokens_and_sends_only_new_blocks(engines, kvmem_server, spec):
-    context = tokens(3, 700)
+    context = prompt_tokens(700, 3)
     turn1 = engines["saver"].generate(context, max_tokens=4, kvmem_session="chat-7")
     assert turn1["kv_transfer_params"]["kvmem_session"] == "chat-7"
     assert wait_stored(kvmem_server.address, spec, context, 640) == 640
     with Client(kvmem_server.address, spec=spec) as client:
         assert client.get("chat-7").num_tokens == 640
-        turn2 = engines["fresh"].generate(context + tokens(4, 300), max_tokens=4, kvmem_session="chat-7")
+        turn2 = engines["fresh"].generate(context + prompt_tokens(300, 4), max_tokens=4, kvmem_session="chat-7")
         assert turn2["kv_transfer_params"]["kvmem_load_tokens"] == 640
         deadline = time.monotonic() + 60
         while client.get("chat-7").num_tokens != 896 and time.monotonic() < deadline:
@@ -114,14 +94,14 @@ def test_a_named_session_keeps_the_requests_tokens_and_sends_only_new_blocks(eng
         info = client.get("chat-7")
         assert info.num_tokens == 896
         restored = client.restore("chat-7", build_cache=False)
-        assert restored.token_ids.tolist() == (context + tokens(4, 300))[:896]
+        assert restored.token_ids.tolist() == (context + prompt_tokens(300, 4))[:896]
 
 
 def test_kv_saved_by_transformers_restores_into_vllm_and_back(engines, kvmem_server, spec, smollm2):
     from kvmem.hf_cache import cache_to_layers
 
     model, _ = smollm2
-    context, question = tokens(5, 600), tokens(6, 30)
+    context, question = prompt_tokens(600, 5), prompt_tokens(30, 6)
     with torch.no_grad():
         cache = model(torch.tensor([context]), use_cache=True).past_key_values
     with Client(kvmem_server.address, spec=spec) as client:
@@ -131,7 +111,7 @@ def test_kv_saved_by_transformers_restores_into_vllm_and_back(engines, kvmem_ser
     assert into_vllm["tokens"] == engines["plain"].generate(context + question, max_tokens=16)["tokens"]
 
     # the other way: the prompt the saver engine stored, restored into transformers
-    prompt = tokens(1, 1000)
+    prompt = prompt_tokens(1000, 1)
     with Client(kvmem_server.address, spec=spec) as client:
         restored = client.restore_prefix(prompt, config=model.config)
     stored = len(restored.token_ids)
@@ -150,7 +130,7 @@ def test_kv_saved_by_transformers_restores_into_vllm_and_back(engines, kvmem_ser
 def test_kvmem_extends_what_vllms_own_prefix_cache_already_holds(engines, kvmem_server, spec):
     """The saver engine holds X in its own prefix cache; kvmem holds X + Y (saved by the fresh
     engine): a request for X + Y + Z loads only Y's blocks, after vLLM's own hit."""
-    x, y, z = tokens(10, 1000), tokens(11, 300), tokens(12, 20)
+    x, y, z = prompt_tokens(1000, 10), prompt_tokens(300, 11), prompt_tokens(20, 12)
     engines["saver"].generate(x, max_tokens=2)
     assert wait_stored(kvmem_server.address, spec, x, 896) == 896
     engines["fresh"].generate(x + y, max_tokens=2)
@@ -162,7 +142,7 @@ def test_kvmem_extends_what_vllms_own_prefix_cache_already_holds(engines, kvmem_
 
 
 def test_damaged_kv_is_never_served_vllm_recomputes(engines, kvmem_server, spec):
-    prompt, question = tokens(7, 800), tokens(8, 20)
+    prompt, question = prompt_tokens(800, 7), prompt_tokens(20, 8)
     saved = engines["saver"].generate(prompt, max_tokens=2)
     session = saved["kv_transfer_params"]["kvmem_session"]
     assert wait_stored(kvmem_server.address, spec, prompt, 768) == 768
@@ -197,7 +177,7 @@ def restart(server: ServerProcess) -> None:
 
 
 def test_with_kvmem_down_vllm_recomputes_and_answers(engines, kvmem_server, spec):
-    prompt = tokens(9, 900)
+    prompt = prompt_tokens(900, 9)
     assert kvmem_server.terminate() == 0
     try:
         answer = engines["fresh"].generate(prompt, max_tokens=16)

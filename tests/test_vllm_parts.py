@@ -183,6 +183,7 @@ def test_a_kernel_order_inside_the_cpu_regions_is_followed_both_ways():
     value_pos = torch.arange(BS * D)
     kv = torch.zeros(5, H, BS, 2 * D)
     layout = PagedLayout.detect(kv, BS, H, D, key_pos, value_pos)
+    assert layout.orders == ("dim", "token")  # moved as a transposed view, not by index
     keys, values = torch.randn(H, 20, D), torch.randn(H, 20, D)
     layout.scatter(kv, [3, 1], 6, keys, values)  # tokens [6, 26)
     regions = kv.view(5, H, 2, BS * D)
@@ -200,7 +201,7 @@ def test_any_other_kernel_order_goes_through_the_general_path_for_whole_and_part
     key_pos, value_pos = torch.randperm(BS * D, generator=generator), torch.randperm(BS * D, generator=generator)
     kv = torch.zeros(6, H, BS, 2 * D)
     layout = PagedLayout.detect(kv, BS, H, D, key_pos, value_pos)
-    assert layout._order(0) == layout._order(1) == "other"
+    assert layout.orders == ("other", "other")
     keys, values = torch.randn(H, 45, D), torch.randn(H, 45, D)
     layout.scatter(kv, [4, 0, 2, 5], 3, keys, values)  # tokens [3, 48): a partial block, two whole ones
     regions = kv.view(6, H, 2, BS * D)

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole
 
-from kvmem.vllm.layout import PagedLayout, positions_from_probe
+from kvmem.vllm.layout import PagedLayout, positions_from_probe, region_order
 from kvmem.vllm.plan import LoadJob, RequestState, SaveJob, loadable_tokens
 from kvmem.vllm.saver import BackgroundSaver, SaveTask
 from kvmem.vllm.settings import ConnectorSettings, spec_from_vllm
@@ -227,9 +227,8 @@ class KVMemConnector(KVConnectorBase_V1):
             if not (torch.equal(positions_from_probe(tokens[head, 0], dims[head, 0], size, dim), key_pos)
                     and torch.equal(positions_from_probe(tokens[head, 1], dims[head, 1], size, dim), value_pos)):
                 raise ValueError("vLLM's CPU KV layout differs between heads; not supported")
-        log.info("kvmem: CPU KV layout (isa %s): keys %s, values %s", isa,
-                 "token-major" if torch.equal(key_pos, torch.arange(size * dim)) else "permuted",
-                 "token-major" if torch.equal(value_pos, torch.arange(size * dim)) else "permuted")
+        log.info("kvmem: CPU KV layout (isa %s): keys %s-major, values %s-major", isa,
+                 region_order(key_pos, size, dim), region_order(value_pos, size, dim))
         return key_pos, value_pos
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:

@@ -35,6 +35,7 @@ class PagedLayout:
     head_dim: int
     key_pos: torch.Tensor | None = None
     value_pos: torch.Tensor | None = None
+    orders: tuple[str, str] = ("token", "token")  # of keys and values: see ``region_order``
 
     @classmethod
     def detect(cls, kv_cache: torch.Tensor, block_size: int, num_kv_heads: int, head_dim: int,
@@ -44,8 +45,10 @@ class PagedLayout:
         shape = tuple(kv_cache.shape)
         if len(shape) == 4 and shape[1:] == (num_kv_heads, block_size, 2 * head_dim):
             identity = torch.arange(block_size * head_dim)
-            return cls("cpu", block_size, num_kv_heads, head_dim,
-                       identity if key_pos is None else key_pos, identity if value_pos is None else value_pos)
+            key_pos = identity if key_pos is None else key_pos
+            value_pos = identity if value_pos is None else value_pos
+            orders = (region_order(key_pos, block_size, head_dim), region_order(value_pos, block_size, head_dim))
+            return cls("cpu", block_size, num_kv_heads, head_dim, key_pos, value_pos, orders)
         if len(shape) == 5 and shape[0] == 2 and shape[2:] == (block_size, num_kv_heads, head_dim):
             return cls("flash", block_size, num_kv_heads, head_dim)
         raise ValueError(
@@ -88,20 +91,10 @@ class PagedLayout:
         for block, offset, count, at in self._spans(block_ids, b, end):
             yield block, offset, count, at + (b - start)
 
-    def _order(self, which: int) -> str:
-        """"token" (region = [bs, D]), "dim" (region = [D, bs], AVX2's keys) or "other"."""
-        pos = self.key_pos if which == 0 else self.value_pos
-        size, D = self.block_size, self.head_dim
-        if torch.equal(pos, torch.arange(size * D)):
-            return "token"
-        if torch.equal(pos, torch.arange(size * D).view(D, size).t().reshape(-1)):
-            return "dim"
-        return "other"
-
     def _region_to_logical(self, regions: torch.Tensor, which: int) -> torch.Tensor:
         """[n, H, bs*D] in region order -> [n, H, bs, D] (a view where the order is a transpose)."""
         n, H, size, D = regions.shape[0], self.num_kv_heads, self.block_size, self.head_dim
-        order = self._order(which)
+        order = self.orders[which]
         if order == "token":
             return regions.view(n, H, size, D)
         if order == "dim":
@@ -111,7 +104,7 @@ class PagedLayout:
     def _logical_to_region(self, logical: torch.Tensor, which: int) -> torch.Tensor:
         """[n, H, bs, D] -> [n, H, bs*D] in region order."""
         n, H, size, D = logical.shape[0], self.num_kv_heads, self.block_size, self.head_dim
-        order = self._order(which)
+        order = self.orders[which]
         if order == "token":
             return logical.reshape(n, H, size * D)
         if order == "dim":
@@ -188,6 +181,17 @@ class PagedLayout:
     def _check_range(self, block_ids: Sequence[int], start: int, end: int) -> None:
         if not 0 <= start <= end or end > len(block_ids) * self.block_size:
             raise ValueError(f"tokens [{start}, {end}) do not fit the request's {len(block_ids)} blocks of {self.block_size}")
+
+
+def region_order(positions: torch.Tensor, block_size: int, head_dim: int) -> str:
+    """"token" (a region is [block_size, D]), "dim" ([D, block_size], AVX2's keys: moved as a
+    transposed view) or "other" (moved by index)."""
+    size = block_size * head_dim
+    if torch.equal(positions, torch.arange(size)):
+        return "token"
+    if torch.equal(positions, torch.arange(size).view(head_dim, block_size).t().reshape(-1)):
+        return "dim"
+    return "other"
 
 
 def positions_from_probe(region_tokens: torch.Tensor, region_dims: torch.Tensor, block_size: int, head_dim: int) -> torch.Tensor:
