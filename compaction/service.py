@@ -11,7 +11,8 @@ import torch
 from compaction.base import CompactionInput, Target, make_compactor
 from compaction.metrics import mean_attention_error
 from compaction.naming import COMPACTION_LABEL, SOURCE_SUFFIX, compacted_id
-from kvstore.errors import FailedPrecondition, InvalidRequest
+from compaction.slots import SLOTS_AUX, slots_to_bytes
+from kvstore.errors import Conflict, FailedPrecondition, InvalidRequest
 from modelhost.host import ModelHost
 from kvstore.records import SessionRecord
 from kvstore.store import SessionStore
@@ -113,6 +114,10 @@ def compact_session(
         tenant, destination, record.spec, record.token_ids[kept_index], pieces,
         positions=np.asarray(kept_index, dtype=np.int64), logical_length=record.num_tokens, overwrite=replace or overwrite, labels=labels,
     )
+    try:  # which original token each slot is, for recall's double-count handling (derived data: a lost race only weakens it)
+        store.put_aux(tenant, destination, {SLOTS_AUX: slots_to_bytes([layer.indices for layer in result.layers])}, saved.record)
+    except Conflict:
+        pass
     bias_bytes = 4 * slots * record.spec.num_layers * record.spec.num_kv_heads
     return CompactReport(
         saved.record, method, float(result.kept.float().mean()), slots, record.kv_bytes, saved.record.kv_bytes + bias_bytes,
