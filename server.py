@@ -191,6 +191,8 @@ class KVMemServicer:
     def restore(self, call, request) -> Iterator:
         """Header message, then pre-encoded chunk messages (no extra copies)."""
         tenant = call.tenant_for(request.tenant)
+        if len(request.recall_for) or request.recall_tokens:
+            return self._recall_messages(tenant, request)
         if request.session_id:
             expected = convert.spec_from_pb(request.model) if request.HasField("model") else None
             plan = self.store.restore(tenant, request.session_id, expected, request.token_start, request.token_end)
@@ -204,6 +206,56 @@ class KVMemServicer:
             dtype = convert.DTYPE_TO_PB[plan.record.spec.dtype]
             pieces = ((p.layer, p.token_start, p.num_tokens, dtype, p.keys, p.values, p.bias) for p in plan.pieces())
             yield from wire.encode_chunk_messages(pieces, convert.MAX_CHUNK_BYTES)
+
+        return messages()
+
+    def _recall_messages(self, tenant: str, request) -> Iterator:
+        """A compacted session restored with exact KV recalled from its source for a question
+        (retrieval/recall.py): header, then the combined slots per layer in chunk-sized pieces."""
+        from retrieval.recall import RecallConfig, load_compacted, recall
+
+        if not request.session_id:
+            raise InvalidRequest("recall_for needs the session_id of a compacted session")
+        if not len(request.recall_for):
+            raise InvalidRequest("recall_tokens needs recall_for: the question's token ids to recall exact KV for")
+        if request.token_start or request.token_end:
+            raise InvalidRequest("recall restores the whole compacted session; leave token_start and token_end at 0")
+        record = self.store.get(tenant, request.session_id)
+        if request.HasField("model"):
+            record.spec.require_same(convert.spec_from_pb(request.model), f"session {request.session_id!r}")
+        if self.host is None:
+            raise FailedPrecondition("recall needs a hosted model (set [model] name) to run the question; this server hosts none")
+        self.host.require_spec(record.spec, "recall", "(it runs the question over the compacted cache)", "restore on a server that hosts that model")
+        question = convert.tokens_array(request.recall_for).astype(np.int64)
+        config = RecallConfig(budget_tokens=request.recall_tokens or self.planner.recall_budget_tokens, double_count=self.planner.recall_double_count)
+        compacted = load_compacted(self.store, tenant, request.session_id)
+        with self.host.use() as (model, _):
+            from retrieval.executors import model_window
+
+            vocabulary, window = model.get_input_embeddings().num_embeddings, model_window(model)
+            if int(question.max()) >= vocabulary:
+                raise InvalidRequest(f"recall_for holds token id {int(question.max())}, past the model's vocabulary of {vocabulary}")
+            if compacted.logical_length + len(question) > window:
+                raise InvalidRequest(f"the session's {compacted.logical_length} positions plus a {len(question)}-token question exceed the model's "
+                                     f"{window}-token window; ask a shorter question")
+            recalled = recall(model, self.store, compacted, torch.from_numpy(question), config, self._block_index_config())
+        width = recalled.keys[0].shape[1] - compacted.keys[0].shape[1]
+        first = recalled.tokens[0]
+        token_ids = np.concatenate([compacted.record.token_ids, recalled.source.token_ids[first], np.zeros(width - len(first), np.uint32)])
+        positions = np.concatenate([compacted.record.positions_or_default(), first, np.zeros(width - len(first), np.int64)])
+        slots = len(token_ids)
+        step = self.store.config.chunk_tokens
+        pieces = [(layer, start, min(step, slots - start)) for layer in range(len(recalled.keys)) for start in range(0, slots, step)]
+        dtype = convert.DTYPE_TO_PB[record.spec.dtype]
+
+        def messages():
+            yield pb.RestoreSessionResponse(header=pb.RestoreHeader(
+                session=convert.session_info(compacted.record), token_start=0, token_end=slots, token_ids=token_ids.tolist(),
+                positions=positions.tolist(), num_chunks=len(pieces), recalled_tokens=width, recall_bytes_read=recalled.bytes_read,
+            ))
+            chunks = ((layer, start, n, dtype, _tensor_bytes(recalled.keys[layer][:, start:start + n]), _tensor_bytes(recalled.values[layer][:, start:start + n]),
+                       recalled.bias[layer][:, start:start + n].contiguous().numpy().astype("<f4").tobytes()) for layer, start, n in pieces)
+            yield from wire.encode_chunk_messages(chunks, convert.MAX_CHUNK_BYTES)
 
         return messages()
 
@@ -377,6 +429,8 @@ class KVMemServicer:
             latency_budget_s=request.latency_budget_ms / 1000.0 if request.latency_budget_ms else None,
             force=request.force_option, forbid=list(request.forbid_options), expected_followups=request.expected_followups,
             max_new_tokens=request.max_new_tokens or 24,
+            budgets={"rag_budget_tokens": request.rag_budget_tokens, "kv_budget_tokens": request.kv_budget_tokens,
+                     "recall_budget_tokens": request.recall_budget_tokens},
         )
 
     def _decide(self, request, model, tokenizer, question):
@@ -384,7 +438,9 @@ class KVMemServicer:
 
         if self._planner_model is None:
             self._planner_model = load_planner_model(self.planner.model_path)
-        settings = executor_settings(self.planner, question.max_new_tokens, self._block_index_config())
+        from retrieval.executors import model_window
+
+        settings = question.settings(executor_settings(self.planner, question.max_new_tokens, self._block_index_config()), model_window(model))
         embedder = self._text_embedder if self.retrieval.text_search else None
         decision, seconds = plan(self.store, model, tokenizer, self._planner_model, question, settings, embedder, self.planner.tolerance)
         return decision, seconds, settings, embedder

@@ -10,6 +10,7 @@ or the reason the option is infeasible. The prefill time and the text-search sig
     python -m bench.planner_matrix                     # full suite (~80 min on 2 CPU cores)
     python -m bench.planner_matrix --quick             # CI smoke: two 1k tasks, results not kept
     python -m bench.planner_matrix --resume            # continue an interrupted run
+    python -m bench.planner_matrix --merge compacted_recall   # add one option's runs to the stored matrix
 
 Writes bench/data/planner_outcomes.jsonl, one JSON object per task, flushed as each task finishes.
 """
@@ -53,7 +54,7 @@ def save_session(store, spec, session_id: str, token_ids: np.ndarray, keys, valu
     store.save("bench", session_id, spec, token_ids.astype(np.uint32), pieces, text=text, overwrite=True)
 
 
-def run_task(model, tokenizer, embedder, store, factory, family: str, length: int, seed: int, settings) -> dict:
+def run_task(model, tokenizer, embedder, store, factory, family: str, length: int, seed: int, settings, options: Sequence[str] = ()) -> dict:
     from kvstore.errors import FailedPrecondition
     from kvstore.spec import ModelSpec
     from bench.planner_tasks import score
@@ -66,7 +67,7 @@ def run_task(model, tokenizer, embedder, store, factory, family: str, length: in
     save_session(store, ModelSpec.from_model(model), task.name, ids, keys, values, tokenizer.decode(task.context_ids[0]))
     record = {**task.describe(), "context_tokens": int(len(ids)), "question_tokens": int(len(tokenizer(task.question, add_special_tokens=False).input_ids)),
               "window": window, "prefill_s": prefill_s, "outcomes": {}}
-    for option in OPTIONS:
+    for option in options or OPTIONS:
         request = AnswerRequest(model, tokenizer, store, "bench", task.name, task.question, settings, embedder=lambda: embedder)
         try:
             run = execute(option, request)
@@ -80,11 +81,66 @@ def run_task(model, tokenizer, embedder, store, factory, family: str, length: in
     return record
 
 
+def merge(out: Path, options: list[str]) -> int:
+    """Run ``options`` on every task of the matrix at ``out`` (re-prefilled, same seeds) and write
+    their outcomes into the records; tasks already holding them are skipped, so it resumes. Each
+    task is rewritten in place as it finishes (the file is replaced atomically)."""
+    from bench.planner_tasks import SuiteFactory
+    from dataclasses import replace
+    from modelhost.models import load_model
+    from kvstore.store import SessionStore, StoreConfig
+    from retrieval.embedder import TextEmbedder
+    from retrieval.executors import OPTIONS, ExecutorSettings
+    from retrieval.planner import IN_WINDOW_ONLY
+
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise SystemExit(f"unknown option(s) {', '.join(unknown)}; options are {', '.join(OPTIONS)}")
+    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    model, tokenizer = load_model("smollm2-135m-instruct", cache_dir=Path(".cache/models"))
+    embedder = TextEmbedder.load()
+    factory = SuiteFactory(tokenizer)
+    settings = ExecutorSettings()
+    started = time.perf_counter()
+
+    def write() -> None:
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(out)
+
+    with disk_tempdir("kvmem-planner-") as data_dir:
+        store = SessionStore.open(replace(StoreConfig(), data_dir=data_dir))
+        try:
+            for number, record in enumerate(records, 1):
+                missing = [o for o in options if o not in record["outcomes"]]
+                if not missing:
+                    continue
+                t0 = time.perf_counter()
+                if record["context_tokens"] + record["question_tokens"] + settings.max_new_tokens > record["window"] and set(missing) <= set(IN_WINDOW_ONLY):
+                    reason = f"keeps the session's {record['context_tokens']} positions, past the model's window of {record['window']}"
+                    record["outcomes"].update({o: {"feasible": False, "reason": f"{o} {reason} (not prefilled: the executor refuses it)"} for o in missing})
+                    write()
+                    continue
+                fresh = run_task(model, tokenizer, embedder, store, factory, record["family"], record["length"], record["seed"], settings, missing)
+                if fresh["context_tokens"] != record["context_tokens"] or fresh["question"] != record["question"]:
+                    raise SystemExit(f"task {record['name']} no longer regenerates the same context and question; rerun the whole matrix")
+                record["outcomes"].update(fresh["outcomes"])
+                write()
+                summary = " ".join(f"{o}={r['quality']:.0f}/{sum(r['stages'].values()):.1f}s" if r["feasible"] else f"{o}=x" for o, r in fresh["outcomes"].items())
+                print(f"[{number}/{len(records)}] {record['name']} {summary} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        finally:
+            store.close()
+    print(f"merged {', '.join(options)} into {out} ({time.perf_counter() - started:.0f}s)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two 1k-token tasks; nothing written to bench/data")
     parser.add_argument("--resume", action="store_true", help="skip tasks already in the output file")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--merge", default="", metavar="OPTIONS",
+                        help="comma-separated options to run on every task already in the output file and merge into it (a new option joins the matrix without rerunning the others)")
     args = parser.parse_args(argv)
     pin_threads()
     from bench.planner_tasks import SuiteFactory, suite_plan
@@ -96,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or (RESULTS_DIR / "planner_outcomes.quick.jsonl" if args.quick else DATA)
     out.parent.mkdir(parents=True, exist_ok=True)
     plan = [("lookup", 1000, 0), ("absent", 1000, 0)] if args.quick else suite_plan(LENGTHS, SEEDS)
+    if args.merge:
+        return merge(out, [o.strip() for o in args.merge.split(",") if o.strip()])
     done = set()
     if args.resume and out.exists():
         done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line.strip()}

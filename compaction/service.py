@@ -95,16 +95,18 @@ def compact_session(
     for layer, compacted in enumerate(result.layers):
         bias = compacted.bias if compacted.bias is not None else torch.zeros(compacted.keys.shape[:2])
         pieces.add_tensors(layer, 0, compacted.keys.contiguous(), compacted.values.contiguous(), bias.contiguous())
-    source_id, source_version = session_id, record.version
+    source_id, source_version, source_created = session_id, record.version, record.created_at_ms
     if replace:  # the original first (exactly the tokens compacted), so nothing is lost if the replace fails
-        source_id, source_version = "", 0
+        source_id, source_version, source_created = "", 0, 0
         if not drop_source:
             source_id = session_id + SOURCE_SUFFIX
-            source_version = store.fork(tenant, session_id, source_id, at_token=record.num_tokens, overwrite=True).record.version
+            kept = store.fork(tenant, session_id, source_id, at_token=record.num_tokens, overwrite=True).record
+            source_version, source_created = kept.version, kept.created_at_ms
     labels = {
         COMPACTION_LABEL: method,
         "source": source_id,
         "source_version": str(source_version) if source_id else "",
+        "source_created_ms": str(source_created) if source_id else "",  # with the version: the source's generation (an overwrite restarts versions)
         "ratio": f"{result.kept.float().mean().item() / record.num_tokens:.6f}",
         "kept_per_head": f"{result.kept.float().mean().item():.2f}",
         "slots": str(slots),

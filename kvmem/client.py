@@ -47,6 +47,8 @@ class RestoredSession:
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     bias: list[torch.Tensor] | None
     cache: Any
+    recalled_tokens: int = 0  # restore(recall_for=...): the last slots are exact tokens recalled from the source
+    recall_bytes_read: int = 0  # and the stored bytes the server read to recall them
 
     @property
     def spec(self) -> ModelSpec:
@@ -290,15 +292,25 @@ class Client:
 
     # ------------------------------------------------------------------ reads
     @_translate_errors
-    def restore(self, session_id: str, *, spec: ModelSpec | None = None, start: int = 0, end: int = 0, config: Any = None, model: Any = None, device: str | torch.device = "cpu", build_cache: bool = True) -> RestoredSession:
+    def restore(self, session_id: str, *, spec: ModelSpec | None = None, start: int = 0, end: int = 0, config: Any = None, model: Any = None, device: str | torch.device = "cpu", build_cache: bool = True,
+                recall_for: Any = None, recall_tokens: int = 0) -> RestoredSession:
         """Restore tokens [start, end) of a session into a cache for ``model.generate``.
 
         Plain sessions become a DynamicCache (``config``: the model's config). Compacted sessions
         need ``model``: their cache (a CompactedCache) carries attention biases and the original
         length, and installs kvmem's bias-aware attention on the model. ``build_cache=False``
         returns only the tensors (``cache`` is None).
+
+        ``recall_for`` (compacted sessions): the question's token ids, as they will follow the
+        context. The server recalls ``recall_tokens`` (0: its setting, 256 by default) exact tokens
+        per layer for it from the session's lossless source and returns them after the compacted
+        slots, so ``model.generate`` on the cache sees the details compaction dropped.
         """
-        request = pb.RestoreSessionRequest(tenant=self.tenant, session_id=session_id, token_start=start, token_end=end)
+        recall = _token_list(recall_for) if recall_for is not None else []
+        if recall_for is not None and not recall:
+            raise InvalidRequest("recall_for is empty; give the question's token ids")
+        request = pb.RestoreSessionRequest(tenant=self.tenant, session_id=session_id, token_start=start, token_end=end, recall_for=recall,
+                                           recall_tokens=recall_tokens)
         if spec or self.spec:
             request.model.CopyFrom(convert.spec_to_pb(self._spec(spec)))
         return self._restore(request, config if model is None else model.config, device, model, build_cache)
@@ -407,6 +419,8 @@ class Client:
             layers=layers,
             bias=bias,
             cache=cache,
+            recalled_tokens=int(header.recalled_tokens),
+            recall_bytes_read=int(header.recall_bytes_read),
         )
 
     @_translate_errors
@@ -493,10 +507,11 @@ class Client:
         return self._stub.SearchText(pb.SearchTextRequest(tenant=self.tenant, session_id=session_id, query=query, k=k), **self._call)
 
     def _plan_request(self, session_id: str, query: str, latency_budget_s: float | None, force: str, forbid: Sequence[str],
-                      expected_followups: int, max_new_tokens: int) -> pb.PlanRequest:
+                      expected_followups: int, max_new_tokens: int, budgets: dict[str, int] | None = None) -> pb.PlanRequest:
         return pb.PlanRequest(
             tenant=self.tenant, session_id=session_id, query=query, latency_budget_ms=int(round(latency_budget_s * 1000)) if latency_budget_s else 0,
             force_option=force, forbid_options=list(forbid), expected_followups=expected_followups, max_new_tokens=max_new_tokens,
+            **(budgets or {}),
         )
 
     @_translate_errors
@@ -509,10 +524,14 @@ class Client:
 
     @_translate_errors
     def answer(self, session_id: str, query: str, *, latency_budget_s: float | None = None, force: str = "", forbid: Sequence[str] = (),
-               expected_followups: int = 0, max_new_tokens: int = 24) -> pb.AnswerResponse:
+               expected_followups: int = 0, max_new_tokens: int = 24, rag_budget_tokens: int = 0, kv_budget_tokens: int = 0,
+               recall_budget_tokens: int = 0) -> pb.AnswerResponse:
         """Decide, run the chosen option on the server's model, and return the generated answer
-        with its decision record and the measured seconds per stage."""
-        request = self._plan_request(session_id, query, latency_budget_s, force, forbid, expected_followups, max_new_tokens)
+        with its decision record and the measured seconds per stage. The budgets (0: the server's
+        settings) set, for this request, the text tokens rag puts in context, the tokens per layer
+        kv_retrieval attends to, and the exact tokens per layer compacted_recall recalls."""
+        budgets = {"rag_budget_tokens": rag_budget_tokens, "kv_budget_tokens": kv_budget_tokens, "recall_budget_tokens": recall_budget_tokens}
+        request = self._plan_request(session_id, query, latency_budget_s, force, forbid, expected_followups, max_new_tokens, budgets)
         return self._stub.Answer(request, **self._call)
 
     @_translate_errors

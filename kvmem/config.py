@@ -77,6 +77,8 @@ class PlannerSettings:
     kv_budget_tokens: int = 2048  # context tokens per layer for kv_retrieval
     compact_method: str = "streaming_llm"  # compacted option: method and kept ratio (made on first use)
     compact_ratio: float = 0.5  # kept ratio of compact_method
+    recall_budget_tokens: int = 256  # compacted_recall: exact tokens per layer recalled from the lossless original (bench/recall.py)
+    recall_double_count: str = "drop_scale"  # compacted_recall: none | drop | scale | drop_scale (retrieval/recall.py; bench/recall.py)
     ttt_steps: int = 8  # qTTT: AdamW steps, span length, learning rate (bench/ttt_sweep.py)
     ttt_span_tokens: int = 128  # qTTT: tokens per training span
     ttt_learning_rate: float = 1e-3  # qTTT: learning rate

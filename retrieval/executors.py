@@ -1,4 +1,4 @@
-"""The five ways kvmem can answer a question about a stored session, on the hosted model.
+"""The six ways kvmem can answer a question about a stored session, on the hosted model.
 
 Every executor takes an ``AnswerRequest`` (model, tokenizer, store, session, question) and returns
 an ``Execution``: the greedy answer and the seconds each stage took. Stages are split into
@@ -13,11 +13,14 @@ model can amortise preparation over expected follow-up questions.
 * ``full``: the whole stored cache in context. Only while context + question + answer fit the window.
 * ``compacted``: the session's compacted version (``compact_method`` at ``compact_ratio``; made
   and stored on first use) in context.
+* ``compacted_recall``: the compacted version plus ``recall_budget_tokens`` exact tokens per layer
+  recalled from the lossless original for this question (retrieval/recall.py).
 * ``ttt``: qTTT (retrieval/ttt.py) on the stored cache, then the full cache in context with the
   adapted query projections. Same window limit as ``full``.
 """
 from __future__ import annotations
 
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,12 +34,13 @@ from kvstore.errors import FailedPrecondition, InvalidRequest, NotFound
 from kvstore.store import SessionStore
 from retrieval.ttt import TTTConfig
 
-OPTIONS = ("rag", "kv_retrieval", "full", "compacted", "ttt")
+OPTIONS = ("rag", "kv_retrieval", "full", "compacted", "compacted_recall", "ttt")
 OPTION_HELP = {
     "rag": "top-k text chunks in context",
     "kv_retrieval": "top-k KV blocks (ActQKV probes)",
     "full": "the full stored cache in context",
     "compacted": "the compacted cache in context",
+    "compacted_recall": "the compacted cache plus exact KV recalled from its original",
     "ttt": "query-only test-time training, then the full cache",
 }
 
@@ -56,6 +60,8 @@ class ExecutorSettings:
     retrieval_method: str = "actqkv"
     compact_method: str = "streaming_llm"
     compact_ratio: float = 0.5
+    recall_budget_tokens: int = 256  # compacted_recall: exact tokens per layer recalled from the original
+    recall_double_count: str = "drop_scale"  # compacted_recall: retrieval/recall.py's double-count handling
     ttt: TTTConfig = field(default_factory=TTTConfig)
     max_new_tokens: int = 24
     # kv_retrieval's block index settings (retrieval.block_index.BlockIndexConfig; the server
@@ -186,42 +192,80 @@ def compacted_session_id(session_id: str, settings: ExecutorSettings) -> str:
     return default_target_id(session_id, settings.compact_method, Target(ratio=settings.compact_ratio))
 
 
-def run_compacted(request: AnswerRequest) -> Execution:
+def _compacted_target(request: AnswerRequest, stages: _Stages, option: str) -> tuple[str, list[str]]:
+    """The compacted session ``option`` answers from: the session itself when it is compacted,
+    else its compacted version (``compact_method`` at ``compact_ratio``), made and stored on first
+    use. Returns (its id, the preparation stages that ran)."""
     from compaction.base import Target
     from compaction.service import COMPACTION_LABEL, QUERY_METHODS_WITHOUT_HOST, compact_session
 
-    stages = _Stages()
     settings = request.settings
     record = request.store.get(request.tenant, request.session_id)
     if COMPACTION_LABEL in record.labels:
         target_id = request.session_id  # already a compacted session: use it as it is
     else:
         target_id = compacted_session_id(request.session_id, settings)
-    question_ids = request.question_ids
     window = model_window(request.model)
-    if record.logical_length + question_ids.numel() + settings.max_new_tokens > window:
-        raise FailedPrecondition(f"compacted keeps the session's {record.logical_length} positions, past the model's window of {window}; use kv_retrieval or rag")
-    prepared = []
+    if record.logical_length + request.question_ids.numel() + settings.max_new_tokens > window:
+        raise FailedPrecondition(f"{option} keeps the session's {record.logical_length} positions, past the model's window of {window}; use kv_retrieval or rag")
     try:
         request.store.get(request.tenant, target_id)
+        return target_id, []
     except NotFound:
-        queries = held_out = None
-        if settings.compact_method not in QUERY_METHODS_WITHOUT_HOST:
-            from compaction.references import reference_queries
+        pass
+    queries = held_out = None
+    if settings.compact_method not in QUERY_METHODS_WITHOUT_HOST:
+        from compaction.references import reference_queries
 
-            with stages("compact"):
-                refs = reference_queries(request.model, request.tokenizer, torch.from_numpy(record.token_ids.astype(np.int64)))
-            queries, held_out = refs.queries, refs.held_out
         with stages("compact"):
-            compact_session(request.store, None, request.tenant, request.session_id, settings.compact_method, Target(ratio=settings.compact_ratio),
-                            target_session_id=target_id, queries=queries, held_out=held_out)
-        prepared.append("compact")
+            refs = reference_queries(request.model, request.tokenizer, torch.from_numpy(record.token_ids.astype(np.int64)))
+        queries, held_out = refs.queries, refs.held_out
+    with stages("compact"):
+        compact_session(request.store, None, request.tenant, request.session_id, settings.compact_method, Target(ratio=settings.compact_ratio),
+                        target_session_id=target_id, queries=queries, held_out=held_out)
+    return target_id, ["compact"]
+
+
+def run_compacted(request: AnswerRequest) -> Execution:
+    stages = _Stages()
+    settings = request.settings
+    question_ids = request.question_ids
+    target_id, prepared = _compacted_target(request, stages, "compacted")
     with stages("load"):
         plan = request.store.restore(request.tenant, target_id)
         keys, values, bias = plan.tensors()
     with stages("generate"):
         ids = generate_on(request.model, list(zip(keys, values)), bias or [None] * len(keys), plan.record.logical_length, question_ids, settings.max_new_tokens)
     return _finish("compacted", request, ids, stages, prepared, compacted_session=target_id, slots=plan.record.num_tokens)
+
+
+def run_compacted_recall(request: AnswerRequest) -> Execution:
+    """The compacted session plus ``recall_budget_tokens`` exact tokens per layer recalled from its
+    lossless source for this question (retrieval/recall.py)."""
+    from retrieval.recall import RecallConfig, load_compacted, recall, source_of
+    from retrieval.rope import Rope
+    from retrieval.service import block_index
+
+    stages = _Stages()
+    settings = request.settings
+    question_ids = request.question_ids
+    target_id, prepared = _compacted_target(request, stages, "compacted_recall")
+    with stages("load"):
+        compacted = load_compacted(request.store, request.tenant, target_id)
+        source = source_of(request.store, compacted.record)
+    with stages("index"):  # the source's block index, built once and stored beside it
+        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, source.session_id, settings.block_index)
+    if loaded.rebuilt:
+        prepared.append("index")
+    else:
+        stages.seconds["load"] += stages.seconds.pop("index")
+    config = RecallConfig(budget_tokens=min(settings.recall_budget_tokens, source.num_tokens), double_count=settings.recall_double_count)
+    with stages("recall"):
+        recalled = recall(request.model, request.store, compacted, question_ids, config, settings.block_index, loaded.index)
+    with stages("generate"):
+        ids = generate_on(request.model, list(zip(recalled.keys, recalled.values)), recalled.bias, recalled.logical_length, question_ids, settings.max_new_tokens)
+    return _finish("compacted_recall", request, ids, stages, prepared, compacted_session=target_id, slots=compacted.record.num_tokens,
+                   recalled_tokens=recalled.recalled_tokens, bytes_read=recalled.bytes_read, double_count=recalled.double_count)
 
 
 def run_kv_retrieval(request: AnswerRequest) -> Execution:
@@ -245,6 +289,30 @@ def run_kv_retrieval(request: AnswerRequest) -> Execution:
     return _finish("kv_retrieval", request, result.token_ids.tolist(), stages, ["index"] if loaded.rebuilt else [], budget_tokens=budget)
 
 
+_ROLE_HEADER = re.compile(r"^\s*(system|user|assistant|human|bot|tool)\s*(\n|:)", re.I)
+
+
+def search_query(question: str, tokenizer: Any) -> str:
+    """What rag searches the session's text with: the question's words without chat-template
+    scaffolding. A question formatted with the model's chat template carries special tokens
+    (<|im_start|>, <|im_end|>, ...), role headers and often a system prompt; those would pull the
+    search towards whatever chunk shares them. Segments between special tokens are kept without
+    their role header, and only the user's segments when roles are marked."""
+    specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if t}, key=len, reverse=True)
+    parts = re.split("|".join(re.escape(t) for t in specials), question) if specials else [question]
+    segments = []  # (role or "", text)
+    for part in parts:
+        header = _ROLE_HEADER.match(part)
+        role = header.group(1).lower() if header else ""
+        text = part[header.end():] if header else part
+        if text.strip():
+            segments.append((role, text.strip()))
+    if any(role == "user" for role, _ in segments):
+        segments = [(role, text) for role, text in segments if role == "user"]
+    query = " ".join(text for _, text in segments)
+    return query or question.strip()
+
+
 def run_rag(request: AnswerRequest) -> Execution:
     from retrieval.service import text_index
     from retrieval.text_index import select_for_budget
@@ -261,7 +329,7 @@ def run_rag(request: AnswerRequest) -> Execution:
     if not loaded.rebuilt:
         stages.seconds["load"] = stages.seconds.pop("index")
     with stages("generate"):
-        hits = loaded.index.search(request.question.strip(), embedder, len(loaded.index))
+        hits = loaded.index.search(search_query(request.question, tokenizer), embedder, len(loaded.index))
         room = max(0, settings.rag_budget_tokens - question_ids.numel())
         chosen = select_for_budget(hits, room, lambda s: len(tokenizer(s, add_special_tokens=False).input_ids))
         context = tokenizer("\n".join(h.text for h in chosen), return_tensors="pt", add_special_tokens=False).input_ids[0, :room]
@@ -279,6 +347,7 @@ EXECUTORS: dict[str, Callable[[AnswerRequest], Execution]] = {
     "kv_retrieval": run_kv_retrieval,
     "full": run_full,
     "compacted": run_compacted,
+    "compacted_recall": run_compacted_recall,
     "ttt": run_ttt,
 }
 

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kvstore.errors import InvalidRequest, NotFound
 from kvstore.store import SessionStore
-from retrieval.executors import AnswerRequest, Execution, ExecutorSettings, compacted_session_id, execute, model_window
+from retrieval.executors import AnswerRequest, Execution, ExecutorSettings, compacted_session_id, execute, model_window, search_query
 from retrieval.planner import Decision, Features, PlannerModel, classify_query, decide
 from retrieval.ttt import TTTConfig
 
 MAX_NEW_TOKENS = 256
+BUDGETS = ("rag_budget_tokens", "kv_budget_tokens", "recall_budget_tokens")  # what a request may set
+MAX_BUDGET_TOKENS = 1 << 20
 
 
 def executor_settings(settings: Any, max_new_tokens: int = 24, block_index: Any = None) -> ExecutorSettings:
@@ -22,7 +24,8 @@ def executor_settings(settings: Any, max_new_tokens: int = 24, block_index: Any 
     more = {"block_index": block_index} if block_index is not None else {}
     return ExecutorSettings(
         rag_budget_tokens=settings.rag_budget_tokens, kv_budget_tokens=settings.kv_budget_tokens, compact_method=settings.compact_method,
-        compact_ratio=settings.compact_ratio, max_new_tokens=max_new_tokens,
+        compact_ratio=settings.compact_ratio, max_new_tokens=max_new_tokens, recall_budget_tokens=settings.recall_budget_tokens,
+        recall_double_count=settings.recall_double_count,
         ttt=TTTConfig(steps=settings.ttt_steps, span_tokens=settings.ttt_span_tokens, learning_rate=settings.ttt_learning_rate), **more,
     )
 
@@ -41,12 +44,29 @@ class Question:
     forbid: Sequence[str] = ()
     expected_followups: int = 0
     max_new_tokens: int = 24
+    budgets: dict[str, int] = field(default_factory=dict)  # per-request ExecutorSettings budgets (0 or absent: the server's)
 
     def __post_init__(self) -> None:
         if not self.query.strip():
             raise InvalidRequest("query is empty; give the question text to answer")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise InvalidRequest(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {self.max_new_tokens}")
+        for name, value in self.budgets.items():
+            if name not in BUDGETS:
+                raise InvalidRequest(f"unknown budget {name!r}; known: {', '.join(BUDGETS)}")
+            if not 0 <= value <= MAX_BUDGET_TOKENS:
+                raise InvalidRequest(f"{name} must be in 0..{MAX_BUDGET_TOKENS} (0 = the server's setting), got {value}")
+
+    def settings(self, server: ExecutorSettings, window: int) -> ExecutorSettings:
+        """The server's settings with this request's budgets; a rag budget must leave room for
+        the answer in the model's window (kv_retrieval and recall budgets are checked where they
+        run: they are clipped to the session, and a layout past the window is refused there)."""
+        chosen = {name: value for name, value in self.budgets.items() if value}
+        rag = chosen.get("rag_budget_tokens", 0)
+        if rag and rag + self.max_new_tokens > window:
+            raise InvalidRequest(f"rag_budget_tokens={rag} plus {self.max_new_tokens} answer tokens exceed the model's {window}-token window; "
+                                 f"ask for at most {window - self.max_new_tokens}")
+        return replace(server, max_new_tokens=self.max_new_tokens, **chosen)
 
 
 def _stored(store: SessionStore, tenant: str, session_id: str) -> bool:
@@ -71,7 +91,7 @@ def features_for(store: SessionStore, model: Any, tokenizer: Any, question: Ques
     top1 = gap = None
     if has_text and embedder is not None:
         emb = embedder()
-        hits = text_index(store, emb, question.tenant, question.session_id).index.search(question.query.strip(), emb, 2)
+        hits = text_index(store, emb, question.tenant, question.session_id).index.search(search_query(question.query, tokenizer), emb, 2)
         if hits:
             top1 = hits[0].score
             gap = hits[0].score - hits[1].score if len(hits) > 1 else hits[0].score

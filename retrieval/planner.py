@@ -27,9 +27,9 @@ from retrieval.executors import OPTIONS
 
 QUERY_TYPES = ("lookup", "multikey", "aggregation", "multihop", "unanswerable")
 # what each option needs prepared before its first question (stored beside the session afterwards)
-PREPARATION = {"rag": ("index",), "kv_retrieval": ("index",), "compacted": ("compact",), "full": (), "ttt": ()}
-NEEDS_KV = ("kv_retrieval", "full", "compacted", "ttt")
-IN_WINDOW_ONLY = ("full", "compacted", "ttt")
+PREPARATION = {"rag": ("index",), "kv_retrieval": ("index",), "compacted": ("compact",), "compacted_recall": ("compact", "index"), "full": (), "ttt": ()}
+NEEDS_KV = ("kv_retrieval", "full", "compacted", "compacted_recall", "ttt")
+IN_WINDOW_ONLY = ("full", "compacted", "compacted_recall", "ttt")
 BUNDLED_MODEL = Path(__file__).resolve().parent / "planner_model.json"
 DEFAULT_TOLERANCE = 0.05
 
@@ -346,6 +346,8 @@ def decide(features: Features, model: PlannerModel, latency_budget_s: float | No
         estimate = OptionEstimate(option, not infeasible, question + preparation / share, question, preparation, quality, basis)
         if infeasible:
             estimate.ruled_out = infeasible
+        elif option not in model.costs and option != force:
+            estimate.ruled_out = "not measured: the planner model has no runs of it (bench/planner_matrix.py, then bench/planner.py --fit); force it to run it"
         elif option in forbid:
             estimate.ruled_out = "forbidden by the request"
         elif latency_budget_s is not None and estimate.seconds > latency_budget_s and option != force:

@@ -61,6 +61,8 @@ class RecallConfig:
     double_count: str = "drop_scale"
     method: str = "actqkv"  # probe weighting (retrieval/actqkv.py)
     margin_tokens: int = 16  # each recalled block is widened by this many tokens on both sides
+    dynamic: bool = False  # False: every layer recalls the same tokens (one ranking over layers, equal counts), so
+    #                        a restore can name them and the bytes read are the budget's; True: spread by entropy
 
     def __post_init__(self) -> None:
         if self.double_count not in DOUBLE_COUNT:
@@ -127,9 +129,10 @@ def source_of(store: SessionStore, record: SessionRecord) -> SessionRecord:
         source = store.get(record.tenant, source_id)
     except NotFound:
         raise FailedPrecondition(f"the source {source_id!r} of compacted session {record.session_id!r} was deleted; nothing to recall from") from None
-    if str(source.version) != record.labels.get("source_version", ""):
-        raise FailedPrecondition(f"source {source_id!r} changed since {record.session_id!r} was compacted from it (version {source.version}, "
-                                 f"compacted from {record.labels.get('source_version')}); compact it again")
+    created = record.labels.get("source_created_ms")
+    if str(source.version) != record.labels.get("source_version", "") or (created is not None and created != str(source.created_at_ms)):
+        raise FailedPrecondition(f"source {source_id!r} changed since {record.session_id!r} was compacted from it (saved again, appended to or "
+                                 "replaced); its tokens may differ, so nothing is recalled from it: compact it again")
     source.spec.require_same(record.spec, f"source {source_id!r}")
     if source.num_tokens != record.logical_length:
         raise CorruptData(f"source {source_id!r} holds {source.num_tokens} tokens, the compacted session stands for {record.logical_length}")
@@ -217,9 +220,12 @@ def adjusted_bias(bias: torch.Tensor, slots: torch.Tensor | None, recalled: np.n
     return out + shift
 
 
-def recall(model: Any, store: SessionStore, compacted: CompactedKV, question_ids: torch.Tensor, config: RecallConfig, index_config: Any) -> Recalled:
+def recall(model: Any, store: SessionStore, compacted: CompactedKV, question_ids: torch.Tensor, config: RecallConfig, index_config: Any,
+           index: Any = None) -> Recalled:
     """Recall ``config.budget_tokens`` exact tokens per layer from the compacted session's source
-    for ``question_ids`` [n] and combine them with its slots (see the module docstring)."""
+    for ``question_ids`` [n] and combine them with its slots (see the module docstring).
+    ``index``: the source's BlockIndex when the caller already loaded it (else it is loaded, or
+    built and stored, for ``index_config``)."""
     from retrieval.service import block_index
 
     if question_ids.numel() == 0:
@@ -229,16 +235,17 @@ def recall(model: Any, store: SessionStore, compacted: CompactedKV, question_ids
     source = source_of(store, compacted.record)
     total = source.num_tokens
     rope = Rope.from_model(model)
-    loaded = block_index(store, rope, source.tenant, source.session_id, index_config)
-    if loaded.index.num_tokens != total:
-        raise FailedPrecondition(f"the block index of {source.session_id!r} covers {loaded.index.num_tokens} tokens, the source {total}; retry")
+    if index is None:
+        index = block_index(store, rope, source.tenant, source.session_id, index_config).index
+    if index.num_tokens != total:
+        raise FailedPrecondition(f"the block index of {source.session_id!r} covers {index.num_tokens} tokens, the source {total}; retry")
     seconds["index"] = time.perf_counter() - started
     started = time.perf_counter()
     states = question_keys(model, compacted, question_ids, rope)
     probes = [Probe.from_states(keys, source.spec.num_kv_heads, config.method) for keys in states]
     retrieval = RetrievalConfig(method=config.method, budget_tokens=min(config.budget_tokens, total), sink_tokens=0, recent_tokens=0,
-                                packed=False, margin_tokens=config.margin_tokens)
-    selection = select(loaded.index, probes, retrieval)
+                                packed=False, margin_tokens=config.margin_tokens, dynamic=config.dynamic)
+    selection = select(index, probes, retrieval)
     seconds["probe"] = time.perf_counter() - started
     started = time.perf_counter()
     tokens = [layer.tokens for layer in selection.layers]

@@ -156,36 +156,44 @@ class SaveSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., deduplicated_tokens: _Optional[int] = ..., bytes_written: _Optional[int] = ...) -> None: ...
 
 class RestoreSessionRequest(_message.Message):
-    __slots__ = ("tenant", "session_id", "model", "token_start", "token_end", "lookup_token_ids")
+    __slots__ = ("tenant", "session_id", "model", "token_start", "token_end", "lookup_token_ids", "recall_for", "recall_tokens")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_END_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FOR_FIELD_NUMBER: _ClassVar[int]
+    RECALL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     model: ModelSpec
     token_start: int
     token_end: int
     lookup_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., lookup_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    recall_for: _containers.RepeatedScalarFieldContainer[int]
+    recall_tokens: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., lookup_token_ids: _Optional[_Iterable[int]] = ..., recall_for: _Optional[_Iterable[int]] = ..., recall_tokens: _Optional[int] = ...) -> None: ...
 
 class RestoreHeader(_message.Message):
-    __slots__ = ("session", "token_start", "token_end", "token_ids", "positions", "num_chunks")
+    __slots__ = ("session", "token_start", "token_end", "token_ids", "positions", "num_chunks", "recalled_tokens", "recall_bytes_read")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     TOKEN_END_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    RECALLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RECALL_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     session: SessionInfo
     token_start: int
     token_end: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     positions: _containers.RepeatedScalarFieldContainer[int]
     num_chunks: int
-    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    recalled_tokens: int
+    recall_bytes_read: int
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., num_chunks: _Optional[int] = ..., recalled_tokens: _Optional[int] = ..., recall_bytes_read: _Optional[int] = ...) -> None: ...
 
 class RestoreSessionResponse(_message.Message):
     __slots__ = ("header", "chunks")
@@ -551,7 +559,7 @@ class SearchTextResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[TextHit, _Mapping]]] = ..., index_rebuilt: _Optional[bool] = ...) -> None: ...
 
 class PlanRequest(_message.Message):
-    __slots__ = ("tenant", "session_id", "query", "latency_budget_ms", "force_option", "forbid_options", "expected_followups", "max_new_tokens")
+    __slots__ = ("tenant", "session_id", "query", "latency_budget_ms", "force_option", "forbid_options", "expected_followups", "max_new_tokens", "rag_budget_tokens", "kv_budget_tokens", "recall_budget_tokens")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
@@ -560,6 +568,9 @@ class PlanRequest(_message.Message):
     FORBID_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FOLLOWUPS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RAG_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RECALL_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     session_id: str
     query: str
@@ -568,7 +579,10 @@ class PlanRequest(_message.Message):
     forbid_options: _containers.RepeatedScalarFieldContainer[str]
     expected_followups: int
     max_new_tokens: int
-    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., query: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ..., force_option: _Optional[str] = ..., forbid_options: _Optional[_Iterable[str]] = ..., expected_followups: _Optional[int] = ..., max_new_tokens: _Optional[int] = ...) -> None: ...
+    rag_budget_tokens: int
+    kv_budget_tokens: int
+    recall_budget_tokens: int
+    def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., query: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ..., force_option: _Optional[str] = ..., forbid_options: _Optional[_Iterable[str]] = ..., expected_followups: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., rag_budget_tokens: _Optional[int] = ..., kv_budget_tokens: _Optional[int] = ..., recall_budget_tokens: _Optional[int] = ...) -> None: ...
 
 class PlanFeatures(_message.Message):
     __slots__ = ("context_tokens", "question_tokens", "window", "query_type", "has_text", "compacted_stored", "block_index_stored", "text_index_stored", "top1", "gap", "expected_followups")
