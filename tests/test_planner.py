@@ -95,8 +95,8 @@ def test_overrides_force_and_forbid():
 
 
 def test_preparation_is_shared_by_follow_ups_and_free_once_stored():
-    quality_ = {"rag": 0.9, "kv_retrieval": 0.5, "full": 0.88, "compacted": 0.1, "ttt": 0.1}
-    seconds = {"rag": 1.0, "kv_retrieval": 3.0, "full": 2.5, "compacted": 1.5, "ttt": 9.0}
+    quality_ = {"rag": 0.9, "kv_retrieval": 0.5, "full": 0.88, "compacted": 0.1, "compacted_recall": 0.5, "ttt": 0.1}
+    seconds = {"rag": 1.0, "kv_retrieval": 3.0, "full": 2.5, "compacted": 1.5, "compacted_recall": 2.0, "ttt": 9.0}
     model = _model(quality_, seconds, prep={"rag": 6.0})
     alone = decide(_features(), model)
     assert alone.choice == "full" and alone.estimate("rag").seconds == pytest.approx(7.0)
@@ -106,6 +106,44 @@ def test_preparation_is_shared_by_follow_ups_and_free_once_stored():
     assert stored.choice == "rag" and stored.estimate("rag").preparation_seconds == 0
     no_text = decide(_features(has_text=False, expected_followups=9), model)
     assert no_text.choice == "full" and "without text" in no_text.estimate("rag").ruled_out
+
+
+def test_an_option_the_model_never_measured_is_ruled_out_unless_forced():
+    model = _model(FLAT_Q, FLAT_S)
+    del model.costs["compacted_recall"]
+    decision = decide(_features(), model)
+    unmeasured = decision.estimate("compacted_recall")
+    assert decision.choice != "compacted_recall" and "not measured" in unmeasured.ruled_out
+    assert decide(_features(), model, force="compacted_recall").choice == "compacted_recall"
+
+
+def test_requests_set_their_own_budgets_within_bounds():
+    from retrieval.executors import ExecutorSettings
+    from retrieval.plan_service import Question
+
+    server = ExecutorSettings()
+    question = Question("t", "s", "What is it?", max_new_tokens=12, budgets={"rag_budget_tokens": 512, "kv_budget_tokens": 0, "recall_budget_tokens": 64})
+    settings = question.settings(server, window=8192)
+    assert (settings.rag_budget_tokens, settings.kv_budget_tokens, settings.recall_budget_tokens, settings.max_new_tokens) == (512, server.kv_budget_tokens, 64, 12)
+    with pytest.raises(errors.InvalidRequest, match="window"):
+        Question("t", "s", "q", budgets={"rag_budget_tokens": 8190}).settings(server, window=8192)
+    for bad in ({"kv_budget_tokens": -1}, {"recall_budget_tokens": 1 << 40}, {"speed": 3}):
+        with pytest.raises(errors.InvalidRequest):
+            Question("t", "s", "q", budgets=bad)
+
+
+def test_rag_searches_the_question_without_its_chat_template():
+    from types import SimpleNamespace
+
+    from retrieval.executors import search_query
+
+    tokenizer = SimpleNamespace(all_special_tokens=["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    chat = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM<|im_end|>\n"
+            "<|im_start|>user\nWhat is the secret code for falcon?<|im_end|>\n<|im_start|>assistant\n")
+    assert search_query(chat, tokenizer) == "What is the secret code for falcon?"
+    plain = "\n\nQuestion: What is the secret code for falcon? Answer:"
+    assert search_query(plain, tokenizer) == plain.strip()
+    assert search_query("<|im_start|>user\nfirst<|im_end|><|im_start|>assistant\nok<|im_end|><|im_start|>user\nsecond", tokenizer) == "first second"
 
 
 def test_quality_table_backs_off_to_coarser_situations():
