@@ -133,6 +133,9 @@ class KVMemServicer:
         self.indexer = indexer  # retrieval.service.IndexBuilder or None
         self.quota_for = quota_for  # tenant -> kvstore.quota.Quota (for GetStats), or None
         self.metrics = metrics  # kvmem.metrics.Metrics or None: compaction, retrieval, planner timings
+        from retrieval.index_cache import IndexCache
+
+        self.index_cache = IndexCache(self.retrieval.index_cache_bytes)  # block indexes in memory (Retrieve, Answer, recall)
         self._embedder = None
         self._embedder_lock = threading.Lock()
 
@@ -212,7 +215,7 @@ class KVMemServicer:
     def _recall_messages(self, tenant: str, request) -> Iterator:
         """A compacted session restored with exact KV recalled from its source for a question
         (retrieval/recall.py): header, then the combined slots per layer in chunk-sized pieces."""
-        from retrieval.recall import RecallConfig, load_compacted, recall
+        from retrieval.recall import RecallConfig, load_compacted, recall, source_of
 
         if not request.session_id:
             raise InvalidRequest("recall_for needs the session_id of a compacted session")
@@ -238,7 +241,12 @@ class KVMemServicer:
             if compacted.logical_length + len(question) > window:
                 raise InvalidRequest(f"the session's {compacted.logical_length} positions plus a {len(question)}-token question exceed the model's "
                                      f"{window}-token window; ask a shorter question")
-            recalled = recall(model, self.store, compacted, torch.from_numpy(question), config, self._block_index_config())
+            from retrieval.rope import Rope
+            from retrieval.service import block_index
+
+            index = block_index(self.store, Rope.from_model(model), tenant, source_of(self.store, compacted.record).session_id, self._block_index_config(),
+                                cache=self.index_cache).index
+            recalled = recall(model, self.store, compacted, torch.from_numpy(question), config, self._block_index_config(), index)
         width = recalled.keys[0].shape[1] - compacted.keys[0].shape[1]
         first = recalled.tokens[0]
         token_ids = np.concatenate([compacted.record.token_ids, recalled.source.token_ids[first], np.zeros(width - len(first), np.uint32)])
@@ -361,14 +369,11 @@ class KVMemServicer:
             recent_tokens=self.retrieval.recent_tokens, dynamic=request.dynamic_budget if request.HasField("dynamic_budget") else True,
         )
         vectors = _reference_queries(request.query_vectors, record.spec) if given[2] else None
-        with self.host.use() as (model, tokenizer):
-            ids = None
-            if given[0]:
-                ids = torch.from_numpy(convert.tokens_array(request.query_token_ids).astype(np.int64))
-            elif given[1]:
-                ids = tokenizer(request.query_text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-            index_config = self._block_index_config()
-            result = retrieve(self.store, model, tenant, request.session_id, config, index_config, question_ids=ids, query_vectors=vectors)
+        ids = torch.from_numpy(convert.tokens_array(request.query_token_ids).astype(np.int64)) if given[0] else None
+        index_config = self._block_index_config()
+        result = retrieve(self.store, self.host.use, tenant, request.session_id, config, index_config, question_ids=ids, query_vectors=vectors,
+                          question_text=request.query_text, index_cache=self.index_cache, include_kv=request.include_kv,
+                          rope=self.host.rope(), window=self.host.window())
         selection, kv = result.selection, result.kv
         if self.metrics is not None:
             self.metrics.retrieval.labels(config.method).observe(time.perf_counter() - started)
@@ -377,6 +382,7 @@ class KVMemServicer:
             session=convert.session_info(result.record), method=config.method, budget_tokens=config.budget_tokens,
             block_tokens=index_config.block_tokens, sink_end=selection.sink_end, recent_start=selection.recent_start,
             index_rebuilt=result.index_rebuilt, seconds=time.perf_counter() - started, num_chunks=sum(len(r) for r in runs),
+            bytes_read=result.bytes_read,
         ))
         from retrieval.context import ranked_spans
 
@@ -389,9 +395,9 @@ class KVMemServicer:
         dtype = convert.DTYPE_TO_PB[record.spec.dtype]
         for number, layer_runs in enumerate(runs):
             for start, end in layer_runs:
+                keys, values = kv.take(number, np.arange(start, end))
                 yield pb.RetrieveResponse(chunks=pb.KVChunks(chunks=[pb.KVChunk(
-                    layer=number, token_start=start, num_tokens=end - start, dtype=dtype,
-                    keys=_tensor_bytes(kv.keys[number][:, start:end]), values=_tensor_bytes(kv.values[number][:, start:end]),
+                    layer=number, token_start=start, num_tokens=end - start, dtype=dtype, keys=_tensor_bytes(keys), values=_tensor_bytes(values),
                 )]))
 
     def _text_embedder(self):
@@ -468,7 +474,7 @@ class KVMemServicer:
         _, question = self._planned(call, request)
         with self.host.use() as (model, tokenizer):
             decision, seconds, settings, embedder = self._decide(request, model, tokenizer, question)
-            execution = run(self.store, model, tokenizer, decision, question, settings, embedder)
+            execution = run(self.store, model, tokenizer, decision, question, settings, embedder, self.index_cache)
         if self.metrics is not None:
             self.metrics.planner_choices.labels(decision.choice or "none", "Answer").inc()
             for stage, stage_seconds in execution.stages.items():

@@ -67,6 +67,7 @@ class RetrievalSettings:
     sink_tokens: int = 4  # always-kept first tokens
     recent_tokens: int = 256  # always-kept last tokens (at most a quarter of the budget)
     text_search: bool = True  # SearchText with the bundled all-MiniLM-L6-v2 (loaded on first use)
+    index_cache_bytes: int = 1 << 30  # block indexes kept in memory between requests (LRU; a 256k-token session's is ~380 MB)
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,22 @@ class ModelHost:
                 model, tokenizer = load_model(self.name_or_path, cache_dir=self.cache_dir, device=self.device)
                 weights_fingerprint(model)  # fingerprint the weights as loaded, before any request can adapt them
                 self._spec = ModelSpec.from_model(model)
+                from retrieval.rope import Rope
+
+                self._rope = Rope.from_model(model)  # fixed by the config: read without the use lock
+                self._window = int(model.config.get_text_config().max_position_embeddings)
                 self._loaded = (model, tokenizer)
             return self._loaded
+
+    def rope(self) -> Any:
+        """The hosted model's RoPE (retrieval.rope.Rope), without waiting for the model to be free."""
+        self._load()
+        return self._rope
+
+    def window(self) -> int:
+        """The hosted model's context window in tokens."""
+        self._load()
+        return self._window
 
     def might_host(self, spec: ModelSpec) -> bool:
         """Cheap check for background work: the full compatibility check (``host_differences``)

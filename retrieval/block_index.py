@@ -115,6 +115,19 @@ class BlockIndex:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the indexes hold: their vectors, plus HNSW's neighbour lists where used."""
+        total = 0
+        for layer in self.indexes:
+            for index in layer:
+                links = 0
+                inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+                if isinstance(inner, faiss.IndexHNSWFlat):
+                    links = index.ntotal * 2 * self.config.hnsw_neighbors * 4
+                total += index.ntotal * (self.head_dim * 4 + 8) + links  # vectors + their ids
+        return total + self.blocks.nbytes
+
     # ------------------------------------------------------------------ build
     @classmethod
     def build(cls, keys: list[torch.Tensor], positions: torch.Tensor, rope: Rope, config: BlockIndexConfig = BlockIndexConfig()) -> "BlockIndex":

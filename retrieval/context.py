@@ -62,11 +62,16 @@ class RetrievalConfig:
 
 @dataclass
 class SessionKV:
-    """A session's KV in memory. keys, values: per layer [H, T, D] post-RoPE; positions int64 [T]."""
+    """A session's KV in memory, whole or in part. keys, values: per layer [H, n, D] post-RoPE of
+    the tokens it holds: every token (``held`` None, n = T) or the session indices ``held``
+    (ascending, n = len(held): what a request read, retrieval/reads.py); positions int64 [T]
+    of every token of the session."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     positions: torch.Tensor
+    held: np.ndarray | None = None
+    bytes_read: int = 0  # stored bytes read to hold this (0: not counted)
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +80,21 @@ class SessionKV:
     @property
     def logical_length(self) -> int:
         return int(self.positions.max()) + 1 if self.num_tokens else 0
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.keys[0].shape[0])
+
+    def take(self, layer: int, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values [H, n, D] of session tokens ``tokens`` (ascending indices) at ``layer``."""
+        if self.held is None:
+            index = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        else:
+            at = np.searchsorted(self.held, tokens)
+            if len(tokens) and (at.max() >= len(self.held) or np.any(self.held[at] != tokens)):
+                raise ValueError("asked for tokens this partial KV does not hold")
+            index = torch.from_numpy(at.astype(np.int64))
+        return self.keys[layer][:, index], self.values[layer][:, index]
 
     @classmethod
     def from_plan(cls, plan: Any) -> "SessionKV":
@@ -247,10 +267,9 @@ def gather_layers(kv: SessionKV, selection: Selection, layout: Layout, rope: Rop
     """Per layer (keys, values) [H, n_l, D] of the kept tokens, keys rotated to their layout positions."""
     out = []
     for layer, chosen in enumerate(selection.layers):
-        index = torch.from_numpy(chosen.tokens)
-        keys, values = kv.keys[layer][:, index], kv.values[layer][:, index]
+        keys, values = kv.take(layer, chosen.tokens)
         if not layout.original:
-            keys = rope.rotate(keys, layout.positions(kv, chosen.tokens) - kv.positions[index])
+            keys = rope.rotate(keys, layout.positions(kv, chosen.tokens) - kv.positions[torch.from_numpy(chosen.tokens)])
         out.append((keys, values))
     return out
 
@@ -290,7 +309,7 @@ def question_probes(model: Any, kv: SessionKV, question_ids: torch.Tensor, confi
     the needle block in far more layers (docs/retrieval.md, bench/retrieval_probes.py).
     """
     states = probe_pass(model, kv, question_ids, config, rope, window)
-    return [Probe.from_states(keys, kv.keys[0].shape[0], config.method) for keys in states.keys]
+    return [Probe.from_states(keys, kv.num_heads, config.method) for keys in states.keys]
 
 
 def model_window(model: Any) -> int:

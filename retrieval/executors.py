@@ -80,6 +80,7 @@ class AnswerRequest:
     question: str  # the text appended after the context (the caller formats it)
     settings: ExecutorSettings
     embedder: Callable[[], Any] | None = None  # lazily loads the text embedder (rag only)
+    index_cache: Any = None  # retrieval.index_cache.IndexCache: block indexes kept in memory (the server's), or None
 
     @property
     def question_ids(self) -> torch.Tensor:
@@ -254,7 +255,8 @@ def run_compacted_recall(request: AnswerRequest) -> Execution:
         compacted = load_compacted(request.store, request.tenant, target_id)
         source = source_of(request.store, compacted.record)
     with stages("index"):  # the source's block index, built once and stored beside it
-        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, source.session_id, settings.block_index)
+        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, source.session_id, settings.block_index,
+                             cache=request.index_cache, record=source)
     if loaded.rebuilt:
         prepared.append("index")
     else:
@@ -281,7 +283,8 @@ def run_kv_retrieval(request: AnswerRequest) -> Execution:
     budget = min(settings.kv_budget_tokens, record.num_tokens)
     config = RetrievalConfig(method=settings.retrieval_method, budget_tokens=budget)
     with stages("index"):
-        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, request.session_id, settings.block_index, (record, kv))
+        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, request.session_id, settings.block_index, (record, kv),
+                             cache=request.index_cache)
     if not loaded.rebuilt:  # a stored index was only read: that is load time, not preparation
         stages.seconds["load"] += stages.seconds.pop("index")
     with stages("generate"):

@@ -113,6 +113,6 @@ def plan(store: SessionStore, model: Any, tokenizer: Any, planner: PlannerModel,
 
 
 def run(store: SessionStore, model: Any, tokenizer: Any, decision: Decision, question: Question, settings: ExecutorSettings,
-        embedder: Callable[[], Any] | None) -> Execution:
-    request = AnswerRequest(model, tokenizer, store, question.tenant, question.session_id, question.query, settings, embedder)
+        embedder: Callable[[], Any] | None, index_cache: Any = None) -> Execution:
+    request = AnswerRequest(model, tokenizer, store, question.tenant, question.session_id, question.query, settings, embedder, index_cache)
     return execute(decision.choice, request)

@@ -49,6 +49,7 @@ from kvstore.records import SessionRecord
 from kvstore.store import SessionStore
 from retrieval.actqkv import Probe
 from retrieval.context import RetrievalConfig, Selection, select
+from retrieval.reads import read_tokens
 from retrieval.rope import Rope
 
 DOUBLE_COUNT = ("none", "drop", "scale", "drop_scale")
@@ -167,35 +168,6 @@ def question_keys(model: Any, compacted: CompactedKV, question_ids: torch.Tensor
     with torch.no_grad():
         model(input_ids=ids.to(model.device), cache=cache, position_ids=positions[None].to(model.device), use_cache=True)
     return [rope.rotate(cache.layers[l].keys[0, :, -n:].float().cpu(), -positions) for l in range(len(compacted.keys))]
-
-
-def read_tokens(store: SessionStore, source: SessionRecord, tokens: list[np.ndarray]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    """Keys, values [H, n_l, D] of ``tokens[l]`` (ascending indices) per layer, reading only the
-    stored chunks that hold them; and the bytes those chunks hold."""
-    from kvstore.pieces import tensor_raw_view
-
-    spec = source.spec
-    shape = lambda n: (spec.num_kv_heads, n, spec.head_dim)  # noqa: E731
-    keys = [torch.empty(shape(len(t)), dtype=spec.torch_dtype) for t in tokens]
-    values = [torch.empty(shape(len(t)), dtype=spec.torch_dtype) for t in tokens]
-    raw = [(tensor_raw_view(k), tensor_raw_view(v)) for k, v in zip(keys, values)]
-    wanted = np.unique(np.concatenate(tokens)) if tokens else np.zeros(0, np.int64)
-    bytes_read = 0
-    for ref in source.blocks:
-        if not np.any((wanted >= ref.start) & (wanted < ref.end)):
-            continue
-        for block in store.load_chunk(source, ref):
-            bytes_read += len(block.data)
-            chosen = tokens[block.layer]
-            inside = np.nonzero((chosen >= ref.start) & (chosen < ref.end))[0]
-            if len(inside) == 0:
-                continue
-            block_keys, block_values, _ = block.raw_arrays()
-            local = chosen[inside] - ref.start
-            k, v = raw[block.layer]
-            k[:, inside] = block_keys[:, local]
-            v[:, inside] = block_values[:, local]
-    return keys, values, bytes_read
 
 
 def adjusted_bias(bias: torch.Tensor, slots: torch.Tensor | None, recalled: np.ndarray, total: int, handling: str) -> torch.Tensor:

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -102,52 +102,97 @@ def build_block_index(store: SessionStore, rope: Rope, tenant: str, session_id: 
 
 
 def block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, config: BlockIndexConfig,
-                source: tuple[SessionRecord, SessionKV] | None = None) -> Loaded:
-    """The session's block index for ``config``: stored, or rebuilt (and stored) when
-    missing/stale/corrupt. Each configuration has its own stored index (``BlockIndexConfig.tag``).
+                source: tuple[SessionRecord, SessionKV] | None = None, cache: Any = None, record: SessionRecord | None = None) -> Loaded:
+    """The session's block index for ``config``: from ``cache`` (retrieval.index_cache.IndexCache)
+    when it holds this generation's, else stored, else rebuilt (and stored) when missing, stale or
+    corrupt; what was loaded or built is put in ``cache``. Each configuration has its own stored
+    index (``BlockIndexConfig.tag``).
 
-    With ``source`` (record, KV) the index must match that generation of the session."""
-    record = source[0] if source is not None else store.get(tenant, session_id)
+    With ``source`` (record, KV) or ``record`` the index must match that generation of the session."""
+    from retrieval.index_cache import index_key
+
+    record = source[0] if source is not None else (record or store.get(tenant, session_id))
+    key = index_key(record, config.tag)
+    if cache is not None:
+        held = cache.get(key)
+        if held is not None:
+            return Loaded(held, False, "memory")
     try:
-        return Loaded(_load_block_index(store, tenant, session_id, record, config), False)
+        index = _load_block_index(store, tenant, session_id, record, config)
+        if cache is not None:
+            cache.put(key, index)
+        return Loaded(index, False)
     except LookupError as exc:
         reason = str(exc)
     except CorruptData as exc:
         reason = f"corrupt: {exc}"
         log.warning("block index damaged; rebuilding", extra={"fields": {"session": session_id, "error": str(exc)}})
-    _, index = build_block_index(store, rope, tenant, session_id, config, source)
+    built_from, index = build_block_index(store, rope, tenant, session_id, config, source)
+    if cache is not None and built_from.version == record.version and built_from.created_at_ms == record.created_at_ms:
+        cache.put(key, index)
     return Loaded(index, True, reason)
 
 
 @dataclass
 class Retrieved:
     record: SessionRecord
-    kv: SessionKV
+    kv: SessionKV | None  # the selected tokens' KV (every layer's selection together) when asked for, else None
     selection: Selection
     index_rebuilt: bool
+    bytes_read: int = 0  # stored KV bytes this request read (the probe's window, the selected tokens)
 
 
-def retrieve(store: SessionStore, model: Any, tenant: str, session_id: str, config: RetrievalConfig, index_config: BlockIndexConfig,
-             question_ids: torch.Tensor | None = None, query_vectors: list[torch.Tensor] | None = None) -> Retrieved:
-    """Select blocks of a stored session for a question (token ids, run through ``model``) or for
-    caller-supplied position-free query vectors (per layer [Hq, n, D])."""
-    record, kv = _load_source(store, tenant, session_id)
+def retrieve(store: SessionStore, use_model: Callable[[], Any], tenant: str, session_id: str, config: RetrievalConfig, index_config: BlockIndexConfig,
+             question_ids: torch.Tensor | None = None, query_vectors: list[torch.Tensor] | None = None, question_text: str = "",
+             index_cache: Any = None, include_kv: bool = False, rope: Rope | None = None, window: int = 0) -> Retrieved:
+    """Select blocks of a stored session for a question (token ids or text, run through the model)
+    or for caller-supplied position-free query vectors (per layer [Hq, n, D]).
+
+    Costs what it returns: the index comes from ``index_cache`` or the store (built from the whole
+    session only when missing: preparation), the probe pass reads only the sinks and the recent
+    window, and ``include_kv`` reads only the selected tokens. ``use_model()`` is a context manager
+    yielding (model, tokenizer) (the server's model lock); it is held only for the probe pass, so
+    searching and reading run beside other requests' model work (and with query vectors, plus the
+    model's ``rope`` and ``window``, it is never taken)."""
+    record = store.get(tenant, session_id)
+    if record.has_bias:
+        raise FailedPrecondition("retrieval runs on plain sessions; this one is compacted (it has attention biases)")
     if config.budget_tokens > record.num_tokens:  # before any index is built or stored
         raise InvalidRequest(f"budget of {config.budget_tokens} tokens exceeds the session's {record.num_tokens} tokens; restore the full session instead")
-    rope = Rope.from_model(model)
-    loaded = block_index(store, rope, tenant, session_id, index_config, (record, kv))
     spec = record.spec
+    if query_vectors is not None and len(query_vectors) != spec.num_layers:
+        raise InvalidRequest(f"query vectors for {len(query_vectors)} layers; the session has {spec.num_layers}")
+    if query_vectors is None and (question_ids is None or question_ids.numel() == 0) and not question_text:
+        raise InvalidRequest("give a query: token ids, text, or query vectors")
+    if rope is None or not window:
+        with use_model() as (model, _):
+            rope, window = Rope.from_model(model), model_window(model)
+    loaded = block_index(store, rope, tenant, session_id, index_config, cache=index_cache, record=record)
+    bytes_read = 0
     if query_vectors is not None:
-        if len(query_vectors) != spec.num_layers:
-            raise InvalidRequest(f"query vectors for {len(query_vectors)} layers; the session has {spec.num_layers}")
         from retrieval.actqkv import Probe
 
         probes = [Probe.from_states(q, spec.num_kv_heads, config.method) for q in query_vectors]
     else:
-        if question_ids is None or question_ids.numel() == 0:
-            raise InvalidRequest("give a query: token ids, text, or query vectors")
-        probes = question_probes(model, kv, question_ids.view(-1), config, rope, model_window(model))
-    return Retrieved(record, kv, select(loaded.index, probes, config), loaded.rebuilt)
+        from retrieval.context import always_kept
+        from retrieval.reads import selected_kv
+
+        window_kv = selected_kv(store, record, always_kept(record.num_tokens, config)[2])
+        bytes_read += window_kv.bytes_read
+        with use_model() as (model, tokenizer):
+            if question_text:
+                question_ids = tokenizer(question_text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+                if question_ids.numel() == 0:
+                    raise InvalidRequest("query_text has no tokens; give the question to retrieve for")
+            probes = question_probes(model, window_kv, question_ids.view(-1), config, rope, window)
+    selection = select(loaded.index, probes, config)
+    kv = None
+    if include_kv:
+        from retrieval.reads import selected_kv
+
+        kv = selected_kv(store, record, np.unique(np.concatenate([layer.tokens for layer in selection.layers])))
+        bytes_read += kv.bytes_read
+    return Retrieved(record, kv, selection, loaded.rebuilt, bytes_read)
 
 
 def text_index(store: SessionStore, embedder: Any, tenant: str, session_id: str) -> Loaded:

@@ -6,7 +6,8 @@ import torch
 
 from compaction.slots import slots_from_bytes, slots_to_bytes
 from kvstore import errors
-from retrieval.recall import RecallConfig, adjusted_bias, read_tokens
+from retrieval.reads import read_tokens
+from retrieval.recall import RecallConfig, adjusted_bias
 from tests.conftest import TOY_SPEC, random_layers
 
 

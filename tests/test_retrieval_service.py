@@ -175,6 +175,49 @@ def test_retrieve_returns_blocks_per_layer_within_budget(real_client, real_sessi
 
 
 @pytest.mark.slow
+def test_retrieve_reads_what_it_returns_and_keeps_the_index_in_memory(real_client, service):
+    cache = service.frontend.servicer.index_cache
+    doc = real_client.get("doc")
+    record = service.store.get("default", "doc")
+
+    def chunk_bytes(tokens) -> int:  # what reading the stored chunks holding ``tokens`` costs
+        return sum(len(b.data) for ref in record.blocks if any(ref.start <= t < ref.end for t in tokens) for b in service.store.load_chunk(record, ref))
+
+    window = set(range(4)) | set(range(doc.num_tokens - 32, doc.num_tokens))  # 4 sinks, 32 recent (a quarter of 128)
+    first = real_client.retrieve("doc", 128, text="What does the license say about patents?")
+    assert first.header.index_rebuilt and cache.bytes > 0  # built once (reads the session), then held in memory
+    assert first.header.bytes_read == chunk_bytes(window)  # the probe read only its window's chunks
+    hits = cache.hits
+    second = real_client.retrieve("doc", 128, text="What does the license say about patents?", include_kv=True)
+    assert cache.hits == hits + 1 and not second.header.index_rebuilt
+    selected = set()
+    for layer in second.layers:
+        for start, length in zip(layer.block_starts, layer.block_lengths):
+            selected.update(range(start, start + length))
+    # and then the selected tokens' chunks (every layer's selection together), never the whole session
+    assert second.header.bytes_read == first.header.bytes_read + chunk_bytes(selected | window) < doc.kv_bytes
+    # with query vectors nothing waits for the model: a Retrieve completes while another request holds it
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with service.host.use():
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(30)
+        vectors = real_client.retrieve("doc", 128, query_vectors=[torch.randn(9, 4, 64) for _ in range(30)])
+        assert len(vectors.layers) == 30 and release.is_set() is False
+    finally:
+        release.set()
+        holder.join()
+
+
+@pytest.mark.slow
 def test_retrieve_bad_requests(real_client):
     cases = [
         (dict(budget_tokens=0, text="q"), grpc.StatusCode.INVALID_ARGUMENT, "budget_tokens"),

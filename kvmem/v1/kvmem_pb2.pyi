@@ -493,7 +493,7 @@ class RetrievedLayer(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., block_starts: _Optional[_Iterable[int]] = ..., block_lengths: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., entropy: _Optional[float] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class RetrieveHeader(_message.Message):
-    __slots__ = ("session", "method", "budget_tokens", "block_tokens", "sink_end", "recent_start", "index_rebuilt", "seconds", "num_chunks")
+    __slots__ = ("session", "method", "budget_tokens", "block_tokens", "sink_end", "recent_start", "index_rebuilt", "seconds", "num_chunks", "bytes_read")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -503,6 +503,7 @@ class RetrieveHeader(_message.Message):
     INDEX_REBUILT_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     session: SessionInfo
     method: str
     budget_tokens: int
@@ -512,7 +513,8 @@ class RetrieveHeader(_message.Message):
     index_rebuilt: bool
     seconds: float
     num_chunks: int
-    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., method: _Optional[str] = ..., budget_tokens: _Optional[int] = ..., block_tokens: _Optional[int] = ..., sink_end: _Optional[int] = ..., recent_start: _Optional[int] = ..., index_rebuilt: _Optional[bool] = ..., seconds: _Optional[float] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    bytes_read: int
+    def __init__(self, session: _Optional[_Union[SessionInfo, _Mapping]] = ..., method: _Optional[str] = ..., budget_tokens: _Optional[int] = ..., block_tokens: _Optional[int] = ..., sink_end: _Optional[int] = ..., recent_start: _Optional[int] = ..., index_rebuilt: _Optional[bool] = ..., seconds: _Optional[float] = ..., num_chunks: _Optional[int] = ..., bytes_read: _Optional[int] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("header", "layer", "chunks")
