@@ -154,7 +154,7 @@ def run_server(name: str = "kvmem", process: bool = False, **store_overrides: An
 
 
 @contextlib.contextmanager
-def _server_process(data_dir: Path, config: ServiceConfig) -> Iterator[int]:
+def _server_process(data_dir: Path, config: ServiceConfig, extra: Sequence[str] = (), popen: list | None = None) -> Iterator[int]:
     port_file = data_dir / "port"
     overrides = [f"store.{key}={value}" for key, value in vars(config.store).items() if key != "data_dir"]
     command = [
@@ -162,9 +162,11 @@ def _server_process(data_dir: Path, config: ServiceConfig) -> Iterator[int]:
         "--set", f"server.port_file={port_file}", "--set", "model.prepare=false", "--set", "server.log_level=WARNING",
         "--set", f"server.max_message_bytes={config.server.max_message_bytes}", "--set", f"retrieval.index_on_save={str(config.retrieval.index_on_save).lower()}",
     ]
-    for item in overrides:
+    for item in [*overrides, *extra]:
         command += ["--set", item]
     process = subprocess.Popen(command, cwd=REPO)
+    if popen is not None:
+        popen.append(process)  # the caller may read the process's memory
     try:
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text()):

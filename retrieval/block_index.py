@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -138,6 +139,22 @@ class BlockIndex:
         if positions.shape != (total,):
             raise InvalidRequest(f"{positions.shape[0]} positions for {total} tokens")
         indexes = [cls._layer_indexes(rope.rotate(layer.detach(), -positions), config) for layer in keys]
+        return cls(config, total, dim, indexes)
+
+    @classmethod
+    def build_layers(cls, layer_keys: Any, num_layers: int, positions: torch.Tensor, rope: Rope, config: BlockIndexConfig = BlockIndexConfig()) -> "BlockIndex":
+        """Like ``build`` with ``layer_keys(layer)`` -> keys [H, T, D] called one layer at a time,
+        so only one layer's keys need be in memory."""
+        indexes, total, dim = [], None, None
+        for layer in range(num_layers):
+            keys = layer_keys(layer)
+            heads, total, dim = keys.shape
+            if positions.shape != (total,):
+                raise InvalidRequest(f"{positions.shape[0]} positions for {total} tokens")
+            indexes.append(cls._layer_indexes(rope.rotate(keys.detach(), -positions), config))
+            del keys
+        if not indexes:
+            raise InvalidRequest("cannot index a session without layers")
         return cls(config, total, dim, indexes)
 
     @staticmethod

@@ -70,7 +70,7 @@ class SessionKV:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     positions: torch.Tensor
-    held: np.ndarray | None = None
+    held: np.ndarray | list[np.ndarray] | None = None  # one array for every layer, or one per layer
     bytes_read: int = 0  # stored bytes read to hold this (0: not counted)
 
     @property
@@ -90,8 +90,9 @@ class SessionKV:
         if self.held is None:
             index = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
         else:
-            at = np.searchsorted(self.held, tokens)
-            if len(tokens) and (at.max() >= len(self.held) or np.any(self.held[at] != tokens)):
+            held = self.held[layer] if isinstance(self.held, list) else self.held
+            at = np.searchsorted(held, tokens)
+            if len(tokens) and (at.max() >= len(held) or np.any(held[at] != tokens)):
                 raise ValueError("asked for tokens this partial KV does not hold")
             index = torch.from_numpy(at.astype(np.int64))
         return self.keys[layer][:, index], self.values[layer][:, index]

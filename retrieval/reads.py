@@ -44,11 +44,13 @@ def read_tokens(store: SessionStore, record: SessionRecord, tokens: list[np.ndar
     return keys, values, bytes_read
 
 
-def selected_kv(store: SessionStore, record: SessionRecord, tokens: np.ndarray):
+def selected_kv(store: SessionStore, record: SessionRecord, tokens: np.ndarray | list[np.ndarray]):
     """A retrieval.context.SessionKV holding only ``tokens`` (ascending session indices) of a
-    plain session, every layer; positions cover the whole session (cheap: 8 bytes a token)."""
+    plain session: one array for every layer, or one per layer (each layer's chunks are then read
+    for its own tokens only); positions cover the whole session (cheap: 8 bytes a token)."""
     from retrieval.context import SessionKV
 
-    tokens = np.asarray(tokens, dtype=np.int64)
-    keys, values, bytes_read = read_tokens(store, record, [tokens] * record.spec.num_layers)
-    return SessionKV(keys, values, torch.from_numpy(record.positions_or_default().astype(np.int64)), held=tokens, bytes_read=bytes_read)
+    per_layer = isinstance(tokens, list)
+    held = [np.asarray(t, dtype=np.int64) for t in tokens] if per_layer else np.asarray(tokens, dtype=np.int64)
+    keys, values, bytes_read = read_tokens(store, record, held if per_layer else [held] * record.spec.num_layers)
+    return SessionKV(keys, values, torch.from_numpy(record.positions_or_default().astype(np.int64)), held=held, bytes_read=bytes_read)

@@ -84,14 +84,34 @@ def _load_source(store: SessionStore, tenant: str, session_id: str) -> tuple[Ses
     return plan.record, SessionKV.from_plan(plan)
 
 
+def layer_keys(store: SessionStore, record: SessionRecord, layer: int) -> torch.Tensor:
+    """Keys [H, T, D] of one layer of a stored session, read chunk by chunk (that layer's blocks only)."""
+    from kvstore.pieces import tensor_raw_view
+
+    spec = record.spec
+    keys = torch.empty((spec.num_kv_heads, record.num_tokens, spec.head_dim), dtype=spec.torch_dtype)
+    raw = tensor_raw_view(keys)
+    for ref in record.blocks:
+        (block,) = store.load_chunk(record, ref, [layer])
+        raw[:, ref.start:ref.end] = block.raw_arrays()[0]
+    return keys
+
+
 def build_block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, config: BlockIndexConfig,
                       source: tuple[SessionRecord, SessionKV] | None = None) -> tuple[SessionRecord, BlockIndex]:
     """Build a session's block index from its stored KV and store it beside the session.
 
     ``source``: the record and KV the caller already loaded (the index is tagged with that
     record's generation, so an index of KV that changed meanwhile is refused by the store)."""
-    record, kv = source or _load_source(store, tenant, session_id)
-    index = BlockIndex.build(kv.keys, kv.positions, rope, config)
+    if source is not None:
+        record, kv = source
+        index = BlockIndex.build(kv.keys, kv.positions, rope, config)
+    else:  # layer by layer from the store: memory of one layer's keys, not the session's KV
+        record = store.get(tenant, session_id)
+        if record.has_bias:
+            raise FailedPrecondition("retrieval runs on plain sessions; this one is compacted (it has attention biases)")
+        index = BlockIndex.build_layers(lambda layer: layer_keys(store, record, layer), record.spec.num_layers,
+                                        torch.from_numpy(record.positions_or_default().astype(np.int64)), rope, config)
     records = {_layer_name(config, l): index.layer_to_bytes(l) for l in range(index.num_layers)}
     records[block_meta_name(config)] = json.dumps({"layers": index.num_layers, "config": asdict(config)}).encode()
     try:
@@ -136,7 +156,7 @@ def block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, c
 @dataclass
 class Retrieved:
     record: SessionRecord
-    kv: SessionKV | None  # the selected tokens' KV (every layer's selection together) when asked for, else None
+    kv: SessionKV | None  # each layer's selected tokens' KV when asked for, else None
     selection: Selection
     index_rebuilt: bool
     bytes_read: int = 0  # stored KV bytes this request read (the probe's window, the selected tokens)
@@ -150,7 +170,7 @@ def retrieve(store: SessionStore, use_model: Callable[[], Any], tenant: str, ses
 
     Costs what it returns: the index comes from ``index_cache`` or the store (built from the whole
     session only when missing: preparation), the probe pass reads only the sinks and the recent
-    window, and ``include_kv`` reads only the selected tokens. ``use_model()`` is a context manager
+    window, and ``include_kv`` reads each layer's chunks for its own selected tokens. ``use_model()`` is a context manager
     yielding (model, tokenizer) (the server's model lock); it is held only for the probe pass, so
     searching and reading run beside other requests' model work (and with query vectors, plus the
     model's ``rope`` and ``window``, it is never taken)."""
@@ -190,7 +210,7 @@ def retrieve(store: SessionStore, use_model: Callable[[], Any], tenant: str, ses
     if include_kv:
         from retrieval.reads import selected_kv
 
-        kv = selected_kv(store, record, np.unique(np.concatenate([layer.tokens for layer in selection.layers])))
+        kv = selected_kv(store, record, [layer.tokens for layer in selection.layers])  # each layer reads its own selection
         bytes_read += kv.bytes_read
     return Retrieved(record, kv, selection, loaded.rebuilt, bytes_read)
 

@@ -11,9 +11,9 @@ from kvmem.client import Client
 from kvstore import errors
 from kvstore.spec import ModelSpec
 from kvstore.store import SessionStore, aux_key, session_key
-from retrieval.block_index import BlockIndexConfig
+from retrieval.block_index import BlockIndex, BlockIndexConfig
 from retrieval.rope import Rope
-from retrieval.service import TEXT_INDEX, _layer_name, block_index, block_index_stored, index_config_from
+from retrieval.service import TEXT_INDEX, _layer_name, block_index, block_index_stored, build_block_index, index_config_from
 from tests.conftest import TOY_SPEC, random_layers
 
 FACT = "The secret code for falcon is 4821937."
@@ -96,6 +96,17 @@ def _save_real(store, model, ids, cache, session_id="doc"):
     total = ids.shape[1]
     pieces = _pieces(store, ModelSpec.from_model(model), cache_to_layers(cache), 0, total)
     return store.save("t", session_id, ModelSpec.from_model(model), ids[0].numpy(), pieces).record
+
+
+def test_an_index_built_layer_by_layer_from_the_store_equals_one_built_in_memory(store):
+    layers = random_layers(TOY_SPEC, 200, seed=5)
+    pieces = _pieces(store, TOY_SPEC, layers, 0, 200)
+    store.save("t", "s", TOY_SPEC, np.arange(200), pieces)
+    rope = Rope(1.0 / (10000.0 ** (torch.arange(0, TOY_SPEC.head_dim, 2, dtype=torch.float32) / TOY_SPEC.head_dim)))
+    config = BlockIndexConfig(block_tokens=32, representatives=2)
+    _, streamed = build_block_index(store, rope, "t", "s", config)  # reads one layer at a time
+    in_memory = BlockIndex.build([k for k, _ in layers], torch.arange(200), rope, config)
+    assert [streamed.layer_to_bytes(l) for l in range(TOY_SPEC.num_layers)] == [in_memory.layer_to_bytes(l) for l in range(TOY_SPEC.num_layers)]
 
 
 @pytest.mark.slow
@@ -190,12 +201,17 @@ def test_retrieve_reads_what_it_returns_and_keeps_the_index_in_memory(real_clien
     hits = cache.hits
     second = real_client.retrieve("doc", 128, text="What does the license say about patents?", include_kv=True)
     assert cache.hits == hits + 1 and not second.header.index_rebuilt
-    selected = set()
-    for layer in second.layers:
+    def layer_chunk_bytes(layer: int, tokens) -> int:
+        return sum(len(b.data) for ref in record.blocks if any(ref.start <= t < ref.end for t in tokens) for b in service.store.load_chunk(record, ref, [layer]))
+
+    selected = 0
+    for number, layer in enumerate(second.layers):
+        tokens = set(window)
         for start, length in zip(layer.block_starts, layer.block_lengths):
-            selected.update(range(start, start + length))
-    # and then the selected tokens' chunks (every layer's selection together), never the whole session
-    assert second.header.bytes_read == first.header.bytes_read + chunk_bytes(selected | window) < doc.kv_bytes
+            tokens.update(range(start, start + length))
+        selected += layer_chunk_bytes(number, tokens)
+    # and then each layer's chunks for its own selected tokens, never the whole session
+    assert second.header.bytes_read == first.header.bytes_read + selected < doc.kv_bytes
     # with query vectors nothing waits for the model: a Retrieve completes while another request holds it
     import threading
 
