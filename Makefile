@@ -87,6 +87,8 @@ bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.retrieval_latency --quick
 	$(BIN)/python -m bench.retrieval --quick
 	$(BIN)/python -m bench.retrieval_probes --quick
+	$(BIN)/python -m bench.retrieve_e2e --quick
+	$(BIN)/python -m bench.recall --quick
 	$(BIN)/python -m bench.ttt_sweep --quick
 	$(BIN)/python -m bench.planner_matrix --quick
 	$(BIN)/python -m bench.planner --quick
@@ -104,6 +106,8 @@ bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.retrieval_latency
 	$(BIN)/python -m bench.retrieval
 	$(BIN)/python -m bench.retrieval_probes
+	$(BIN)/python -m bench.retrieve_e2e  # 12 GB of disk for the 256k-token session
+	$(BIN)/python -m bench.recall
 	$(BIN)/python -m bench.ttt_sweep
 	$(BIN)/python -m bench.planner_matrix  # about an hour: regenerates bench/data/planner_outcomes.jsonl
 	$(BIN)/python -m bench.planner --fit

@@ -130,10 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     answer.add_argument("question", help="text appended after the session's context")
     answer.add_argument("--dry-run", action="store_true", help="print the decision record without running it")
     answer.add_argument("--budget-s", type=float, default=None, help="latency budget in seconds")
-    answer.add_argument("--force", default="", help="run this option: rag, kv_retrieval, full, compacted, ttt")
+    answer.add_argument("--force", default="", help="run this option: rag, kv_retrieval, full, compacted, compacted_recall, ttt")
     answer.add_argument("--forbid", action="append", default=[], help="never choose this option (repeatable)")
     answer.add_argument("--followups", type=int, default=0, help="further questions expected on this session")
     answer.add_argument("--max-new-tokens", type=int, default=24)
+    answer.add_argument("--rag-budget", type=int, default=0, help="text tokens rag puts in context (0: the server's setting)")
+    answer.add_argument("--kv-budget", type=int, default=0, help="tokens per layer kv_retrieval attends to (0: the server's setting)")
+    answer.add_argument("--recall-budget", type=int, default=0, help="exact tokens per layer compacted_recall recalls (0: the server's setting)")
     keys = commands.add_parser("keys", help="manage API keys in the server's keys file (auth.keys_file)")
     keys.add_argument("--keys-file", default="", help="the keys file (default: the server's auth.keys_file from $KVMEM_CONFIG / $KVMEM_AUTH_KEYS_FILE)")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.dry_run:
                     _print(client.plan(args.session_id, args.question, **common))
                 else:
-                    _print(client.answer(args.session_id, args.question, max_new_tokens=args.max_new_tokens, **common))
+                    _print(client.answer(args.session_id, args.question, max_new_tokens=args.max_new_tokens, rag_budget_tokens=args.rag_budget,
+                                         kv_budget_tokens=args.kv_budget, recall_budget_tokens=args.recall_budget, **common))
     except KvmemError as exc:
         print(f"kvmem: {exc}", file=sys.stderr)
         return 1

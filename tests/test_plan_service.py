@@ -128,3 +128,5 @@ def test_cli_answer_dry_run_prints_the_decision(planner_client, service, capsys)
     assert decision["features"]["expected_followups"] == 2
     assert main(["--address", address, "answer", "doc", QUESTION, "--force", "magic"]) == 1
     assert "unknown option 'magic'" in capsys.readouterr().err
+    assert main(["--address", address, "answer", "doc", QUESTION, "--force", "rag", "--rag-budget", "9000"]) == 1
+    assert "rag_budget_tokens=9000" in capsys.readouterr().err  # a per-request budget reaches the server, checked there
