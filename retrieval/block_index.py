@@ -103,6 +103,7 @@ class BlockIndex:
         self.head_dim = head_dim
         self.indexes = indexes  # [L][H]
         self.blocks = block_ranges(num_tokens, config.block_tokens)
+        self._flat: dict[int, list[torch.Tensor] | None] = {}  # per layer: views of flat indexes' vectors (search)
 
     @property
     def num_layers(self) -> int:
@@ -186,8 +187,10 @@ class BlockIndex:
 
         Returns (block ids int64 [k], scores float32 [k]) with k = min(candidates, blocks), best
         first. Score: per head and probe vector the best cosine among the block's representatives,
-        summed over vectors with their weights and averaged over heads. Outside a vector's
-        shortlist a block counts that shortlist's minimum.
+        summed over vectors with their weights and averaged over heads. Flat indexes are scored
+        exactly (one matrix product per head over a view of the vectors faiss holds: faster than
+        faiss's top-k at the shortlists retrieval asks for); HNSW indexes search a shortlist, and
+        outside a vector's shortlist a block counts that shortlist's minimum.
         """
         if not 0 <= layer < self.num_layers:
             raise InvalidRequest(f"layer {layer} outside 0..{self.num_layers - 1}")
@@ -199,6 +202,16 @@ class BlockIndex:
         weights = torch.full((n,), 1.0 / n) if weights is None else weights.float()
         per_block = self.config.per_block
         k = min(self.num_blocks, max(int(candidates), 1))
+        flat = self._flat_vectors(layer)
+        if flat is not None:  # exact: every representative scored by one matrix product per head
+            query = torch.nn.functional.normalize(probe.float(), dim=-1)  # [H, n, D]
+            scores_t = torch.zeros(self.num_blocks)
+            for head, vectors in enumerate(flat):  # vectors [nb * R, D]
+                best = torch.matmul(query[head], vectors.T).view(n, self.num_blocks, per_block).amax(-1)  # [n, nb]
+                scores_t += weights @ best
+            scores = (scores_t / self.num_heads).numpy()
+            order = np.argsort(-scores, kind="stable")[:k]
+            return order.astype(np.int64), scores[order].astype(np.float32)
         shortlist = self.num_blocks * per_block if exhaustive else min(self.num_blocks * per_block, 4 * k)  # a block's best key is near the top
         query = np.ascontiguousarray(torch.nn.functional.normalize(probe.float(), dim=-1).numpy())  # [H, n, D]
         w = weights.numpy().astype(np.float32)
@@ -215,6 +228,27 @@ class BlockIndex:
         scores /= self.num_heads
         order = np.argsort(-scores, kind="stable")[:k]
         return order.astype(np.int64), scores[order]
+
+    def _flat_vectors(self, layer: int) -> list[torch.Tensor] | None:
+        """Per head a float32 [nb * R, D] view (no copy) of a layer's representatives when every
+        head's index is flat (exact inner product over vectors added in id order), else None
+        (HNSW: search it)."""
+        if layer in self._flat:
+            return self._flat[layer]
+        heads = []
+        for index in self.indexes[layer]:
+            inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+            if not isinstance(inner, faiss.IndexFlat):
+                self._flat[layer] = None
+                return None
+            ids = faiss.vector_to_array(index.id_map) if isinstance(index, faiss.IndexIDMap2) else np.arange(inner.ntotal)
+            if not np.array_equal(ids, np.arange(inner.ntotal)):
+                self._flat[layer] = None
+                return None
+            vectors = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d)
+            heads.append(torch.from_numpy(vectors.reshape(inner.ntotal, inner.d)))  # a view of faiss's memory, no copy
+        self._flat[layer] = heads
+        return heads
 
     def block_scores(self, layer: int, probe: torch.Tensor, weights: torch.Tensor | None = None) -> np.ndarray:
         """float32 [nb]: the score of every block of ``layer`` (exact, for small indexes and tests)."""
