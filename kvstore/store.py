@@ -555,13 +555,14 @@ class SessionStore:
         refs = [ref for ref in record.blocks if ref.end > start and ref.start < end]
         return RestorePlan(record, start, end, refs, len(refs) * record.spec.num_layers, lambda ref: self.load_chunk(record, ref))
 
-    def load_chunk(self, record: SessionRecord, ref: BlockRef, layers: list[int] | None = None) -> list[Block]:
-        """The blocks of one chunk of ``record`` (``layers``: only those), from the fastest tier.
+    def load_chunk(self, record: SessionRecord, ref: BlockRef, layers: list[int] | None = None, cache: bool = True) -> list[Block]:
+        """The blocks of one chunk of ``record`` (``layers``: only those), from the fastest tier;
+        ``cache=False`` leaves the memory tiers as they are (scans: index builds, verification).
 
         A block missing while the record still refers to it is damage (CorruptData naming the
         session); missing because the session changed meanwhile is Conflict (retry)."""
         try:
-            return self.blocks.get_chunk(ref.key, record.spec.num_layers, layers)
+            return self.blocks.get_chunk(ref.key, record.spec.num_layers, layers, cache)
         except MissingBlock as exc:
             if record.session_id:
                 skey = session_key(record.tenant, record.session_id)

@@ -28,9 +28,11 @@ class TieredBlockStore:
         self.tiers = list(tiers)  # fastest first
         self.lmdb_counters = TierCounters()
 
-    def get_chunk(self, chunk_key: bytes, num_layers: int, layers: Sequence[int] | None = None) -> list[Block]:
+    def get_chunk(self, chunk_key: bytes, num_layers: int, layers: Sequence[int] | None = None, cache: bool = True) -> list[Block]:
         """Layers ``layers`` (default all) of one chunk, from the fastest tier that has each;
-        raises MissingBlock / CorruptData. Only the blocks asked for are read."""
+        raises MissingBlock / CorruptData. Only the blocks asked for are read. ``cache=False``:
+        blocks read from disk are not placed in the memory tiers (a scan, such as an index build
+        over a whole session, must not push out the blocks requests use)."""
         wanted = list(range(num_layers)) if layers is None else list(layers)
         blocks: list[Block | None] = [self._get_from_memory(block_storage_key(chunk_key, layer)) for layer in wanted]
         missing = [i for i, block in enumerate(blocks) if block is None]
@@ -38,7 +40,7 @@ class TieredBlockStore:
             loaded = self._load(chunk_key, [wanted[i] for i in missing])
             for i, block in zip(missing, loaded):
                 blocks[i] = block
-                if self.tiers:
+                if self.tiers and cache:
                     self._place(len(self.tiers) - 1, block, promoted=True)
         return blocks  # type: ignore[return-value]
 

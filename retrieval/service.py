@@ -85,14 +85,15 @@ def _load_source(store: SessionStore, tenant: str, session_id: str) -> tuple[Ses
 
 
 def layer_keys(store: SessionStore, record: SessionRecord, layer: int) -> torch.Tensor:
-    """Keys [H, T, D] of one layer of a stored session, read chunk by chunk (that layer's blocks only)."""
+    """Keys [H, T, D] of one layer of a stored session, read chunk by chunk (that layer's blocks
+    only, left out of the memory tiers: a whole-session scan must not evict the hot blocks)."""
     from kvstore.pieces import tensor_raw_view
 
     spec = record.spec
     keys = torch.empty((spec.num_kv_heads, record.num_tokens, spec.head_dim), dtype=spec.torch_dtype)
     raw = tensor_raw_view(keys)
     for ref in record.blocks:
-        (block,) = store.load_chunk(record, ref, [layer])
+        (block,) = store.load_chunk(record, ref, [layer], cache=False)
         raw[:, ref.start:ref.end] = block.raw_arrays()[0]
     return keys
 
@@ -118,7 +119,19 @@ def build_block_index(store: SessionStore, rope: Rope, tenant: str, session_id: 
         store.put_aux(tenant, session_id, records, record)
     except Conflict:
         log.info("session changed while indexing; index not stored", extra={"fields": {"session": session_id}})
+    del records
+    _release_freed_memory()  # the build's layer keys and serialised layers (MBs each) would otherwise stay in the heap
     return record, index
+
+
+def _release_freed_memory() -> None:
+    """Give freed heap pages back to the system (glibc malloc_trim; nothing elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, config: BlockIndexConfig,

@@ -104,7 +104,11 @@ def test_an_index_built_layer_by_layer_from_the_store_equals_one_built_in_memory
     store.save("t", "s", TOY_SPEC, np.arange(200), pieces)
     rope = Rope(1.0 / (10000.0 ** (torch.arange(0, TOY_SPEC.head_dim, 2, dtype=torch.float32) / TOY_SPEC.head_dim)))
     config = BlockIndexConfig(block_tokens=32, representatives=2)
+    tier = store.blocks.tiers[0]
+    tier.clear()
+    before = tier.bytes_used()
     _, streamed = build_block_index(store, rope, "t", "s", config)  # reads one layer at a time
+    assert tier.bytes_used() == before  # a whole-session scan leaves the memory tier to the blocks requests use
     in_memory = BlockIndex.build([k for k, _ in layers], torch.arange(200), rope, config)
     assert [streamed.layer_to_bytes(l) for l in range(TOY_SPEC.num_layers)] == [in_memory.layer_to_bytes(l) for l in range(TOY_SPEC.num_layers)]
 
