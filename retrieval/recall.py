@@ -58,7 +58,7 @@ MAX_RECALL_TOKENS = 1 << 20  # what a request may ask for; clipped to the sessio
 
 @dataclass(frozen=True)
 class RecallConfig:
-    budget_tokens: int = 256  # exact tokens recalled per layer, on average
+    budget_tokens: int = 256  # exact tokens recalled per layer, rounded up to whole index blocks (64 tokens by default)
     double_count: str = "drop_scale"
     method: str = "actqkv"  # probe weighting (retrieval/actqkv.py)
     margin_tokens: int = 16  # each recalled block is widened by this many tokens on both sides
@@ -215,7 +215,9 @@ def recall(model: Any, store: SessionStore, compacted: CompactedKV, question_ids
     started = time.perf_counter()
     states = question_keys(model, compacted, question_ids, rope)
     probes = [Probe.from_states(keys, source.spec.num_kv_heads, config.method) for keys in states]
-    retrieval = RetrievalConfig(method=config.method, budget_tokens=min(config.budget_tokens, total), sink_tokens=0, recent_tokens=0,
+    block = index.config.block_tokens  # recall takes whole blocks: a budget is rounded up to one (never to none)
+    budget = min(total, -(-config.budget_tokens // block) * block)
+    retrieval = RetrievalConfig(method=config.method, budget_tokens=budget, sink_tokens=0, recent_tokens=0,
                                 packed=False, margin_tokens=config.margin_tokens, dynamic=config.dynamic)
     selection = select(index, probes, retrieval)
     seconds["probe"] = time.perf_counter() - started

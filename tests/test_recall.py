@@ -76,6 +76,8 @@ def test_restore_with_recall_answers_the_needle_compaction_alone_loses(recall_cl
     per_token = ModelSpec.from_model(model).bytes_per_token
     assert 128 * per_token <= recalled.recall_bytes_read <= (128 + 2 * 16 * 2) * per_token
     assert recall_client.get("doc").kv_bytes > 5 * recalled.recall_bytes_read  # 128 + margins of 1,070 tokens, not the session
+    tiny = recall_client.restore(COMPACTED, model=model, recall_for=question, recall_tokens=1)
+    assert tiny.recalled_tokens == 64  # whole index blocks: a budget under one block still recalls one
 
 
 def test_answer_compacted_recall_finds_the_needle_and_says_what_it_did(recall_client):
