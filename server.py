@@ -307,7 +307,15 @@ class KVMemServicer:
             max_sessions=quota.max_sessions if quota else 0, max_stored_bytes=quota.max_stored_bytes if quota else 0,
         )
 
-    def compact(self, call, request) -> pb.CompactResponse:
+    def compact_streamed(self, call, request, assembler) -> pb.CompactResponse:
+        """CompactStream: the request with its reference queries collected from the stream."""
+        if request.queries.layers or request.held_out.layers:
+            raise InvalidRequest("CompactStream takes reference queries as ReferencePart messages, not inline in its request")
+        spec = self.store.get(call.tenant_for(request.tenant), request.session_id).spec
+        queries, held_out = assembler.tensors(spec.num_layers, spec.num_kv_heads, spec.head_dim)
+        return self.compact(call, request, (queries, held_out))
+
+    def compact(self, call, request, streamed=None) -> pb.CompactResponse:
         from compaction.base import Target
         from compaction.service import compact_session
 
@@ -317,10 +325,11 @@ class KVMemServicer:
             raise InvalidRequest("give exactly one of ratio in (0, 1] or budget > 0")
         target = Target(ratio=request.ratio) if request.ratio != 0 else Target(budget=request.budget)
         spec = self.store.get(tenant, request.session_id).spec
+        queries, held_out = streamed or (_reference_queries(request.queries, spec), _reference_queries(request.held_out, spec))
         report = compact_session(
             self.store, self.host, tenant, request.session_id, request.method, target,
             target_session_id=request.target_session_id, replace=request.replace,
-            queries=_reference_queries(request.queries, spec), held_out=_reference_queries(request.held_out, spec),
+            queries=queries, held_out=held_out,
             options={key: _option_value(value) for key, value in request.options.items()}, references=self.references,
             overwrite=request.overwrite, drop_source=request.drop_source, name_options=dict(request.options),
         )
@@ -694,7 +703,8 @@ def create_service(config: ServiceConfig, store: SessionStore | None = None) -> 
     servicer = KVMemServicer(store, host, config.retrieval, indexer, config.planner, quota_for, metrics, references)
     pool = futures.ThreadPoolExecutor(max_workers=config.server.max_workers, thread_name_prefix="kvmem-rpc")
     server_settings = config.server
-    frontend = FrontEnd(servicer, pool, keyring, FrontEndSettings(server_settings.stream_idle_timeout_s, server_settings.max_streams_per_tenant, server_settings.max_streams_per_connection),
+    frontend = FrontEnd(servicer, pool, keyring, FrontEndSettings(server_settings.stream_idle_timeout_s, server_settings.max_streams_per_tenant, server_settings.max_streams_per_connection,
+                                                          server_settings.max_reference_bytes),
                         client_certificates=bool(config.tls.client_ca_file), metrics=metrics)
     metrics.watch_store(store, frontend.limits.open_streams)
     limit = server_settings.max_message_bytes

@@ -33,6 +33,10 @@ from kvstore.spec import ModelSpec, dtype_name
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
 
+STREAM_REFERENCES_ABOVE = 4 << 20  # compact(): reference queries larger than this go by CompactStream
+REFERENCE_PART_BYTES = 2 << 20  # bytes per ReferencePart message
+
+
 @dataclass
 class RestoredSession:
     """A restored session: ``cache`` goes straight into ``model(...)`` or ``model.generate``.
@@ -448,6 +452,18 @@ class Client:
             target_session_id=target_session_id, replace=replace, options={k: str(v) for k, v in (options or {}).items()},
             overwrite=overwrite, drop_source=drop_source,
         )
+        sizes = sum(4 * t.numel() for group in (queries, held_out) if group is not None for t in group)
+        if sizes > STREAM_REFERENCES_ABOVE:  # larger than a message may be: stream them in pieces (CompactStream)
+            from kvmem.reference_stream import reference_parts
+
+            def messages():
+                yield pb.CompactStreamRequest(request=request)
+                for tensors, is_held_out in ((queries, False), (held_out, True)):
+                    if tensors is not None:
+                        for part in reference_parts(tensors, is_held_out, REFERENCE_PART_BYTES):
+                            yield pb.CompactStreamRequest(references=part)
+
+            return self._stub.CompactStream(messages(), **self._call)
         for field, tensors in (("queries", queries), ("held_out", held_out)):
             if tensors is not None:
                 message = getattr(request, field)

@@ -46,6 +46,7 @@ class ServerConfig:
     stream_idle_timeout_s: float = 30.0  # a stream silent this long is ended (DEADLINE_EXCEEDED)
     max_streams_per_tenant: int = 64  # concurrent Save/Append/Restore/Retrieve streams
     max_streams_per_connection: int = 32  # the same, per client connection
+    max_reference_bytes: int = 1 << 30  # reference queries one CompactStream call may send (held until compaction runs)
     max_concurrent_rpcs: int = 4096  # all calls in flight; more are refused by gRPC (RESOURCE_EXHAUSTED)
     reflection: bool = True  # gRPC server reflection (grpcurl lists and calls the service); no data, only the schema
 

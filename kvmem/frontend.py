@@ -36,7 +36,7 @@ log = logging.getLogger("kvmem.server")
 audit_log = logging.getLogger("kvmem.audit")
 SERVICE_NAME = "kvmem.v1.KVMem"
 IDENTITY_ERRORS = {Unauthenticated: "unauthenticated", PermissionDenied: "permission_denied"}  # -> auth failure metric label
-STATE_CHANGING = frozenset({"SaveSession", "AppendSession", "ForkSession", "DeleteSession", "Compact"})
+STATE_CHANGING = frozenset({"SaveSession", "AppendSession", "ForkSession", "DeleteSession", "Compact", "CompactStream"})
 
 
 @dataclass
@@ -96,6 +96,7 @@ class FrontEndSettings:
     stream_idle_timeout_s: float = 30.0
     max_streams_per_tenant: int = 64
     max_streams_per_connection: int = 32
+    max_reference_bytes: int = 1 << 30  # streamed reference queries one CompactStream may hold
 
 
 class FrontEnd:
@@ -110,6 +111,7 @@ class FrontEnd:
         self.client_certificates = client_certificates
         self.metrics = metrics  # kvmem.metrics.Metrics or None
         self.idle = settings.stream_idle_timeout_s
+        self.max_reference_bytes = settings.max_reference_bytes
         self.limits = StreamLimits(settings.max_streams_per_tenant, settings.max_streams_per_connection)
 
     # ------------------------------------------------------------------ plumbing
@@ -251,6 +253,42 @@ class FrontEnd:
 
         return handler
 
+    def request_then_parts(self, method: str, fn: Callable) -> Callable:
+        """CompactStream: a CompactRequest, then ReferencePart messages until the client ends the
+        stream; fn(call, request, assembler) runs on the pool. Bounded by max_reference_bytes and
+        by the stream limits; silence past the idle timeout ends it."""
+        from kvmem.reference_stream import ReferenceAssembler
+
+        async def handler(request_iterator, context):
+            call = Call(method, None, context.peer() or "")
+            try:
+                self._admit(call, context)
+                first = await self._read(context, method)
+                if isinstance(first, Malformed):
+                    raise InvalidRequest(first.error)
+                if first is None or first.WhichOneof("part") != "request":
+                    raise InvalidRequest(f"the first message of {method} must be its request")
+                request = first.request
+                tenant = call.tenant_for(request.tenant)
+                call.session = request.session_id
+                with self.limits.hold(tenant, call.peer):
+                    assembler = ReferenceAssembler(self.max_reference_bytes)
+                    while (message := await self._read(context, method)) is not None:
+                        if isinstance(message, Malformed):
+                            raise InvalidRequest(f"{message.error}; nothing was compacted")
+                        if message.WhichOneof("part") != "references":
+                            raise InvalidRequest(f"after its request, {method} takes only reference parts; nothing was compacted")
+                        assembler.add(message.references)
+                    response = await self._run(fn, call, request, assembler)
+                self._done(call, "OK")
+                return response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await self._fail(context, call, exc)
+
+        return handler
+
     async def _collect(self, context, method: str, pieces) -> None:
         received = 0
         while True:
@@ -318,6 +356,9 @@ class FrontEnd:
             "DeleteSession": plain("DeleteSession", pb.DeleteSessionRequest, pb.DeleteSessionResponse, s.delete_session),
             "GetStats": plain("GetStats", pb.GetStatsRequest, pb.GetStatsResponse, s.get_stats),
             "Compact": plain("Compact", pb.CompactRequest, pb.CompactResponse, s.compact),
+            "CompactStream": grpc.stream_unary_rpc_method_handler(
+                self.request_then_parts("CompactStream", s.compact_streamed),
+                request_deserializer=safe_deserializer(pb.CompactStreamRequest), response_serializer=pb.CompactResponse.SerializeToString),
             "SearchText": plain("SearchText", pb.SearchTextRequest, pb.SearchTextResponse, s.search_text),
             "Plan": plain("Plan", pb.PlanRequest, pb.Decision, s.plan),
             "Answer": plain("Answer", pb.PlanRequest, pb.AnswerResponse, s.answer),

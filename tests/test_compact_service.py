@@ -173,3 +173,91 @@ def test_the_hosted_models_reference_queries_are_made_once_per_session_generatio
         client.append("doc", grown, ids[0, :20])
         client.compact("doc", "snapkv", ratio=0.5, target_session_id="doc-d")
         assert service.frontend.servicer.references.misses == 2  # the appended session: new queries
+
+
+# ---------------------------------------------------------------------------- streamed references
+def test_references_larger_than_a_message_are_streamed_and_give_the_inline_result(client, toy, service):
+    """The service takes 8 MiB messages; 9.4 MiB of reference queries go by CompactStream in
+    2 MiB pieces and compact exactly as the same queries sent inline (a smaller copy) would."""
+    big = toy_queries(n=12_800)  # 4 layers x [6, 12800, 8] float32 = 9.8 MB
+    with pytest.raises(grpc.RpcError) as info:  # inline, the same request is over the limit
+        client._stub.Compact(_inline_request(client, big), **client._call)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    streamed = client.compact("ctx", "attention_matching", ratio=0.25, queries=big, target_session_id="streamed")
+    assert streamed.session.labels["compaction"] == "attention_matching"
+    small = [q[:, :2000] for q in big]
+    inline = client.compact("ctx", "attention_matching", ratio=0.25, queries=small, target_session_id="inline")
+    again = client.compact("ctx", "attention_matching", ratio=0.25, queries=small + [], target_session_id="inline-again")
+    a, b = client.restore("inline", build_cache=False), client.restore("inline-again", build_cache=False)
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a.layers, b.layers))  # deterministic: the comparison below means something
+    from kvmem.reference_stream import reference_parts
+    from kvmem.v1 import kvmem_pb2 as pb
+
+    request = pb.CompactRequest(tenant=client.tenant, session_id="ctx", method="attention_matching", ratio=0.25, target_session_id="small-streamed")
+    parts = [pb.CompactStreamRequest(request=request)] + [pb.CompactStreamRequest(references=p) for p in reference_parts(small, False, 100_000)]
+    assert len(parts) > 1 + L  # several pieces per layer
+    _stream(client, parts)
+    c = client.restore("small-streamed", build_cache=False)
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a.layers, c.layers))
+    assert all(torch.equal(x, y) for x, y in zip(a.bias, c.bias))
+
+
+def _stream(client, messages):
+    """CompactStream with the client's errors (kvmem exceptions, not raw gRPC ones)."""
+    from kvmem.status import from_rpc_error
+
+    try:
+        return client._stub.CompactStream(iter(messages), **client._call)
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from None
+
+
+def _inline_request(client, queries):
+    from kvmem.v1 import kvmem_pb2 as pb
+
+    request = pb.CompactRequest(tenant=client.tenant, session_id="ctx", method="attention_matching", ratio=0.25, target_session_id="inline-big")
+    request.queries.num_query_heads, request.queries.num_queries = queries[0].shape[0], queries[0].shape[1]
+    request.queries.layers.extend(q.contiguous().numpy().tobytes() for q in queries)
+    return request
+
+
+STREAM_BAD = {
+    "a layer missing": (lambda parts: [p for p in parts if p.layer != 2], "cover layers 0, 1, 3"),
+    "a piece twice": (lambda parts: parts + parts[:1], "expected"),
+    "a gap": (lambda parts: parts[1:], "starts at query 20, expected 0"),
+    "wrong bytes": (lambda parts: [parts[0].__class__(layer=0, num_query_heads=6, num_queries=10, data=b"\0" * 12)] + parts[1:], "bytes, expected"),
+    "heads not grouped": (lambda parts: [parts[0].__class__(layer=p.layer, num_query_heads=4, num_queries=p.num_queries, query_start=p.query_start,
+                                                             data=p.data[: 4 * p.num_queries * D * 4]) for p in parts], "multiple of 3"),
+    "no queries": (lambda parts: [parts[0].__class__(layer=0, num_query_heads=6, num_queries=0)], "no queries"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STREAM_BAD))
+def test_bad_streamed_references_are_invalid_and_store_nothing(client, toy, case):
+    from kvmem.reference_stream import reference_parts
+    from kvmem.v1 import kvmem_pb2 as pb
+
+    change, message = STREAM_BAD[case]
+    parts = change(list(reference_parts(toy_queries(n=40), False, 6 * 20 * D * 4)))  # two pieces per layer
+    request = pb.CompactRequest(tenant=client.tenant, session_id="ctx", method="attention_matching", ratio=0.25)
+    before = client.stats()
+    with pytest.raises(errors.InvalidRequest) as info:
+        _stream(client, [pb.CompactStreamRequest(request=request)] + [pb.CompactStreamRequest(references=p) for p in parts])
+    assert message in str(info.value), str(info.value)
+    after = client.stats()
+    assert (after.sessions, after.stored_bytes) == (before.sessions, before.stored_bytes)
+
+
+def test_streamed_references_past_the_servers_bound_are_resource_exhausted(start_service):
+    from kvmem.reference_stream import reference_parts
+    from kvmem.v1 import kvmem_pb2 as pb
+
+    service = start_service(server={"max_reference_bytes": 4096})
+    with Client(f"127.0.0.1:{service.port}", spec=TOY_SPEC) as small:
+        small.save("ctx", random_layers(TOY_SPEC, 120, seed=3), list(range(120)))
+        request = pb.CompactRequest(tenant=small.tenant, session_id="ctx", method="attention_matching", ratio=0.25)
+        parts = [pb.CompactStreamRequest(references=p) for p in reference_parts(toy_queries(n=40), False, 1 << 20)]
+        with pytest.raises(errors.KvmemError) as info:
+            _stream(small, [pb.CompactStreamRequest(request=request)] + parts)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_reference_bytes" in str(info.value)
+        assert [s.session_id for s in small.list()] == ["ctx"]

@@ -49,13 +49,14 @@ RPCS = {
     "DeleteSession": ("unary_unary", pb.DeleteSessionRequest),
     "GetStats": ("unary_unary", pb.GetStatsRequest),
     "Compact": ("unary_unary", pb.CompactRequest),
+    "CompactStream": ("stream_unary", pb.CompactStreamRequest),
     "Retrieve": ("unary_stream", pb.RetrieveRequest),
     "SearchText": ("unary_unary", pb.SearchTextRequest),
     "Plan": ("unary_unary", pb.PlanRequest),
     "Answer": ("unary_unary", pb.PlanRequest),
 }
 # RPCs that may run a model (the hosted LM or the text embedder) when they reach a stored session
-MODEL_RPCS = {"Compact", "Retrieve", "SearchText", "Plan", "Answer"}
+MODEL_RPCS = {"Compact", "CompactStream", "Retrieve", "SearchText", "Plan", "Answer"}
 
 
 # ---------------------------------------------------------------------------- fixtures and helpers
@@ -436,6 +437,13 @@ def random_request(rng: random.Random, name: str):
     model_rpc = name in MODEL_RPCS
     if shape != "stream_unary":
         return fill_random(rng, cls(), model_rpc)
+    if cls is pb.CompactStreamRequest:
+        messages = [cls(request=fill_random(rng, pb.CompactRequest(), model_rpc))] if rng.random() < 0.9 else []
+        for _ in range(rng.randint(0, 4)):
+            messages.append(cls(references=fill_random(rng, pb.ReferencePart(), model_rpc)))
+        if rng.random() < 0.2:
+            messages.append(cls(request=fill_random(rng, pb.CompactRequest(), model_rpc)))  # a second request
+        return messages
     header_cls = pb.SaveHeader if cls is pb.SaveSessionRequest else pb.AppendHeader
     header = fill_random(rng, header_cls(), model_rpc)
     messages = [cls(header=header)] if rng.random() < 0.9 else []
@@ -503,6 +511,10 @@ def valid_request(rng: random.Random, name: str, stub, counter: int):
         header = pb.AppendHeader(session_id="toy", model=toy_pb(), token_ids=[rng.getrandbits(32) for _ in range(added)], expected_num_tokens=current)
         return [pb.AppendSessionRequest(header=header), *kv_messages(current, raw_kv(current, current + added, counter), pb.AppendSessionRequest)]
     absent = f"absent-{counter}"
+    if name == "CompactStream":
+        queries = torch.randn(2 * H, 4, D).numpy().tobytes()
+        return [pb.CompactStreamRequest(request=pb.CompactRequest(session_id=absent, method=rng.choice(["knorm", "attention_matching"]), ratio=0.5)),
+                *(pb.CompactStreamRequest(references=pb.ReferencePart(layer=layer, num_query_heads=2 * H, num_queries=4, data=queries)) for layer in range(L))]
     return {
         "RestoreSession": lambda: pb.RestoreSessionRequest(session_id="toy", model=toy_pb(), token_start=2, token_end=20),
         "ForkSession": lambda: pb.ForkSessionRequest(source_session_id="toy", target_session_id=f"fork-{counter}", at_token=10, ttl_seconds=3600),
@@ -527,7 +539,7 @@ def mutated_request(rng: random.Random, name: str, stub, counter: int):
             choice = rng.random()
             if choice < 0.1 and len(request) > 2:
                 del request[rng.randrange(1, len(request) - 1)]  # a chunk message goes missing
-            elif choice < 0.15:
+            elif choice < 0.15 and name != "CompactStream":
                 request.insert(rng.randrange(1, len(request) + 1), type(request[0])(commit=pb.Commit(num_chunks=rng.choice([0, 1, U64]))))
             else:
                 mutate(rng, request[rng.randrange(len(request))], model_rpc)
@@ -535,6 +547,10 @@ def mutated_request(rng: random.Random, name: str, stub, counter: int):
             mutate(rng, request, model_rpc)
     if not isinstance(request, list) and model_rpc and request.session_id in ("toy", "ref"):
         request.session_id = f"absent-{counter}"  # model RPCs never reach a stored session (no model loads)
+    if name == "CompactStream":
+        for message in request:
+            if message.WhichOneof("part") == "request" and message.request.session_id in ("toy", "ref"):
+                message.request.session_id = f"absent-{counter}"
     return request
 
 

@@ -122,6 +122,8 @@ def _calls_naming(tenant: str, spec=TOY_SPEC):
         "DeleteSession": lambda stub, md: stub.DeleteSession(pb.DeleteSessionRequest(tenant=tenant, session_id="secret"), metadata=md),
         "GetStats": lambda stub, md: stub.GetStats(pb.GetStatsRequest(tenant=tenant), metadata=md),
         "Compact": lambda stub, md: stub.Compact(pb.CompactRequest(tenant=tenant, session_id="secret", method="streaming_llm", ratio=0.5), metadata=md),
+        "CompactStream": lambda stub, md: stub.CompactStream(iter([pb.CompactStreamRequest(request=pb.CompactRequest(
+            tenant=tenant, session_id="secret", method="streaming_llm", ratio=0.5))]), metadata=md),
         "Retrieve": lambda stub, md: list(stub.Retrieve(pb.RetrieveRequest(tenant=tenant, session_id="secret", query_token_ids=[1], budget_tokens=8), metadata=md)),
         "SearchText": lambda stub, md: stub.SearchText(pb.SearchTextRequest(tenant=tenant, session_id="secret", query="code"), metadata=md),
         "Plan": lambda stub, md: stub.Plan(pb.PlanRequest(tenant=tenant, session_id="secret", query="code?"), metadata=md),
@@ -139,7 +141,8 @@ def test_cross_tenant_matrix_never_returns_data(secured, keys):
         for name, call in _calls_naming("tenant-a").items():
             assert _code(lambda: call(stub, b)) == grpc.StatusCode.PERMISSION_DENIED, name
         as_itself = _calls_naming("")
-        for name in ("RestoreSession", "RestorePrefix", "ForkSession", "GetSession", "DeleteSession", "Compact", "Retrieve", "SearchText", "Plan", "Answer", "AppendSession"):
+        for name in ("RestoreSession", "RestorePrefix", "ForkSession", "GetSession", "DeleteSession", "Compact", "CompactStream", "Retrieve", "SearchText", "Plan",
+                     "Answer", "AppendSession"):
             code = _code(lambda: as_itself[name](stub, b))
             assert code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION), (name, code)
         assert as_itself["Lookup"](stub, b).matched_tokens == 0

@@ -434,6 +434,30 @@ class CompactRequest(_message.Message):
     drop_source: bool
     def __init__(self, tenant: _Optional[str] = ..., session_id: _Optional[str] = ..., method: _Optional[str] = ..., ratio: _Optional[float] = ..., budget: _Optional[int] = ..., target_session_id: _Optional[str] = ..., replace: _Optional[bool] = ..., queries: _Optional[_Union[ReferenceQueries, _Mapping]] = ..., held_out: _Optional[_Union[ReferenceQueries, _Mapping]] = ..., options: _Optional[_Mapping[str, str]] = ..., overwrite: _Optional[bool] = ..., drop_source: _Optional[bool] = ...) -> None: ...
 
+class ReferencePart(_message.Message):
+    __slots__ = ("held_out", "layer", "num_query_heads", "query_start", "num_queries", "data")
+    HELD_OUT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUERY_HEADS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_START_FIELD_NUMBER: _ClassVar[int]
+    NUM_QUERIES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    held_out: bool
+    layer: int
+    num_query_heads: int
+    query_start: int
+    num_queries: int
+    data: bytes
+    def __init__(self, held_out: _Optional[bool] = ..., layer: _Optional[int] = ..., num_query_heads: _Optional[int] = ..., query_start: _Optional[int] = ..., num_queries: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CompactStreamRequest(_message.Message):
+    __slots__ = ("request", "references")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    request: CompactRequest
+    references: ReferencePart
+    def __init__(self, request: _Optional[_Union[CompactRequest, _Mapping]] = ..., references: _Optional[_Union[ReferencePart, _Mapping]] = ...) -> None: ...
+
 class CompactResponse(_message.Message):
     __slots__ = ("session", "method", "kept_tokens", "slots", "bytes_before", "bytes_after", "seconds", "heldout_attention_error")
     SESSION_FIELD_NUMBER: _ClassVar[int]

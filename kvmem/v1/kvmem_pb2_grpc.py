@@ -85,6 +85,11 @@ class KVMemStub:
                 request_serializer=kvmem_dot_v1_dot_kvmem__pb2.CompactRequest.SerializeToString,
                 response_deserializer=kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.FromString,
                 _registered_method=True)
+        self.CompactStream = channel.stream_unary(
+                '/kvmem.v1.KVMem/CompactStream',
+                request_serializer=kvmem_dot_v1_dot_kvmem__pb2.CompactStreamRequest.SerializeToString,
+                response_deserializer=kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.FromString,
+                _registered_method=True)
         self.Retrieve = channel.unary_stream(
                 '/kvmem.v1.KVMem/Retrieve',
                 request_serializer=kvmem_dot_v1_dot_kvmem__pb2.RetrieveRequest.SerializeToString,
@@ -183,6 +188,14 @@ class KVMemServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompactStream(self, request_iterator, context):
+        """Compact with reference queries streamed in pieces (for references larger than a message):
+        the CompactRequest, then ReferencePart messages, then the end of the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Retrieve(self, request, context):
         """Selects the KV blocks of a stored session that matter for a query (ActQKV probe queries,
         faiss block index, entropy-based per-layer budgets) and streams them back per layer.
@@ -265,6 +278,11 @@ def add_KVMemServicer_to_server(servicer, server):
             'Compact': grpc.unary_unary_rpc_method_handler(
                     servicer.Compact,
                     request_deserializer=kvmem_dot_v1_dot_kvmem__pb2.CompactRequest.FromString,
+                    response_serializer=kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.SerializeToString,
+            ),
+            'CompactStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.CompactStream,
+                    request_deserializer=kvmem_dot_v1_dot_kvmem__pb2.CompactStreamRequest.FromString,
                     response_serializer=kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.SerializeToString,
             ),
             'Retrieve': grpc.unary_stream_rpc_method_handler(
@@ -558,6 +576,33 @@ class KVMem:
             target,
             '/kvmem.v1.KVMem/Compact',
             kvmem_dot_v1_dot_kvmem__pb2.CompactRequest.SerializeToString,
+            kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompactStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kvmem.v1.KVMem/CompactStream',
+            kvmem_dot_v1_dot_kvmem__pb2.CompactStreamRequest.SerializeToString,
             kvmem_dot_v1_dot_kvmem__pb2.CompactResponse.FromString,
             options,
             channel_credentials,
