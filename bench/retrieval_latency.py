@@ -25,6 +25,7 @@ from retrieval.rope import Rope
 HEADS, DIM = 3, 64
 ROPE = Rope(1.0 / (100000.0 ** (torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)))  # SmolLM2's rope
 SHORTLIST = 4 * (2048 // 64)  # what select() asks for at a 2k budget
+FLAT = BlockIndexConfig(exact_max_vectors=1 << 62)  # flat at every size (the default switches to HNSW above 32k vectors)
 
 
 def build(tokens: int, layers: int, config: BlockIndexConfig, seed: int = 0) -> tuple[BlockIndex, float]:
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = 20 if args.quick else 100
     rows, records = [], []
     for tokens in sessions:
-        for kind, config in (("exact (flat)", BlockIndexConfig()), ("HNSW", BlockIndexConfig(exact_max_vectors=0))):
+        for kind, config in (("exact (flat)", FLAT), ("HNSW", BlockIndexConfig(exact_max_vectors=0))):
             if kind == "HNSW" and args.quick:
                 continue
             index, seconds = build(tokens, layers, config)
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep = []
     if not args.quick:
         for tokens in (4_096, 16_384, 65_536, 131_072, 262_144, 524_288):
-            index, _ = build(tokens, 1, BlockIndexConfig())
+            index, _ = build(tokens, 1, FLAT)
             ms = time_steps(index, 60)
             sweep.append({"vectors_per_head": tokens, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))})
         print(format_table(["vectors per head", "p50 ms/layer", "p99 ms/layer"], [[s["vectors_per_head"], s["p50_ms"], s["p99_ms"]] for s in sweep],
