@@ -231,21 +231,20 @@ class KVMemServicer:
         self.host.require_spec(record.spec, "recall", "(it runs the question over the compacted cache)", "restore on a server that hosts that model")
         question = convert.tokens_array(request.recall_for).astype(np.int64)
         config = RecallConfig(budget_tokens=request.recall_tokens or self.planner.recall_budget_tokens, double_count=self.planner.recall_double_count)
+        source_of(self.store, record)  # refuses a plain session (or a gone source) before anything is read
         compacted = load_compacted(self.store, tenant, request.session_id)
-        with self.host.use() as (model, _):
-            from retrieval.executors import model_window
+        window = self.host.window()
+        if compacted.logical_length + len(question) > window:
+            raise InvalidRequest(f"the session's {compacted.logical_length} positions plus a {len(question)}-token question exceed the model's "
+                                 f"{window}-token window; ask a shorter question")
+        from retrieval.service import block_index
 
-            vocabulary, window = model.get_input_embeddings().num_embeddings, model_window(model)
+        source = source_of(self.store, compacted.record)  # the index is loaded (or built) without holding the model
+        index = block_index(self.store, self.host.rope(), tenant, source.session_id, self._block_index_config(), cache=self.index_cache, record=source).index
+        with self.host.use() as (model, _):
+            vocabulary = model.get_input_embeddings().num_embeddings
             if int(question.max()) >= vocabulary:
                 raise InvalidRequest(f"recall_for holds token id {int(question.max())}, past the model's vocabulary of {vocabulary}")
-            if compacted.logical_length + len(question) > window:
-                raise InvalidRequest(f"the session's {compacted.logical_length} positions plus a {len(question)}-token question exceed the model's "
-                                     f"{window}-token window; ask a shorter question")
-            from retrieval.rope import Rope
-            from retrieval.service import block_index
-
-            index = block_index(self.store, Rope.from_model(model), tenant, source_of(self.store, compacted.record).session_id, self._block_index_config(),
-                                cache=self.index_cache).index
             recalled = recall(model, self.store, compacted, torch.from_numpy(question), config, self._block_index_config(), index)
         width = recalled.keys[0].shape[1] - compacted.keys[0].shape[1]
         first = recalled.tokens[0]
