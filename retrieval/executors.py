@@ -271,25 +271,38 @@ def run_compacted_recall(request: AnswerRequest) -> Execution:
 
 
 def run_kv_retrieval(request: AnswerRequest) -> Execution:
-    from retrieval.context import RetrievalConfig, answer
+    """Reads what it uses: the index (from memory or the store), the chunks of the sinks and the
+    recent window for the probe pass, then each layer's chunks for its own selection."""
+    from retrieval.context import RetrievalConfig, always_kept, answer, question_probes, select
+    from retrieval.reads import selected_kv
     from retrieval.rope import Rope
-    from retrieval.service import _load_source, block_index
+    from retrieval.service import block_index
 
     stages = _Stages()
     settings = request.settings
     question_ids = request.question_ids
     with stages("load"):
-        record, kv = _load_source(request.store, request.tenant, request.session_id)
+        record = request.store.get(request.tenant, request.session_id)
+        if record.has_bias:
+            raise FailedPrecondition("retrieval runs on plain sessions; this one is compacted (it has attention biases)")
     budget = min(settings.kv_budget_tokens, record.num_tokens)
     config = RetrievalConfig(method=settings.retrieval_method, budget_tokens=budget)
+    rope = Rope.from_model(request.model)
     with stages("index"):
-        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, request.session_id, settings.block_index, (record, kv),
-                             cache=request.index_cache)
+        loaded = block_index(request.store, rope, request.tenant, request.session_id, settings.block_index, cache=request.index_cache, record=record)
     if not loaded.rebuilt:  # a stored index was only read: that is load time, not preparation
         stages.seconds["load"] += stages.seconds.pop("index")
+    with stages("load"):
+        window_kv = selected_kv(request.store, record, always_kept(record.num_tokens, config)[2])
     with stages("generate"):
-        result = answer(request.model, kv, loaded.index, question_ids, config, max_new_tokens=settings.max_new_tokens)
-    return _finish("kv_retrieval", request, result.token_ids.tolist(), stages, ["index"] if loaded.rebuilt else [], budget_tokens=budget)
+        probes = question_probes(request.model, window_kv, question_ids, config, rope, model_window(request.model))
+        selection = select(loaded.index, probes, config)
+    with stages("load"):
+        kv = selected_kv(request.store, record, [layer.tokens for layer in selection.layers])
+    with stages("generate"):
+        result = answer(request.model, kv, loaded.index, question_ids, config, max_new_tokens=settings.max_new_tokens, probes=probes)
+    return _finish("kv_retrieval", request, result.token_ids.tolist(), stages, ["index"] if loaded.rebuilt else [], budget_tokens=budget,
+                   bytes_read=window_kv.bytes_read + kv.bytes_read)
 
 
 _ROLE_HEADER = re.compile(r"^\s*(system|user|assistant|human|bot|tool)\s*(\n|:)", re.I)

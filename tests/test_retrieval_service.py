@@ -338,3 +338,25 @@ def test_each_index_setting_has_its_own_stored_index_and_a_mismatch_is_detected(
     repaired = block_index(store, ROPE, "t", "doc", coarse)
     assert repaired.rebuilt and "was built with" in repaired.reason and repaired.index.config == coarse
     assert not block_index(store, ROPE, "t", "doc", coarse).rebuilt
+
+
+@pytest.mark.slow
+def test_answer_kv_retrieval_reads_only_what_it_uses_and_answers_as_from_the_whole_session(store, smollm2, real_session):
+    from dataclasses import replace
+
+    from retrieval.context import RetrievalConfig, SessionKV, answer
+    from retrieval.executors import AnswerRequest, ExecutorSettings, run_kv_retrieval
+
+    model, tokenizer = smollm2
+    ids, cache = real_session
+    record = _save_real(store, model, ids, cache)
+    question = "\n\nQuestion: What does the license say about patents? Answer:"
+    settings = replace(ExecutorSettings(), kv_budget_tokens=256, max_new_tokens=8)
+    execution = run_kv_retrieval(AnswerRequest(model, tokenizer, store, "t", "doc", question, settings))
+    whole = SessionKV.from_plan(store.restore("t", "doc"))
+    index = block_index(store, Rope.from_model(model), "t", "doc", settings.block_index).index
+    question_ids = tokenizer(question, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    expected = answer(model, whole, index, question_ids, RetrievalConfig(budget_tokens=256), max_new_tokens=8).token_ids.tolist()
+    eos = tokenizer.eos_token_id
+    assert execution.token_ids == (expected[: expected.index(eos)] if eos in expected else expected)
+    assert 0 < execution.details["bytes_read"] < record.kv_bytes  # the window's and the selection's chunks, not the session
