@@ -231,7 +231,7 @@ class KVMemServicer:
         self.host.require_spec(record.spec, "recall", "(it runs the question over the compacted cache)", "restore on a server that hosts that model")
         question = convert.tokens_array(request.recall_for).astype(np.int64)
         config = RecallConfig(budget_tokens=request.recall_tokens or self.planner.recall_budget_tokens, double_count=self.planner.recall_double_count)
-        source_of(self.store, record)  # refuses a plain session (or a gone source) before anything is read
+        source = source_of(self.store, record)  # refuses a plain session (or a gone source) before anything is read
         compacted = load_compacted(self.store, tenant, request.session_id)
         window = self.host.window()
         if compacted.logical_length + len(question) > window:
@@ -239,7 +239,7 @@ class KVMemServicer:
                                  f"{window}-token window; ask a shorter question")
         from retrieval.service import block_index
 
-        source = source_of(self.store, compacted.record)  # the index is loaded (or built) without holding the model
+        # the source's index is loaded (or built) without holding the model; recall checks the source again against what it loaded
         index = block_index(self.store, self.host.rope(), tenant, source.session_id, self._block_index_config(), cache=self.index_cache, record=source).index
         with self.host.use() as (model, _):
             vocabulary = model.get_input_embeddings().num_embeddings

@@ -81,6 +81,11 @@ def run_task(model, tokenizer, embedder, store, factory, family: str, length: in
     return record
 
 
+def summary(outcomes: dict) -> str:
+    """One progress line's worth: option=score/seconds, or option=x when infeasible."""
+    return " ".join(f"{o}={r['quality']:.0f}/{sum(r['stages'].values()):.1f}s" if r["feasible"] else f"{o}=x" for o, r in outcomes.items())
+
+
 def merge(out: Path, options: list[str]) -> int:
     """Run ``options`` on every task of the matrix at ``out`` (re-prefilled, same seeds) and write
     their outcomes into the records; tasks already holding them are skipped, so it resumes. Each
@@ -126,8 +131,7 @@ def merge(out: Path, options: list[str]) -> int:
                     raise SystemExit(f"task {record['name']} no longer regenerates the same context and question; rerun the whole matrix")
                 record["outcomes"].update(fresh["outcomes"])
                 write()
-                summary = " ".join(f"{o}={r['quality']:.0f}/{sum(r['stages'].values()):.1f}s" if r["feasible"] else f"{o}=x" for o, r in fresh["outcomes"].items())
-                print(f"[{number}/{len(records)}] {record['name']} {summary} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(f"[{number}/{len(records)}] {record['name']} {summary(fresh['outcomes'])} ({time.perf_counter() - t0:.0f}s)", flush=True)
         finally:
             store.close()
     print(f"merged {', '.join(options)} into {out} ({time.perf_counter() - started:.0f}s)")
@@ -179,8 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 record["environment"] = {"cpu_count": env.get("cpu_count"), "threads": env.get("torch_threads"), "commit": env.get("commit")}
                 with out.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
-                summary = " ".join(f"{o}={r['quality']:.0f}/{sum(r['stages'].values()):.1f}s" if r["feasible"] else f"{o}=x" for o, r in record["outcomes"].items())
-                print(f"[{number}/{len(plan)}] {name} prefill {record['prefill_s']:.1f}s {summary} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(f"[{number}/{len(plan)}] {name} prefill {record['prefill_s']:.1f}s {summary(record['outcomes'])} ({time.perf_counter() - t0:.0f}s)", flush=True)
         finally:
             store.close()
     print(f"outcome matrix: {out} ({time.perf_counter() - started:.0f}s)")

@@ -324,15 +324,18 @@ class Answer:
     layout: Layout
 
 
-def answer(model: Any, kv: SessionKV, index: BlockIndex, question_ids: torch.Tensor, config: RetrievalConfig, max_new_tokens: int = 24, probes: list[Probe] | None = None) -> Answer:
-    """Greedy answer to ``question_ids`` [n] from ``budget_tokens`` of retrieved context per layer."""
+def answer(model: Any, kv: SessionKV, index: BlockIndex, question_ids: torch.Tensor, config: RetrievalConfig, max_new_tokens: int = 24,
+           probes: list[Probe] | None = None, selection: Selection | None = None) -> Answer:
+    """Greedy answer to ``question_ids`` [n] from ``budget_tokens`` of retrieved context per layer.
+    ``selection``: the caller already selected (``kv`` may then hold only the selected tokens)."""
     if index.num_tokens != kv.num_tokens:
         raise FailedPrecondition(f"block index covers {index.num_tokens} tokens, the session {kv.num_tokens}; rebuild the index")
     rope = Rope.from_model(model)
     window = model_window(model)
-    if probes is None:
-        probes = question_probes(model, kv, question_ids, config, rope, window)
-    selection = select(index, probes, config)
+    if selection is None:
+        if probes is None:
+            probes = question_probes(model, kv, question_ids, config, rope, window)
+        selection = select(index, probes, config)
     layout = Layout.plan(kv, selection, question_ids.numel() + max_new_tokens, window, config.packed)
     layers = gather_layers(kv, selection, layout, rope)
     cache = CompactedCache.for_model(model, layers, [None] * len(layers), layout.question_start)

@@ -273,8 +273,8 @@ def run_compacted_recall(request: AnswerRequest) -> Execution:
 def run_kv_retrieval(request: AnswerRequest) -> Execution:
     """Reads what it uses: the index (from memory or the store), the chunks of the sinks and the
     recent window for the probe pass, then each layer's chunks for its own selection."""
-    from retrieval.context import RetrievalConfig, always_kept, answer, question_probes, select
-    from retrieval.reads import selected_kv
+    from retrieval.context import RetrievalConfig, answer, question_probes, select
+    from retrieval.reads import probe_window, selected_kv
     from retrieval.rope import Rope
     from retrieval.service import block_index
 
@@ -293,14 +293,14 @@ def run_kv_retrieval(request: AnswerRequest) -> Execution:
     if not loaded.rebuilt:  # a stored index was only read: that is load time, not preparation
         stages.seconds["load"] += stages.seconds.pop("index")
     with stages("load"):
-        window_kv = selected_kv(request.store, record, always_kept(record.num_tokens, config)[2])
+        window_kv = probe_window(request.store, record, config)
     with stages("generate"):
         probes = question_probes(request.model, window_kv, question_ids, config, rope, model_window(request.model))
         selection = select(loaded.index, probes, config)
     with stages("load"):
         kv = selected_kv(request.store, record, [layer.tokens for layer in selection.layers])
     with stages("generate"):
-        result = answer(request.model, kv, loaded.index, question_ids, config, max_new_tokens=settings.max_new_tokens, probes=probes)
+        result = answer(request.model, kv, loaded.index, question_ids, config, max_new_tokens=settings.max_new_tokens, selection=selection)
     return _finish("kv_retrieval", request, result.token_ids.tolist(), stages, ["index"] if loaded.rebuilt else [], budget_tokens=budget,
                    bytes_read=window_kv.bytes_read + kv.bytes_read)
 

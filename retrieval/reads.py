@@ -54,3 +54,11 @@ def selected_kv(store: SessionStore, record: SessionRecord, tokens: np.ndarray |
     held = [np.asarray(t, dtype=np.int64) for t in tokens] if per_layer else np.asarray(tokens, dtype=np.int64)
     keys, values, bytes_read = read_tokens(store, record, held if per_layer else [held] * record.spec.num_layers)
     return SessionKV(keys, values, torch.from_numpy(record.positions_or_default().astype(np.int64)), held=held, bytes_read=bytes_read)
+
+
+def probe_window(store: SessionStore, record: SessionRecord, config):
+    """The SessionKV of what a probe pass attends to (retrieval.context.always_kept: the sinks and
+    the recent window of ``config``, a RetrievalConfig), reading only their chunks."""
+    from retrieval.context import always_kept
+
+    return selected_kv(store, record, always_kept(record.num_tokens, config)[2])

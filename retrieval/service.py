@@ -207,10 +207,9 @@ def retrieve(store: SessionStore, use_model: Callable[[], Any], tenant: str, ses
 
         probes = [Probe.from_states(q, spec.num_kv_heads, config.method) for q in query_vectors]
     else:
-        from retrieval.context import always_kept
-        from retrieval.reads import selected_kv
+        from retrieval.reads import probe_window
 
-        window_kv = selected_kv(store, record, always_kept(record.num_tokens, config)[2])
+        window_kv = probe_window(store, record, config)
         bytes_read += window_kv.bytes_read
         with use_model() as (model, tokenizer):
             if question_text:
