@@ -246,3 +246,15 @@ def start_service(tmp_path):
     yield start
     for service in running:
         service.stop(grace=1)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real Redis Cluster for the whole test session: 3 masters and 3 replicas on free loopback
+    ports, AOF on, from Debian's redis-server (``make install`` installs it); removed afterwards.
+    Tests keep apart by namespace. A test that kills a node uses its own cluster instead."""
+    from kvmem.local_cluster import LocalRedisCluster
+
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop(remove=True)

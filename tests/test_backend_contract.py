@@ -1,7 +1,8 @@
 """The backend contract (kvstore.backend): every backend must pass this suite unchanged.
 
-A backend is added by appending a factory to BACKENDS: ``factory(path) -> backend`` opening (or
-reopening) the store under ``path``.
+A backend is added by appending a factory to BACKENDS: ``factory(path, request) -> backend``
+opening (or reopening) the store under ``path`` (``request`` reaches session fixtures such as
+the Redis Cluster).
 """
 from __future__ import annotations
 
@@ -12,13 +13,20 @@ import pytest
 
 from kvstore.errors import Unavailable
 from kvstore.lmdb_backend import LmdbBackend, LmdbConfig
+from kvstore.redis_backend import RedisBackend, RedisConfig
 
 
-def lmdb_backend(path: Path):
+def lmdb_backend(path: Path, request):
     return LmdbBackend(LmdbConfig(path / "lmdb", map_bytes=1 << 20, max_map_bytes=64 << 20))
 
 
-BACKENDS = {"lmdb": lmdb_backend}
+def redis_cluster_backend(path: Path, request):
+    """A namespace of its own per test (named by its directory) on the shared 3+3 cluster."""
+    cluster = request.getfixturevalue("redis_cluster")
+    return RedisBackend(RedisConfig(cluster.url, namespace=f"contract-{abs(hash(str(path))):x}", min_replicas=1, maintenance_seconds=0))
+
+
+BACKENDS = {"lmdb": lmdb_backend, "redis-cluster": redis_cluster_backend}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -26,7 +34,7 @@ def factory(request, tmp_path):
     opened = []
 
     def open_backend():
-        backend = BACKENDS[request.param](tmp_path)
+        backend = BACKENDS[request.param](tmp_path, request)
         opened.append(backend)
         return backend
 

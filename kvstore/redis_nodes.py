@@ -1,0 +1,125 @@
+"""Where each Redis key lives: one Redis server, or the primaries of a Redis Cluster.
+
+``Nodes`` keeps the slot map (``CLUSTER SLOTS``, refreshed on MOVED, failover or a lost
+connection) and one connection pool per primary, and runs a call against the primary of a key
+with retries until ``failover_seconds`` have passed. A pipeline runs on one connection, so a
+write and the ``WAIT`` after it (replica acknowledgements) go together.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+from redis.connection import parse_url
+from redis.crc import key_slot
+
+from kvstore.errors import InvalidRequest, Unavailable
+
+log = logging.getLogger("kvmem.redis")
+T = TypeVar("T")
+SLOTS = 16384
+_RETRY_TEXTS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    url: str  # redis:// or rediss:// (TLS), with user and password when the server wants them
+    timeout_seconds: float = 5.0  # one command on one connection
+    failover_seconds: float = 30.0  # how long calls retry through a failover before UNAVAILABLE
+
+
+def is_retryable(exc: Exception) -> bool:
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return True
+    return isinstance(exc, redis.ResponseError) and str(exc).split(" ", 1)[0] in _RETRY_TEXTS
+
+
+class Nodes:
+    def __init__(self, settings: NodeSettings):
+        if urlsplit(settings.url).scheme not in ("redis", "rediss"):
+            raise InvalidRequest(f"store.redis_url must start with redis:// or rediss://, got {settings.url[:40]!r}")
+        self.settings = settings
+        options = parse_url(settings.url)
+        self._options = {name: value for name, value in options.items() if name not in ("host", "port", "db", "path")}
+        self._options.update(socket_timeout=settings.timeout_seconds, socket_connect_timeout=settings.timeout_seconds)
+        self._seeds = [(options.get("host", "127.0.0.1"), int(options.get("port", 6379)))]
+        self._clients: dict[tuple[str, int], redis.Redis] = {}
+        self._slots: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self.cluster = False
+        self.refresh()
+
+    def client(self, address: tuple[str, int]) -> redis.Redis:
+        with self._lock:
+            found = self._clients.get(address)
+            if found is None:
+                found = self._clients[address] = redis.Redis(host=address[0], port=address[1], **self._options)
+            return found
+
+    def refresh(self) -> None:
+        """Read the slot map from any node that answers (the seeds, then every known node)."""
+        candidates = list(dict.fromkeys(self._seeds + list(self._clients)))
+        last: Exception | None = None
+        for address in candidates:
+            try:
+                client = self.client(address)
+                if not self.cluster and not self._slots:
+                    self.cluster = client.info("cluster").get("cluster_enabled", 0) == 1
+                if not self.cluster:
+                    self._slots = [address] * SLOTS
+                    return
+                slots: list[tuple[str, int] | None] = [None] * SLOTS
+                for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+                    host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
+                    owner = (host or address[0], int(primary[1]))
+                    for slot in range(start, end + 1):
+                        slots[slot] = owner
+                if any(owner is None for owner in slots):
+                    raise Unavailable("the Redis Cluster does not cover all hash slots (a shard has no primary)")
+                self._slots = slots  # type: ignore[assignment]
+                for owner in set(slots):
+                    self.client(owner)  # type: ignore[arg-type]
+                return
+            except (redis.RedisError, Unavailable) as exc:
+                last = exc
+        raise Unavailable(f"no Redis node at {self.settings.url.split('@')[-1]} answers ({last}); check store.redis_url and that the servers run")
+
+    def primary(self, key: bytes) -> tuple[str, int]:
+        return self._slots[key_slot(key)]
+
+    def primaries(self) -> list[tuple[str, int]]:
+        return sorted(set(self._slots))
+
+    def call(self, key: bytes | None, fn: Callable[[redis.Redis], T], what: str) -> T:
+        """``fn(client of the primary of key)`` (key None: any primary), retried through
+        failovers and slot moves for up to failover_seconds."""
+        deadline = time.monotonic() + self.settings.failover_seconds
+        delay = 0.02
+        while True:
+            address = self.primary(key) if key is not None else self.primaries()[0]
+            try:
+                return fn(self.client(address))
+            except redis.RedisError as exc:
+                if not is_retryable(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise Unavailable(f"Redis did not complete {what} within {self.settings.failover_seconds:g} s ({exc}); retry later") from exc
+                log.warning("redis call retried", extra={"fields": {"what": what, "node": f"{address[0]}:{address[1]}", "error": str(exc)[:200]}})
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.5)
+                try:
+                    self.refresh()
+                except Unavailable:
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
