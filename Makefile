@@ -103,6 +103,7 @@ bench-quick: install  ## smoke run of every benchmark (what CI runs)
 	$(BIN)/python -m bench.recall --quick
 	$(BIN)/python -m bench.ttt_sweep --quick
 	$(BIN)/python -m bench.planner_matrix --quick
+	$(BIN)/python -m bench.redis_backend --quick
 	$(BIN)/python -m bench.planner --quick
 	$(BIN)/python -m bench.security --quick
 	$(BIN)/python -m bench.storage --quick

@@ -101,6 +101,10 @@ class RedisReadTxn:
             return self.backend.get_block(key)
         return self._snapshot_get(space, key)
 
+    def get_blocks(self, keys: list[bytes]) -> list[bytes | None]:
+        """Several blocks in one pipelined round trip per primary (a restore reads a chunk's layers)."""
+        return self.backend.get_blocks(keys)
+
     def _snapshot_get(self, space: str, key: bytes) -> bytes | None:
         field = space_letter(space) + key
         reply = self.backend.meta_script("get", SNAPSHOT_GET, [field, key, self.version])
@@ -330,6 +334,24 @@ class RedisBackend:
         self._require_open()
         name = self.block_key(key)
         return self.nodes.call(name, lambda client: client.get(name), "GET block")
+
+    def get_blocks(self, keys: list[bytes]) -> list[bytes | None]:
+        self._require_open()
+        names = [self.block_key(key) for key in keys]
+        by_node: dict[tuple[str, int], list[int]] = {}
+        for index, name in enumerate(names):
+            by_node.setdefault(self.nodes.primary(name), []).append(index)
+        out: list[bytes | None] = [None] * len(keys)
+        for indexes in by_node.values():
+            def fetch(client: redis.Redis, indexes=indexes) -> list:
+                pipe = client.pipeline(transaction=False)
+                for index in indexes:
+                    pipe.get(names[index])
+                return pipe.execute()
+
+            for index, value in zip(indexes, self.nodes.call(names[indexes[0]], fetch, "GET blocks")):
+                out[index] = value
+        return out
 
     def scan_blocks(self, txn: RedisReadTxn, start: bytes, prefix: bytes, values: bool):
         """Every stored block in key order (a SCAN of every primary: for scrubs and checks)."""

@@ -55,10 +55,13 @@ class TieredBlockStore:
 
     def _load(self, chunk_key: bytes, layers: list[int]) -> list[Block]:
         blocks = []
+        keys = [block_storage_key(chunk_key, layer) for layer in layers]
         with self.backend.read() as txn:
-            for layer in layers:
-                key = block_storage_key(chunk_key, layer)
-                raw = txn.get("blocks", key)
+            # a networked backend reads them in one round trip per node; LMDB maps them in place
+            many = txn.get_blocks(keys) if hasattr(txn, "get_blocks") else None
+            for index, layer in enumerate(layers):
+                key = keys[index]
+                raw = many[index] if many is not None else txn.get("blocks", key)
                 if raw is None:
                     self.lmdb_counters.misses += 1
                     raise MissingBlock(f"block {chunk_key.hex()} layer {layer} is missing")

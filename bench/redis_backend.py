@@ -1,0 +1,125 @@
+"""Save and restore through kvmem's store on Redis Cluster against redis-py SET/GET of the same
+bytes, on one local 3+3 cluster in one run (ratios: the machine is shared).
+
+    python -m bench.redis_backend            # 4096-token sessions, SmolLM2-135M's layout, 5 rounds
+    python -m bench.redis_backend --quick    # CI smoke run
+
+Rows: the store (save = blocks SET NX on their primaries + one commit script; restore = record
++ blocks GET, checksums verified) with min_replicas 0 and 1, and redis-py writing/reading the
+same bytes as one value per block (pipelined per primary, the best a plain client does).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvmem.local_cluster import LocalRedisCluster
+from kvstore.spec import ModelSpec
+from kvstore.store import SessionStore, StoreConfig
+
+SPEC = ModelSpec("smollm2-135m-layout", num_layers=30, num_kv_heads=3, head_dim=64, dtype="float16", max_position=1 << 16)
+
+
+def layers_for(tokens: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (SPEC.num_kv_heads, tokens, SPEC.head_dim)
+    return [(torch.randn(shape, generator=generator).half(), torch.randn(shape, generator=generator).half()) for _ in range(SPEC.num_layers)]
+
+
+def pieces(store, layers):
+    end = layers[0][0].shape[1]
+    out = store.new_pieces(SPEC, 0, end, has_bias=False)
+    for layer, (k, v) in enumerate(layers):
+        out.add_tensors(layer, 0, k, v, None)
+    return out
+
+
+def store_round(store, tokens: int, rounds: int) -> tuple[float, float, int]:
+    save_s = restore_s = 0.0
+    nbytes = 0
+    for index in range(rounds):
+        layers = layers_for(tokens, seed=index)
+        started = time.perf_counter()
+        store.save("bench", f"s{index}", SPEC, np.arange(tokens) + index * tokens, pieces(store, layers))
+        save_s += time.perf_counter() - started
+        for tier in store.blocks.tiers:
+            tier.clear() if hasattr(tier, "clear") else None
+        started = time.perf_counter()
+        plan = store.restore("bench", f"s{index}", SPEC)
+        nbytes += sum(len(piece.keys) + len(piece.values) for piece in plan.pieces())
+        restore_s += time.perf_counter() - started
+    return save_s, restore_s, nbytes
+
+
+def plain_round(store, tokens: int, rounds: int, chunk_tokens: int) -> tuple[float, float]:
+    """redis-py SET/GET of the same bytes, one value per (chunk, layer), pipelined per primary."""
+    nodes = store.backend.nodes
+    save_s = restore_s = 0.0
+    for index in range(rounds):
+        layers = layers_for(tokens, seed=index)
+        values = []
+        for layer, (k, v) in enumerate(layers):
+            for at in range(0, tokens, chunk_tokens):
+                values.append((f"plain:{index}:{layer}:{at}".encode(), k[:, at : at + chunk_tokens].numpy().tobytes() + v[:, at : at + chunk_tokens].numpy().tobytes()))
+        by_node: dict = {}
+        for name, value in values:
+            by_node.setdefault(nodes.primary(name), []).append((name, value))
+        started = time.perf_counter()
+        for address, group in by_node.items():
+            pipe = nodes.client(address).pipeline(transaction=False)
+            for name, value in group:
+                pipe.set(name, value)
+            pipe.execute()
+        save_s += time.perf_counter() - started
+        started = time.perf_counter()
+        got = 0
+        for address, group in by_node.items():
+            pipe = nodes.client(address).pipeline(transaction=False)
+            for name, _ in group:
+                pipe.get(name)
+            got += sum(len(value) for value in pipe.execute())
+        restore_s += time.perf_counter() - started
+        assert got == sum(len(value) for _, value in values)
+    return save_s, restore_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="512 tokens, 2 rounds (CI smoke run)")
+    args = parser.parse_args(argv)
+    tokens, rounds = (512, 2) if args.quick else (args.tokens, args.rounds)
+    directory = Path(tempfile.mkdtemp(prefix="kvmem-bench-redis-"))
+    cluster = LocalRedisCluster(directory / "cluster").start()
+    rows = []
+    try:
+        for replicas in (0, 1):
+            config = StoreConfig(data_dir=directory / "data", chunk_tokens=256, cpu_tier_bytes=0, backend="redis",
+                                 redis_url=cluster.url, redis_namespace=f"bench{replicas}", redis_min_replicas=replicas)
+            store = SessionStore.open(config)
+            try:
+                save_s, restore_s, nbytes = store_round(store, tokens, rounds)
+                plain_save, plain_restore = plain_round(store, tokens, rounds, config.chunk_tokens)
+            finally:
+                store.close()
+            gb = nbytes / 1e9
+            rows.append((f"kvmem store, min_replicas={replicas}", gb / save_s, gb / restore_s, plain_save / save_s, plain_restore / restore_s))
+            rows.append(("redis-py SET/GET, same bytes", gb / plain_save, gb / plain_restore, 1.0, 1.0))
+    finally:
+        cluster.stop(remove=True)
+    print(f"\n{rounds} sessions of {tokens} tokens ({SPEC.num_layers} layers, fp16), 3+3 local Redis Cluster\n")
+    print("| row | save GB/s | restore GB/s | save vs redis-py | restore vs redis-py |")
+    print("|---|---:|---:|---:|---:|")
+    for name, save_rate, restore_rate, save_ratio, restore_ratio in rows:
+        print(f"| {name} | {save_rate:.3f} | {restore_rate:.3f} | {save_ratio:.2f}x | {restore_ratio:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
