@@ -30,6 +30,7 @@ try:
 except ImportError as missing:  # a client-only install (pip install kvmem)
     raise SystemExit(f"kvmem-server needs the server extra: pip install 'kvmem[server]' ({missing})") from None
 
+from compaction.naming import option_value
 from kvmem import convert, tls, wire
 from kvmem.auth import KeyRing, KeysFileError
 from kvmem.config import ConfigError, PlannerSettings, RetrievalSettings, ServiceConfig, load_config
@@ -79,19 +80,6 @@ class PendingWrite:
     spec: Any
     tokens: np.ndarray
     pieces: OpenWrite
-
-
-def _option_value(text: str):
-    """Method options arrive as strings; numbers and booleans are parsed."""
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _reference_queries(message: pb.ReferenceQueries, spec) -> list | None:
@@ -329,7 +317,7 @@ class KVMemServicer:
             self.store, self.host, tenant, request.session_id, request.method, target,
             target_session_id=request.target_session_id, replace=request.replace,
             queries=queries, held_out=held_out,
-            options={key: _option_value(value) for key, value in request.options.items()}, references=self.references,
+            options={key: option_value(value) for key, value in request.options.items()}, references=self.references,
             overwrite=request.overwrite, drop_source=request.drop_source, name_options=dict(request.options),
         )
         call.session, call.bytes = report.record.session_id, report.bytes_after

@@ -19,6 +19,20 @@ def options_tag(options: dict | None) -> str:
     return "-o" + hashlib.blake2b(canonical.encode(), digest_size=4).hexdigest()
 
 
+def option_value(text: str):
+    """A method option as the wire and the CLI carry it (a string), parsed: booleans and numbers
+    become bool, int, float; anything else stays text."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def compacted_id(session_id: str, method: str, ratio: float | None = None, budget: int | None = None, options: dict | None = None) -> str:
     """Default id of the compacted copy: ``<session_id>@<method>-r<ratio>`` or ``-b<budget>``,
     then ``-o<hash>`` when method options were given (they change the result)."""
