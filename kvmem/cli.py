@@ -4,6 +4,7 @@
     kvmem ls | info ID | rm ID | stats      # against --address (default 127.0.0.1:50051)
     kvmem prepare-model --cache-dir DIR     # convert the bundled SmolLM2 once
     kvmem compact --method attention_matching --ratio 0.1 --sessions a b c   # or --all
+    kvmem compact --method knorm --ratio 0.25 --all --ray [ADDRESS] --store-url redis://HOST:PORT   # Ray workers
     kvmem answer ID "question" [--dry-run] [--budget-s 5] [--force full] [--forbid ttt]
     kvmem keys add --keys-file keys.toml --tenant acme [--admin]   # prints a new token once
     kvmem keys rm --keys-file keys.toml KEY_ID | kvmem keys ls --keys-file keys.toml
@@ -28,12 +29,18 @@ from kvmem import __version__
 from kvstore.errors import KvmemError
 
 
-def _client(args):
-    from kvmem.client import Client
+def _client_options(args) -> dict:
+    """kvmem.client.Client's keywords from the global flags (token, TLS, tenant, timeout)."""
     from kvmem.tls import ClientTLS
 
     tls = ClientTLS(args.tls_ca or "", args.tls_cert or "", args.tls_key or "", args.tls_server_name or "") if (args.tls or args.tls_ca or args.tls_cert) else None
-    return Client(args.address, token=args.token or None, tls=tls, tenant=args.tenant, timeout=args.timeout)
+    return dict(token=args.token or None, tls=tls, tenant=args.tenant, timeout=args.timeout)
+
+
+def _client(args):
+    from kvmem.client import Client
+
+    return Client(args.address, **_client_options(args))
 
 
 def _keys(args) -> int:
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen.add_argument("--sessions", nargs="+", metavar="ID")
     chosen.add_argument("--all", action="store_true", help="every uncompacted session of the tenant")
     compact.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. selection=omp")
+    _add_ray_flags(compact)
     answer = commands.add_parser("answer", help="answer a question about a session (the planner decides how; --dry-run: decision only)")
     answer.add_argument("session_id")
     answer.add_argument("question", help="text appended after the session's context")
@@ -158,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "keys":
         return _keys(args)
+    if args.command == "compact" and (args.ray is not None or args.store_url):
+        return _compact_on_ray(parser, args)
+    if args.command == "compact" and args.servers:
+        if len(args.servers) > 1:
+            parser.error("several --address values need --ray (without it, one server compacts the sessions in turn)")
+        args.address = args.servers[0]
     try:
         if args.command == "prepare-model":
             from modelhost.models import prepare_model
@@ -195,39 +209,110 @@ def _compact(client, args) -> int:
     Each Compact call is atomic on the server: an interrupted run never leaves a half-written session.
     Progress: a bar with rate and ETA on a terminal, one line per session otherwise.
     """
-    from compaction.naming import COMPACTION_LABEL, compacted_id
+    from kvmem.batch_compact import ClientCompactor, Tally
     from kvmem.progress import Progress
-    from kvstore.errors import NotFound
 
-    options = dict(item.split("=", 1) for item in args.option)
-    if args.all:
-        sessions = [info.session_id for info in client.list() if COMPACTION_LABEL not in info.labels]
-    else:
-        sessions = list(args.sessions)
-    done = skipped = 0
+    job = _compact_job(args)
+    compactor = ClientCompactor(client)
+    sessions = compactor.sessions() if args.all else list(args.sessions)
+    tally = Tally(len(sessions))
     with Progress(len(sessions), "session", stream=sys.stdout) as progress:
         try:
             for session_id in sessions:
-                destination = compacted_id(session_id, args.method, args.ratio, args.budget, options)  # the server's default id
-                try:
-                    client.get(destination)
-                    skipped += 1
-                    progress.step(f"{session_id}: already compacted as {destination}, skipped")
-                    continue
-                except NotFound:
-                    pass
-                response = client.compact(session_id, args.method, ratio=args.ratio or 0.0, budget=args.budget or 0, options=options)
-                done += 1
-                error = f", held-out attention error {response.heldout_attention_error:.3f}" if response.heldout_attention_error >= 0 else ""
-                progress.step(
-                    f"{session_id} -> {response.session.session_id}: {response.bytes_before / 1e6:.1f} MB -> "
-                    f"{response.bytes_after / 1e6:.1f} MB, {response.kept_tokens:.1f} keys/head{error}, {response.seconds:.1f}s"
-                )
+                outcome = compactor.compact(job, session_id)
+                tally.add(outcome)
+                progress.step(outcome.line())
         except KeyboardInterrupt:
-            print(f"interrupted after {done} compacted, {skipped} skipped; run the same command again to resume", file=sys.stderr)
+            print(tally.interrupted(), file=sys.stderr)
             return 130
-    print(f"done: {done} compacted, {skipped} already done, {len(sessions)} sessions")
+    print(tally.summary())
     return 0
+
+
+def _compact_job(args):
+    from kvmem.batch_compact import Job
+
+    return Job(args.method, args.ratio, args.budget, dict(item.split("=", 1) for item in args.option))
+
+
+def _add_ray_flags(compact) -> None:
+    ray = compact.add_argument_group("batch compaction on Ray (pip install 'kvmem[ray]')")
+    ray.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                     help="fan the sessions out as Ray tasks; without ADDRESS start a local Ray cluster")
+    ray.add_argument("--ray-workers", type=int, default=2, metavar="N", help="Ray actors, one session each at a time (default 2)")
+    ray.add_argument("--store-url", default="", metavar="URL",
+                     help="redis:// or rediss:// URL of the shared backend: the Ray workers compact and store through it themselves "
+                          "(default: each worker calls a kvmem server's Compact)")
+    ray.add_argument("--store-namespace", default="kvmem", metavar="NAME", help="the servers' store.redis_namespace (default kvmem)")
+    ray.add_argument("--store-min-replicas", type=int, default=0, metavar="N", help="the servers' store.redis_min_replicas (default 0)")
+    ray.add_argument("--store-chunk-tokens", type=int, default=256, metavar="N", help="the servers' store.chunk_tokens (default 256)")
+    ray.add_argument("--model", default=None, help="model each worker hosts for methods that need reference queries (default: the server's)")
+    ray.add_argument("--model-cache-dir", type=Path, default=None, metavar="DIR", help="where that model is prepared, the same path on every Ray node (default: ./data/models)")
+    ray.add_argument("--threads", type=int, default=1, metavar="N", help="torch threads per worker (default 1, reproducible)")
+    ray.add_argument("--address", action="append", default=[], metavar="ADDRESS", dest="servers",
+                     help="the kvmem server to call (as the global --address); with --ray and no --store-url repeatable: the workers take them in turn")
+
+
+def _compact_on_ray(parser, args) -> int:
+    """kvmem compact --ray: the sessions fanned out over Ray actors (kvmem.ray_compact)."""
+    from functools import partial
+
+    from kvmem import ray_compact
+    from kvmem.batch_compact import ClientCompactor, StoreCompactor
+
+    if args.ray is None:
+        parser.error("--store-url works with --ray (without it, kvmem compact calls the server at --address)")
+    if args.ray_workers < 1 or args.threads < 1:
+        parser.error("--ray-workers and --threads must be at least 1")
+    if args.store_url and not args.store_url.startswith(("redis://", "rediss://")):
+        parser.error("--store-url must be a redis:// or rediss:// URL (the shared backend); to compact one machine's LMDB, leave it out")
+    job = _compact_job(args)
+    if args.store_url:
+        try:
+            config = _store_worker_config(args)
+        except ImportError as exc:
+            print(f"kvmem: --store-url needs the server extra (pip install 'kvmem[server,ray]'): {exc}", file=sys.stderr)
+            return 2
+        except ValueError as exc:  # a StoreConfig setting out of range
+            parser.error(str(exc))
+        makers, cpus = [partial(StoreCompactor, config)] * args.ray_workers, args.threads
+    else:
+        options = _client_options(args)
+        addresses = ray_compact.round_robin(args.servers or [args.address], args.ray_workers)
+        makers, cpus = [partial(ClientCompactor.to, address, **options) for address in addresses], 0
+    try:
+        started = ray_compact.connect(args.ray)
+        try:
+            tally = ray_compact.compact_on_ray(job, makers, None if args.all else args.sessions, cpus_per_worker=cpus)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    except ray_compact.RayMissing as exc:
+        print(f"kvmem: {exc}", file=sys.stderr)
+        return 2
+    except ray_compact.RayFailed as exc:
+        print(f"kvmem: {exc}", file=sys.stderr)
+        return 1
+    except ray_compact.Interrupted as exc:
+        print(f"{exc} (the unfinished Ray tasks were cancelled and stored nothing)", file=sys.stderr)
+        return 130
+    print(tally.summary())
+    return 1 if tally.failed else 0
+
+
+def _store_worker_config(args):
+    """How each Ray worker reaches the shared Redis backend, and the model it hosts (server defaults)."""
+    from kvmem.batch_compact import StoreWorkerConfig
+    from kvmem.config import ModelConfig
+    from kvstore.store import StoreConfig
+
+    store = StoreConfig(backend="redis", redis_url=args.store_url, redis_namespace=args.store_namespace,
+                        redis_min_replicas=args.store_min_replicas, chunk_tokens=args.store_chunk_tokens)
+    cache_dir = (args.model_cache_dir if args.model_cache_dir is not None else Path(store.data_dir) / "models").absolute()  # workers start elsewhere
+    model = ModelConfig().name if args.model is None else args.model
+    return StoreWorkerConfig(store, args.tenant or "default", model, cache_dir, args.threads)
 
 
 if __name__ == "__main__":
