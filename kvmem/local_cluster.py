@@ -107,6 +107,35 @@ class LocalRedisCluster:
     def primary_ports(self) -> list[int]:
         return [port for port in self.ports if self.processes.get(port) and self.processes[port].poll() is None and self.role(port) == "master"]
 
+    def primary_of_slot(self, slot: int) -> int:
+        """The port of the master that serves hash slot ``slot`` now, as a running node sees it."""
+        via = next(port for port in self.ports if port in self.processes and self.processes[port].poll() is None)
+        for line in self._cli("cluster", "nodes", port=via).splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for served in fields[8:]:
+                low, _, high = served.partition("-")
+                if low.isdigit() and int(low) <= slot <= int(high or low):
+                    return int(fields[1].split(":")[1].split("@")[0])
+        raise RuntimeError(f"no master serves slot {slot}")
+
+    def wait_failover(self, slot: int, old_primary: int, timeout_s: float = 60.0) -> int:
+        """Until a replica has taken slot ``slot`` over from ``old_primary`` and the cluster is
+        healthy again; the new primary's port."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                primary = self.primary_of_slot(slot)
+                if primary != old_primary:
+                    self.wait_healthy(max(1.0, deadline - time.monotonic()))
+                    return primary
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica took slot {slot} over from port {old_primary} in {timeout_s:g} s")
+            time.sleep(0.1)
+
     def kill(self, port: int) -> None:
         """SIGKILL one node (no shutdown, no final fsync)."""
         process = self.processes.pop(port)

@@ -41,7 +41,7 @@ import redis
 
 from kvstore.backend import SPACES
 from kvstore.chunking import KEY_BYTES
-from kvstore.errors import CapacityExceeded, Unavailable
+from kvstore.errors import Unavailable
 from kvstore.redis_nodes import NodeSettings, Nodes
 from kvstore.redis_scripts import (CLAIM_SWEEP, COMMIT, FINISH_SWEEP, FIXED_KEYS, MARK_ORPHANS, META_SPACES, SNAPSHOT_COUNT,
                                    SNAPSHOT_GET, SNAPSHOT_PAGE, TRIM, space_letter)
@@ -461,12 +461,7 @@ class RedisBackend:
                 self._wait_replicas(pipe)
                 return pipe.execute()
 
-            try:
-                replies = self.nodes.call(group[0][0], put, "SET blocks")
-            except redis.ResponseError as exc:
-                if "OOM" in str(exc):
-                    raise CapacityExceeded(f"Redis is out of memory (maxmemory reached): {exc}; free space or grow the cluster") from exc
-                raise
+            replies = self.nodes.call(group[0][0], put, "SET blocks")  # OOM: CapacityExceeded
             if self.config.min_replicas:
                 self._check_acks(int(replies[-1]), "a block write")
                 replies = replies[:-1]

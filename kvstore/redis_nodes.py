@@ -19,12 +19,17 @@ import redis
 from redis.connection import parse_url
 from redis.crc import key_slot
 
-from kvstore.errors import InvalidRequest, Unavailable
+from kvstore.errors import CapacityExceeded, InvalidRequest, Unavailable
 
 log = logging.getLogger("kvmem.redis")
 T = TypeVar("T")
 SLOTS = 16384
-_RETRY_TEXTS = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
+# replies that mean "not here or not now" while a cluster moves slots or fails over; redis-py strips
+# the code from the message of those it maps to a class (MovedError("3999 127.0.0.1:7002"))
+_RETRY_CODES = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS")
+_RETRY_CLASSES = (redis.exceptions.AskError, redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError,
+                  redis.exceptions.ReadOnlyError, redis.exceptions.BusyLoadingError)
+_CREDENTIAL_CLASSES = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError)
 
 
 @dataclass(frozen=True)
@@ -35,9 +40,22 @@ class NodeSettings:
 
 
 def is_retryable(exc: Exception) -> bool:
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+    """A failover, a slot move or a lost connection: worth trying again once the map is fresh."""
+    if isinstance(exc, _CREDENTIAL_CLASSES):
+        return False
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError) + _RETRY_CLASSES):
         return True
-    return isinstance(exc, redis.ResponseError) and str(exc).split(" ", 1)[0] in _RETRY_TEXTS
+    code = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
+    return isinstance(exc, redis.ResponseError) and code in _RETRY_CODES
+
+
+def as_kvmem_error(exc: redis.RedisError, what: str) -> Exception:
+    """What a Redis error that retrying cannot cure means to a kvmem caller."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return CapacityExceeded(f"Redis is out of memory (maxmemory reached) during {what}: {exc}; free space or grow the cluster")
+    if isinstance(exc, _CREDENTIAL_CLASSES):
+        return Unavailable(f"Redis refused kvmem's credentials during {what} ({exc}); check the user and password in store.redis_url")
+    return exc
 
 
 class Nodes:
@@ -107,7 +125,10 @@ class Nodes:
                 return fn(self.client(address))
             except redis.RedisError as exc:
                 if not is_retryable(exc):
-                    raise
+                    mapped = as_kvmem_error(exc, what)
+                    if mapped is exc:
+                        raise
+                    raise mapped from exc
                 if time.monotonic() >= deadline:
                     raise Unavailable(f"Redis did not complete {what} within {self.settings.failover_seconds:g} s ({exc}); retry later") from exc
                 log.warning("redis call retried", extra={"fields": {"what": what, "node": f"{address[0]}:{address[1]}", "error": str(exc)[:200]}})
