@@ -4,13 +4,15 @@ bytes, on one local 3+3 cluster in one run (ratios: the machine is shared).
     python -m bench.redis_backend            # 4096-token sessions, SmolLM2-135M's layout, 5 rounds
     python -m bench.redis_backend --quick    # CI smoke run
 
-Rows: the store (save = blocks SET NX on their primaries + one commit script; restore = record
-+ blocks GET, checksums verified) with min_replicas 0 and 1, and redis-py writing/reading the
-same bytes as one value per block (pipelined per primary, the best a plain client does).
+Rows: the store (save = staging marks, blocks SET NX on their primaries, one commit script;
+restore = record + blocks GET, checksums verified) with min_replicas 0 and 1, and redis-py
+writing/reading the same bytes as one value per block (one pipeline per primary, all primaries
+at once: the best a plain client does), with min_replicas 1 also SET + WAIT 1.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -56,8 +58,10 @@ def store_round(store, tokens: int, rounds: int) -> tuple[float, float, int]:
     return save_s, restore_s, nbytes
 
 
-def plain_round(store, tokens: int, rounds: int, chunk_tokens: int) -> tuple[float, float]:
-    """redis-py SET/GET of the same bytes, one value per (chunk, layer), pipelined per primary."""
+def plain_round(store, tokens: int, rounds: int, chunk_tokens: int, wait_replicas: int = 0) -> tuple[float, float]:
+    """redis-py SET/GET of the same bytes, one value per (chunk, layer): one pipeline per primary,
+    all primaries at once (the store's own transport, so the ratio is the store's overhead), with
+    ``WAIT wait_replicas`` after each primary's SETs when > 0 (what a durable plain write costs)."""
     nodes = store.backend.nodes
     save_s = restore_s = 0.0
     for index in range(rounds):
@@ -65,24 +69,29 @@ def plain_round(store, tokens: int, rounds: int, chunk_tokens: int) -> tuple[flo
         values = []
         for layer, (k, v) in enumerate(layers):
             for at in range(0, tokens, chunk_tokens):
-                values.append((f"plain:{index}:{layer}:{at}".encode(), k[:, at : at + chunk_tokens].numpy().tobytes() + v[:, at : at + chunk_tokens].numpy().tobytes()))
-        by_node: dict = {}
-        for name, value in values:
-            by_node.setdefault(nodes.primary(name), []).append((name, value))
+                values.append((f"plain:{wait_replicas}:{index}:{layer}:{at}".encode(), k[:, at : at + chunk_tokens].numpy().tobytes() + v[:, at : at + chunk_tokens].numpy().tobytes()))
+        names = [name for name, _ in values]
+
+        def put(client, indexes):
+            pipe = client.pipeline(transaction=False)
+            for i in indexes:
+                pipe.set(names[i], values[i][1])
+            if wait_replicas:
+                pipe.execute_command("WAIT", wait_replicas, 5000)
+            replies = pipe.execute()
+            return replies[: len(indexes)]
+
+        def get(client, indexes):
+            pipe = client.pipeline(transaction=False)
+            for i in indexes:
+                pipe.get(names[i])
+            return pipe.execute()
+
         started = time.perf_counter()
-        for address, group in by_node.items():
-            pipe = nodes.client(address).pipeline(transaction=False)
-            for name, value in group:
-                pipe.set(name, value)
-            pipe.execute()
+        nodes.per_primary(names, put, "plain SET")
         save_s += time.perf_counter() - started
         started = time.perf_counter()
-        got = 0
-        for address, group in by_node.items():
-            pipe = nodes.client(address).pipeline(transaction=False)
-            for name, _ in group:
-                pipe.get(name)
-            got += sum(len(value) for value in pipe.execute())
+        got = sum(len(value) for value in nodes.per_primary(names, get, "plain GET"))
         restore_s += time.perf_counter() - started
         assert got == sum(len(value) for _, value in values)
     return save_s, restore_s
@@ -92,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="512 tokens, 2 rounds (CI smoke run)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every row (medians reported)")
+    parser.add_argument("--quick", action="store_true", help="512 tokens, 2 rounds, 1 repeat (CI smoke run)")
     args = parser.parse_args(argv)
-    tokens, rounds = (512, 2) if args.quick else (args.tokens, args.rounds)
+    tokens, rounds, repeats = (512, 2, 1) if args.quick else (args.tokens, args.rounds, args.repeats)
     directory = Path(tempfile.mkdtemp(prefix="kvmem-bench-redis-"))
     cluster = LocalRedisCluster(directory / "cluster").start()
     rows = []
@@ -104,20 +114,35 @@ def main(argv: list[str] | None = None) -> int:
                                  redis_url=cluster.url, redis_namespace=f"bench{replicas}", redis_min_replicas=replicas)
             store = SessionStore.open(config)
             try:
-                save_s, restore_s, nbytes = store_round(store, tokens, rounds)
-                plain_save, plain_restore = plain_round(store, tokens, rounds, config.chunk_tokens)
+                timings = {"store": [], "plain": [], "plain+wait": []}
+                for _ in range(repeats):  # interleaved, medians: the machine is shared
+                    timings["store"].append(store_round(store, tokens, rounds))
+                    timings["plain"].append(plain_round(store, tokens, rounds, config.chunk_tokens))
+                    if replicas:
+                        timings["plain+wait"].append(plain_round(store, tokens, rounds, config.chunk_tokens, wait_replicas=replicas))
             finally:
                 store.close()
-            gb = nbytes / 1e9
+            gb = timings["store"][0][2] / 1e9
+            save_s = statistics.median(t[0] for t in timings["store"])
+            restore_s = statistics.median(t[1] for t in timings["store"])
+            plain_save = statistics.median(t[0] for t in timings["plain"])
+            plain_restore = statistics.median(t[1] for t in timings["plain"])
             rows.append((f"kvmem store, min_replicas={replicas}", gb / save_s, gb / restore_s, plain_save / save_s, plain_restore / restore_s))
             rows.append(("redis-py SET/GET, same bytes", gb / plain_save, gb / plain_restore, 1.0, 1.0))
+            if replicas:
+                wait_save = statistics.median(t[0] for t in timings["plain+wait"])
+                rows.append((f"redis-py SET + WAIT {replicas}, same bytes", gb / wait_save, float("nan"), wait_save / save_s, float("nan")))
     finally:
         cluster.stop(remove=True)
     print(f"\n{rounds} sessions of {tokens} tokens ({SPEC.num_layers} layers, fp16), 3+3 local Redis Cluster\n")
     print("| row | save GB/s | restore GB/s | save vs redis-py | restore vs redis-py |")
     print("|---|---:|---:|---:|---:|")
     for name, save_rate, restore_rate, save_ratio, restore_ratio in rows:
-        print(f"| {name} | {save_rate:.3f} | {restore_rate:.3f} | {save_ratio:.2f}x | {restore_ratio:.2f}x |")
+        restore_cells = "–" if restore_rate != restore_rate else f"{restore_rate:.3f}"
+        ratio_cell = "–" if restore_ratio != restore_ratio else f"{restore_ratio:.2f}x"
+        print(f"| {name} | {save_rate:.3f} | {restore_cells} | {save_ratio:.2f}x | {ratio_cell} |")
+    print("\nratios are the store's time against the redis-py row above it (and, for save with replicas, against SET + WAIT: "
+          "a durable plain write); medians of interleaved repeats")
     return 0
 
 

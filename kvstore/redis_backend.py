@@ -336,22 +336,17 @@ class RedisBackend:
         return self.nodes.call(name, lambda client: client.get(name), "GET block")
 
     def get_blocks(self, keys: list[bytes]) -> list[bytes | None]:
+        """Several blocks: one pipeline per primary, all primaries at once."""
         self._require_open()
         names = [self.block_key(key) for key in keys]
-        by_node: dict[tuple[str, int], list[int]] = {}
-        for index, name in enumerate(names):
-            by_node.setdefault(self.nodes.primary(name), []).append(index)
-        out: list[bytes | None] = [None] * len(keys)
-        for indexes in by_node.values():
-            def fetch(client: redis.Redis, indexes=indexes) -> list:
-                pipe = client.pipeline(transaction=False)
-                for index in indexes:
-                    pipe.get(names[index])
-                return pipe.execute()
 
-            for index, value in zip(indexes, self.nodes.call(names[indexes[0]], fetch, "GET blocks")):
-                out[index] = value
-        return out
+        def fetch(client: redis.Redis, indexes: list[int]) -> list:
+            pipe = client.pipeline(transaction=False)
+            for index in indexes:
+                pipe.get(names[index])
+            return pipe.execute()
+
+        return self.nodes.per_primary(names, fetch, "GET blocks")
 
     def scan_blocks(self, txn: RedisReadTxn, start: bytes, prefix: bytes, values: bool):
         """Every stored block in key order (a SCAN of every primary: for scrubs and checks)."""
@@ -400,7 +395,7 @@ class RedisBackend:
         epochs: list[tuple[bytes, str]] = []
         if txn.new_blocks:
             chunks = sorted({key[:KEY_BYTES] for key in txn.new_blocks})
-            epochs = [(chunk, str(self._idle_epoch(chunk))) for chunk in chunks]
+            epochs = [(chunk, str(epoch)) for chunk, epoch in zip(chunks, self._idle_epochs(chunks))]
             self._put_block_values(list(txn.new_blocks.items()))
         writes = [(space_letter(space) + key, value) for (space, key), value in txn.changes.items()]
         if not writes and not txn.doomed:
@@ -408,7 +403,8 @@ class RedisBackend:
         return self._commit_script(txn.version, sorted(txn.reads), sorted(txn.scans), epochs, writes, sorted(txn.doomed))
 
     def _commit_script(self, version: int, reads: list[bytes], scans: list[bytes], epochs: list[tuple[bytes, str]],
-                       writes: list[tuple[bytes, bytes | None]], doomed: list[bytes]) -> bool:
+                       writes: list[tuple[bytes, bytes | None]], doomed: list[bytes], wait: bool = True) -> bool:
+        """One commit script on the metadata primary; ``wait``: WAIT for min_replicas after it."""
         token = os.urandom(12).hex()
         args: list = [version, int(time.time() * 1000), token, len(reads), *reads, len(scans), *scans, len(epochs)]
         for chunk, epoch in epochs:
@@ -418,7 +414,8 @@ class RedisBackend:
             args += [field, b"d" if value is None else b"p", b"" if value is None else value]
         args += [len(doomed), *doomed]
         while True:
-            replies = self.meta_script("commit", COMMIT, args, self._wait_replicas)
+            replies = self.meta_script("commit", COMMIT, args, self._wait_replicas if wait else None)
+            replies = replies if wait else [replies]
             reply = replies[0]
             if reply[0] == 2:  # a sweep of one of these chunks is running: wait for it
                 time.sleep(0.005)
@@ -433,40 +430,36 @@ class RedisBackend:
             self.batched += 1
             return True
 
-    def _idle_epoch(self, chunk: bytes) -> int:
-        """The chunk's sweep epoch once no sweep of it is running (even)."""
+    def _idle_epochs(self, chunks: list[bytes]) -> list[int]:
+        """The chunks' sweep epochs once no sweep of any of them is running (even); one HMGET."""
         sweeps = self.meta_keys[2 * len(META_SPACES) + FIXED_KEYS.index("sweeps")]
         deadline = time.monotonic() + self.config.failover_seconds
         while True:
-            raw = self.nodes.call(self._meta_slot_key, lambda client: client.hget(sweeps, chunk), "HGET sweep epoch")
-            epoch = int(raw or 0)
-            if epoch % 2 == 0:
-                return epoch
+            raw = self.nodes.call(self._meta_slot_key, lambda client: client.hmget(sweeps, chunks), "HMGET sweep epochs")
+            epochs = [int(value or 0) for value in raw]
+            if all(epoch % 2 == 0 for epoch in epochs):
+                return epochs
             if time.monotonic() > deadline:
                 raise Unavailable("a block sweep did not finish in time; retry")
             time.sleep(0.005)
 
     def _put_block_values(self, blocks: list[tuple[bytes, bytes]]) -> int:
-        """SET NX every block on its primary (one pipeline and WAIT per primary); new count."""
-        by_node: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
-        for key, value in blocks:
-            name = self.block_key(key)
-            by_node.setdefault(self.nodes.primary(name), []).append((name, value))
-        new = 0
-        for group in by_node.values():
-            def put(client: redis.Redis, group=group) -> list:
-                pipe = client.pipeline(transaction=False)
-                for name, value in group:
-                    pipe.set(name, value, nx=True)
-                self._wait_replicas(pipe)
-                return pipe.execute()
+        """SET NX every block on its primary (one pipeline and WAIT per primary, all primaries
+        at once); how many were new. Redis out of memory is CapacityExceeded."""
+        names = [self.block_key(key) for key, _ in blocks]
 
-            replies = self.nodes.call(group[0][0], put, "SET blocks")  # OOM: CapacityExceeded
+        def put(client: redis.Redis, indexes: list[int]) -> list:
+            pipe = client.pipeline(transaction=False)
+            for index in indexes:
+                pipe.set(names[index], blocks[index][1], nx=True)
+            self._wait_replicas(pipe)
+            replies = pipe.execute()
             if self.config.min_replicas:
                 self._check_acks(int(replies[-1]), "a block write")
                 replies = replies[:-1]
-            new += sum(1 for reply in replies if reply)
-        return new
+            return replies
+
+        return sum(1 for reply in self.nodes.per_primary(names, put, "SET blocks") if reply)
 
     def put_blocks(self, blocks: Iterable[tuple[bytes, bytes]], staged: Iterable[tuple[bytes, bytes]] = ()) -> _Pending:
         """Staging marks first (one commit), then the blocks (``SET NX``), in a worker thread."""
@@ -478,7 +471,9 @@ class RedisBackend:
             if staged:
                 chunks = sorted({key[:KEY_BYTES] for key, _ in staged} | {key[:KEY_BYTES] for key, _ in blocks})
                 writes = [(space_letter("staged") + key, value) for key, value in staged]
-                if not self._commit_script(_ANY_VERSION, [], [], [(chunk, "even") for chunk in chunks], writes, []):
+                # no WAIT: replication keeps order, so the WAIT after the session's own commit covers
+                # these marks too, and a save whose primary fails before that is not acknowledged
+                if not self._commit_script(_ANY_VERSION, [], [], [(chunk, "even") for chunk in chunks], writes, [], wait=False):
                     raise Unavailable("staging a write conflicted; retry")  # cannot happen: no reads
             return self._put_block_values(blocks)
 

@@ -11,8 +11,9 @@ import logging
 import random
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import redis
@@ -70,6 +71,7 @@ class Nodes:
         self._clients: dict[tuple[str, int], redis.Redis] = {}
         self._slots: list[tuple[str, int]] = []
         self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="kvmem-redis-io")  # one pipeline per primary at once
         self.cluster = False
         self.refresh()
 
@@ -114,6 +116,56 @@ class Nodes:
     def primaries(self) -> list[tuple[str, int]]:
         return sorted(set(self._slots))
 
+    def per_primary(self, names: Sequence[bytes], fn: Callable[[redis.Redis, list[int]], list], what: str) -> list:
+        """``fn(client, indexes)`` -> one result per index, for the names each primary holds, on
+        every primary at once; results in the order of ``names``. A group that meets a failover
+        or a slot move is grouped again by the fresh slot map and retried, for up to
+        failover_seconds (``fn`` must be safe to repeat: GET, SET NX, DEL)."""
+        results: list = [None] * len(names)
+        remaining = list(range(len(names)))
+        deadline = time.monotonic() + self.settings.failover_seconds
+        delay = 0.02
+        while remaining:
+            groups: dict[tuple[str, int], list[int]] = {}
+            for index in remaining:
+                groups.setdefault(self.primary(names[index]), []).append(index)
+            if len(groups) == 1:
+                address, indexes = next(iter(groups.items()))
+                outcomes = {address: self._attempt(fn, address, indexes)}
+            else:
+                futures = {address: self._io.submit(self._attempt, fn, address, indexes) for address, indexes in groups.items()}
+                outcomes = {address: future.result() for address, future in futures.items()}
+            remaining, last = [], None
+            for address, (values, error) in outcomes.items():
+                if error is None:
+                    for index, value in zip(groups[address], values):
+                        results[index] = value
+                    continue
+                if not is_retryable(error):
+                    mapped = as_kvmem_error(error, what)
+                    raise mapped if mapped is not error else error
+                remaining += groups[address]
+                last = (address, error)
+            if not remaining:
+                return results
+            if time.monotonic() >= deadline:
+                raise Unavailable(f"Redis did not complete {what} within {self.settings.failover_seconds:g} s ({last[1]}); retry later") from last[1]
+            log.warning("redis call retried", extra={"fields": {"what": what, "node": f"{last[0][0]}:{last[0][1]}", "error": str(last[1])[:200]}})
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
+            try:
+                self.refresh()
+            except Unavailable:
+                pass
+        return results
+
+    def _attempt(self, fn: Callable[[redis.Redis, list[int]], list], address: tuple[str, int], indexes: list[int]):
+        """(fn's results, None), or (None, the Redis error it raised); anything else propagates."""
+        try:
+            return fn(self.client(address), indexes), None
+        except redis.RedisError as exc:
+            return None, exc
+
     def call(self, key: bytes | None, fn: Callable[[redis.Redis], T], what: str) -> T:
         """``fn(client of the primary of key)`` (key None: any primary), retried through
         failovers and slot moves for up to failover_seconds."""
@@ -140,6 +192,7 @@ class Nodes:
                     pass
 
     def close(self) -> None:
+        self._io.shutdown(wait=True)
         with self._lock:
             for client in self._clients.values():
                 client.close()
