@@ -79,6 +79,9 @@ class Backend(Protocol):
 
     def used_bytes(self) -> int: ...
 
+    def capacity_bytes(self) -> int:
+        """The most bytes the backend will hold (0: no limit it knows of)."""
+
     def snapshot(self, destination) -> None:
         """A consistent copy of everything committed, while writes go on."""
 

@@ -464,6 +464,10 @@ class LmdbBackend:
         self._extend_file()
 
     # ------------------------------------------------------------------ housekeeping
+    def capacity_bytes(self) -> int:
+        """The map's ceiling (store.lmdb_max_map_bytes)."""
+        return self.config.max_map_bytes
+
     def used_bytes(self) -> int:
         """Bytes of pages in use (all sub-databases, plus the two meta pages)."""
         with self._resize_lock.shared(), self.env.begin() as txn:

@@ -543,6 +543,20 @@ class RedisBackend:
                 pass
         return total
 
+    def capacity_bytes(self) -> int:
+        """The primaries' maxmemory together; 0 when any of them has none (then Redis is bounded
+        only by the hosts' memory)."""
+        total = 0
+        for address in self.nodes.primaries():
+            try:
+                limit = int(self.nodes.client(address).config_get("maxmemory").get("maxmemory", 0))
+            except redis.RedisError:
+                return 0  # CONFIG may be disabled (managed Redis): unknown
+            if not limit:
+                return 0
+            total += limit
+        return total
+
     def snapshot(self, destination) -> None:
         """An LMDB copy of the committed state (one snapshot; writes go on meanwhile): every
         metadata space at the snapshot and the blocks of every referenced chunk."""

@@ -950,7 +950,7 @@ class SessionStore:
         lmdb_counters = self.blocks.lmdb_counters
         used = self.backend.used_bytes()
         tiers.append({
-            "name": self.backend.name, "bytes_used": used, "capacity_bytes": self.config.lmdb_max_map_bytes,
+            "name": self.backend.name, "bytes_used": used, "capacity_bytes": self.backend.capacity_bytes(),
             "entries": counters["chunks"], **vars(lmdb_counters),
         })
         return {

@@ -195,3 +195,11 @@ def test_a_closed_backend_refuses_clearly(factory):
     with pytest.raises(Unavailable, match="closed"):
         with backend.read():
             pass
+
+
+def test_capacity_is_unknown_or_holds_what_is_used(factory):
+    backend = factory()
+    backend.write(lambda txn: txn.put("sessions", b"k", b"v" * 1000))
+    capacity, used = backend.capacity_bytes(), backend.used_bytes()
+    assert used > 0
+    assert capacity == 0 or capacity >= used

@@ -175,6 +175,8 @@ def test_redis_out_of_memory_is_capacity_exceeded_and_keeps_what_was_stored(tmp_
             assert all(torch.equal(k, a) and torch.equal(v, b) for k, v, (a, b) in zip(keys, values, small))
             with pytest.raises(errors.NotFound):
                 store.get("t", "big")
+            backend_tier = store.stats()["tiers"][-1]
+            assert backend_tier["name"] == "redis" and backend_tier["capacity_bytes"] == 4 << 20  # maxmemory, not an LMDB setting
         finally:
             store.close()
     finally:
