@@ -176,7 +176,11 @@ def _server_process(data_dir: Path, config: ServiceConfig, extra: Sequence[str] 
         yield int(port_file.read_text())
     finally:
         process.terminate()
-        process.wait(60)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 # ---------------------------------------------------------------------------- data
