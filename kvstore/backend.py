@@ -79,6 +79,10 @@ class Backend(Protocol):
 
     def used_bytes(self) -> int: ...
 
+    # optional: ``confirm_replicas(receipts)``, for a backend whose block writes are not durable
+    # when they return (Redis: not yet on the replicas); called once before the commit that
+    # references blocks written by put_blocks, with the receipts of their Pending writes
+
     def capacity_bytes(self) -> int:
         """The most bytes the backend will hold (0: no limit it knows of)."""
 
@@ -87,3 +91,13 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+
+Receipts = dict  # where a backend's block writes landed (Redis: primary (host, port) -> run_id of the process)
+
+
+def merge_receipts(into: Receipts, more: Receipts) -> None:
+    """Add ``more`` to ``into``; a place that answered as two different processes (a restart or a
+    failover between two writes) is marked "changed", so the confirmation refuses it."""
+    for where, who in more.items():
+        if into.setdefault(where, who) != who:
+            into[where] = "changed"

@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator, TypeVar
 
 import redis
 
-from kvstore.backend import SPACES
+from kvstore.backend import SPACES, Receipts, merge_receipts
 from kvstore.chunking import KEY_BYTES
 from kvstore.errors import Unavailable
 from kvstore.redis_nodes import NodeSettings, Nodes
@@ -76,11 +76,17 @@ class RedisConfig:
 
 
 class _Pending:
+    """A block write in flight: ``wait()`` -> blocks new; ``receipts`` once it is done."""
+
     def __init__(self, future):
         self._future = future
 
     def wait(self) -> int:
-        return self._future.result()
+        return self._future.result()[0]
+
+    @property
+    def receipts(self) -> Receipts:
+        return self._future.result()[1]
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:
@@ -256,6 +262,7 @@ class RedisBackend:
         self._block_prefix = f"{config.namespace}:b:".encode()
         self._scripts: dict[str, bytes] = {}
         self._write_lock = threading.Lock()
+        self._barrier_tags: dict[tuple[str, int], bytes] = {}  # primary -> a hash tag whose slot it serves
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvmem-redis-put")
         self._closed = False
         self.commits = 0
@@ -396,7 +403,7 @@ class RedisBackend:
         if txn.new_blocks:
             chunks = sorted({key[:KEY_BYTES] for key in txn.new_blocks})
             epochs = [(chunk, str(epoch)) for chunk, epoch in zip(chunks, self._idle_epochs(chunks))]
-            self._put_block_values(list(txn.new_blocks.items()))
+            self.confirm_replicas(self._put_block_values(list(txn.new_blocks.items()))[1])
         writes = [(space_letter(space) + key, value) for (space, key), value in txn.changes.items()]
         if not writes and not txn.doomed:
             return True
@@ -443,23 +450,67 @@ class RedisBackend:
                 raise Unavailable("a block sweep did not finish in time; retry")
             time.sleep(0.005)
 
-    def _put_block_values(self, blocks: list[tuple[bytes, bytes]]) -> int:
-        """SET NX every block on its primary (one pipeline and WAIT per primary, all primaries
-        at once); how many were new. Redis out of memory is CapacityExceeded."""
+    def _put_block_values(self, blocks: list[tuple[bytes, bytes]]) -> tuple[int, Receipts]:
+        """SET NX every block on its primary (one pipeline per primary, all primaries at once):
+        how many were new, and the receipts (which process took them). Redis out of memory is
+        CapacityExceeded. No WAIT here: the write that will reference these blocks confirms
+        their replicas once, from the receipts (``confirm_replicas``), not once per batch."""
         names = [self.block_key(key) for key, _ in blocks]
+        receipts: Receipts = {}
+        lock = threading.Lock()
 
         def put(client: redis.Redis, indexes: list[int]) -> list:
             pipe = client.pipeline(transaction=False)
             for index in indexes:
                 pipe.set(names[index], blocks[index][1], nx=True)
-            self._wait_replicas(pipe)
+            if self.config.min_replicas:
+                pipe.info("server")
             replies = pipe.execute()
             if self.config.min_replicas:
-                self._check_acks(int(replies[-1]), "a block write")
-                replies = replies[:-1]
+                with lock:
+                    merge_receipts(receipts, {_address_of(client): replies.pop()["run_id"]})
             return replies
 
-        return sum(1 for reply in self.nodes.per_primary(names, put, "SET blocks") if reply)
+        new = sum(1 for reply in self.nodes.per_primary(names, put, "SET blocks") if reply)
+        return new, receipts
+
+    def confirm_replicas(self, receipts: Receipts) -> None:
+        """Return once the blocks behind ``receipts`` are on min_replicas replicas: on each primary
+        that took some, a marker write (so this connection's replication offset covers every
+        earlier write on that primary, whichever connection made it) then WAIT. A primary that is
+        another process now than the one that took the blocks (failover, restart) may have lost
+        them: UNAVAILABLE, the outcome unknown; the save is retried (its blocks written again)."""
+        if not self.config.min_replicas or not receipts:
+            return
+        marker = f"{self.config.namespace}:barrier:".encode()
+
+        def changed(address: tuple[str, int], how: str) -> Unavailable:
+            return Unavailable(f"Redis node {address[0]}:{address[1]} {how} after it took blocks that may not have reached a replica; "
+                               "the save's outcome is unknown: retry it")
+
+        def confirm(address: tuple[str, int], run_id: str) -> None:
+            if run_id == "changed":
+                raise changed(address, "restarted or failed over")
+            if address not in self.nodes.primaries():
+                raise changed(address, "is no longer a primary (failover)")
+            tag = self._barrier_tags.get(address)
+            if tag is None or self.nodes.primary(tag) != address:
+                tag = self._barrier_tags[address] = _slot_tag_for(self.nodes, address)
+            pipe = self.nodes.client(address).pipeline(transaction=False)
+            pipe.set(marker + tag, b"1", px=60_000)
+            pipe.info("server")
+            pipe.execute_command("WAIT", self.config.min_replicas, int(self.config.timeout_seconds * 1000))
+            try:
+                _, info, acknowledged = pipe.execute()
+            except redis.RedisError as exc:
+                raise changed(address, f"did not answer ({exc})") from exc
+            if info["run_id"] != run_id:
+                raise changed(address, "restarted or failed over")
+            self._check_acks(int(acknowledged), "a block write")
+
+        futures = [self.nodes._io.submit(confirm, address, run_id) for address, run_id in receipts.items()]
+        for future in futures:
+            future.result()
 
     def put_blocks(self, blocks: Iterable[tuple[bytes, bytes]], staged: Iterable[tuple[bytes, bytes]] = ()) -> _Pending:
         """Staging marks first (one commit), then the blocks (``SET NX``), in a worker thread."""
@@ -594,3 +645,18 @@ class RedisBackend:
             self._maintainer.join(timeout=10)
         self._pool.shutdown(wait=True)
         self.nodes.close()
+
+
+def _address_of(client: redis.Redis) -> tuple[str, int]:
+    options = client.connection_pool.connection_kwargs
+    return options["host"], int(options["port"])
+
+
+def _slot_tag_for(nodes: Nodes, address: tuple[str, int]) -> bytes:
+    """A key suffix ``{tag}`` whose slot that primary serves (the first such tag of a fixed list)."""
+    for number in range(1 << 16):
+        tag = b"{" + str(number).encode() + b"}"
+        if nodes.primary(tag) == address:
+            return tag
+    raise Unavailable(f"no hash slot is served by {address[0]}:{address[1]}; the cluster map changed: retry")
+

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvstore.backend import Backend, WriteTxn
+from kvstore.backend import Backend, Receipts, WriteTxn, merge_receipts
 from kvstore.chunking import block_storage_key
 from kvstore.codec import block_record_bytes, new_block_record, record_payload, reset_block_record, seal_block_record
 from kvstore.errors import CapacityExceeded, InvalidRequest
@@ -139,6 +139,7 @@ class StagedWrite:
         self._spare: list[bytearray] = []  # written records of full chunks, refilled instead of allocated
         self._finished = self._closed = False
         self.bytes_received = 0
+        self.receipts: Receipts = {}  # where the flushed blocks landed (backends whose writes need confirming)
         if prefill:
             for layer, arrays in prefill.items():
                 self._fill(layer, self._origin, start - self._origin, *arrays)
@@ -224,9 +225,12 @@ class StagedWrite:
         self._wait_flushed()
         if not self._queue:
             return
+        # the first flush stages every chunk this write will fill, so later flushes carry blocks
+        # only (on Redis each staging is a commit on the metadata primary: one per write, not per batch)
+        staging = set() if self._staged_chunks else {index for index, chunk in enumerate(self.chunks) if chunk.write} | self._unflushed_chunks
         now = _STAGED_AT.pack(int(time.time() * 1000), self.spec.num_layers)
-        staged = [(staged_key(self.chunks[i].key, self.owner), now) for i in sorted(self._unflushed_chunks - self._staged_chunks)]
-        self._in_flight = (self.backend.put_blocks(self._queue, staged), self._queue, self._queued_bytes, self._unflushed_chunks)
+        staged = [(staged_key(self.chunks[i].key, self.owner), now) for i in sorted(staging)]
+        self._in_flight = (self.backend.put_blocks(self._queue, staged), self._queue, self._queued_bytes, self._unflushed_chunks | staging)
         self._unflushed_chunks = set()
         self._queue, self._queued_bytes = [], 0
 
@@ -238,6 +242,7 @@ class StagedWrite:
         self._in_flight = None
         try:
             pending.wait()
+            merge_receipts(self.receipts, getattr(pending, "receipts", {}))
         finally:
             self.budget.give(nbytes)
             self._held -= nbytes
@@ -261,6 +266,13 @@ class StagedWrite:
                     "the stream ended early or chunks are missing, nothing was stored"
                 )
         self._finished = True
+
+    def confirm_durable(self) -> None:
+        """Before the commit: the flushed blocks are as durable as the backend promises (on Redis,
+        on min_replicas replicas; a primary that changed since is UNAVAILABLE)."""
+        confirm = getattr(self.backend, "confirm_replicas", None)
+        if confirm is not None:
+            confirm(self.receipts)
 
     def pending_blocks(self) -> list[tuple[bytes, bytearray]]:
         """Sealed blocks not flushed yet: the commit writes them in its own transaction (one

@@ -211,9 +211,14 @@ class OpenWrite:
     def commit(self) -> WriteResult:
         try:
             self.staged.finish()
+            self.staged.confirm_durable()
             result = self._commit(self.staged)
-        except BaseException:
-            self.abort()
+        except BaseException as failure:
+            try:
+                self.abort()
+            except Exception as cleanup:  # noqa: BLE001 - the commit's own error is what the caller must see
+                # the staged blocks stay until the periodic sweep removes them (store.staged_max_age_seconds)
+                log.warning("abort after a failed commit failed", extra={"fields": {"commit_error": str(failure)[:200], "abort_error": str(cleanup)[:200]}})
             raise
         self.staged.committed()
         return result

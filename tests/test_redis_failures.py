@@ -108,35 +108,80 @@ class _Writers:
             time.sleep(0.05)
 
 
-def test_sigkill_of_a_redis_master_with_min_replicas_loses_no_acknowledged_save_and_writes_resume(server_process, tmp_path):
-    cluster = LocalRedisCluster(tmp_path / "cluster").start()
+@pytest.fixture(scope="module")
+def own_cluster(tmp_path_factory):
+    """A 3+3 cluster for the tests that kill its nodes (each leaves it healthy, roles changed)."""
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("killable-cluster")).start()
+    yield cluster
+    cluster.stop(remove=True)
+
+
+def test_sigkill_of_a_redis_master_with_min_replicas_loses_no_acknowledged_save_and_writes_resume(server_process, own_cluster, tmp_path):
+    cluster = own_cluster
+    namespace = f"kill-master-{next(_names)}"
+    server = server_process(tmp_path / "s", *_redis_flags(cluster.url, namespace, "--set", "store.redis_timeout_seconds=2",
+                                                         "--set", "store.redis_failover_seconds=20"))
+    # the master of the metadata slot: every commit goes through it, and blocks land there too
+    meta_slot = key_slot(f"{{{namespace}}}:v:sessions".encode())
+    victim = cluster.primary_of_slot(meta_slot)
+    with _Writers(server.address, _small_tokens) as writers:
+        writers.wait_for(8)
+        before_kill = dict(writers.acknowledged)
+        cluster.kill(victim)  # SIGKILL: no shutdown, no final fsync
+        promoted = cluster.wait_failover(meta_slot, victim)  # its replica is promoted
+        # the promoted master has no replica yet: writes that need one fail (UNAVAILABLE, never a
+        # silent loss) until the old master rejoins, as a replica of its successor
+        time.sleep(3)
+        cluster.start_node(victim)
+        cluster.wait_healthy(timeout_s=60)
+        rejoined = time.monotonic()
+        writers.wait_for(8, after=rejoined)  # writes resume
+    assert cluster.role(victim) == "slave" and cluster.role(promoted) == "master"
+    assert set(before_kill) <= set(writers.acknowledged)
+    with Client(server.address, spec=TOY_SPEC) as client:
+        _check_whole(client, writers.acknowledged, _small_tokens)
+    # whatever failed, failed with a status a client can act on (retry), never INTERNAL
+    assert all(failure.startswith("Unavailable:") for failure in writers.failures), writers.failures[:5]
+
+
+def test_a_failover_between_block_writes_and_the_commit_fails_the_save_instead_of_committing_lost_blocks(own_cluster, tmp_path):
+    """Blocks are written without a WAIT each; the commit first waits for their replicas. If the
+    primary that took them is gone (failed over) by then, the blocks may be lost with it: the save
+    is UNAVAILABLE (outcome unknown), nothing is committed, and the same save succeeds again."""
+    import numpy as np
+
+    from kvstore.store import SessionStore, StoreConfig
+    from tests.test_store import pieces_for
+
+    cluster = own_cluster
+    store = SessionStore.open(StoreConfig(data_dir=tmp_path / "d", chunk_tokens=16, backend="redis", redis_url=cluster.url,
+                                          redis_namespace=f"barrier-{next(_names)}", redis_min_replicas=1, redis_timeout_seconds=2,
+                                          redis_failover_seconds=20))
     try:
-        namespace = f"kill-master-{next(_names)}"
-        server = server_process(tmp_path / "s", *_redis_flags(cluster.url, namespace, "--set", "store.redis_timeout_seconds=2",
-                                                             "--set", "store.redis_failover_seconds=20"))
-        # the master of the metadata slot: every commit goes through it, and blocks land there too
-        meta_slot = key_slot(f"{{{namespace}}}:v:sessions".encode())
-        victim = cluster.primary_of_slot(meta_slot)
-        with _Writers(server.address, _small_tokens) as writers:
-            writers.wait_for(8)
-            before_kill = dict(writers.acknowledged)
-            cluster.kill(victim)  # SIGKILL: no shutdown, no final fsync
-            promoted = cluster.wait_failover(meta_slot, victim)  # its replica is promoted
-            # the promoted master has no replica yet: writes that need one fail (UNAVAILABLE, never a
-            # silent loss) until the old master rejoins, as a replica of its successor
-            time.sleep(3)
-            cluster.start_node(victim)
-            cluster.wait_healthy(timeout_s=60)
-            rejoined = time.monotonic()
-            writers.wait_for(8, after=rejoined)  # writes resume
-        assert cluster.role(victim) == "slave" and cluster.role(promoted) == "master"
-        assert set(before_kill) <= set(writers.acknowledged)
-        with Client(server.address, spec=TOY_SPEC) as client:
-            _check_whole(client, writers.acknowledged, _small_tokens)
-        # whatever failed, failed with a status a client can act on (retry), never INTERNAL
-        assert all(failure.startswith("Unavailable:") for failure in writers.failures), writers.failures[:5]
+        layers = random_layers(TOY_SPEC, 160, seed=9)
+        pieces = pieces_for(store, layers)
+        write = store.begin_save("t", "s", TOY_SPEC, np.arange(160), has_bias=False)
+        for layer, (k, v) in enumerate(layers):
+            write.add(layer, 0, 160, pieces.dtype_code, k.numpy().tobytes(), v.numpy().tobytes())
+        write.staged.flush()
+        write.staged._wait_flushed()  # the blocks are on their primaries, not yet confirmed on replicas
+        assert write.staged.receipts, "the flush wrote no blocks"
+        victim = next(iter(write.staged.receipts))[1]
+        nodes = store.backend.nodes
+        slot = next(key_slot(name) for name in map(store.backend.block_key, store.backend._all_block_keys()) if nodes.primary(name)[1] == victim)
+        cluster.kill(victim)
+        cluster.wait_failover(slot, victim)
+        with pytest.raises(errors.Unavailable, match="outcome is unknown"):
+            write.commit()
+        with pytest.raises(errors.NotFound):
+            store.get("t", "s")
+        cluster.start_node(victim)  # back as a replica: the promoted primary can meet min_replicas again
+        cluster.wait_healthy(timeout_s=60)
+        store.save("t", "s", TOY_SPEC, np.arange(160), pieces_for(store, layers))
+        keys, values, _ = store.restore("t", "s").tensors()
+        assert all(torch.equal(k, a) and torch.equal(v, b) for k, v, (a, b) in zip(keys, values, layers))
     finally:
-        cluster.stop(remove=True)
+        store.close()
 
 
 
