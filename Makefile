@@ -125,6 +125,7 @@ bench: install  ## full benchmarks (minutes; results in bench/results/)
 	$(BIN)/python -m bench.ttt_sweep
 	$(BIN)/python -m bench.planner_matrix  # about an hour: regenerates bench/data/planner_outcomes.jsonl
 	$(BIN)/python -m bench.planner --fit
+	$(BIN)/python -m bench.redis_backend  # the store on a local Redis Cluster against redis-py SET/GET (about 5 minutes)
 	$(BIN)/python -m bench.scale_out  # one against two kvmem servers over a local Redis Cluster (about 2 minutes)
 	$(BIN)/python -m bench.security
 	$(BIN)/python -m bench.storage

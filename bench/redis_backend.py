@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from kvmem.local_cluster import LocalRedisCluster
+from kvstore.redis_backend import slot_tag_for
 from kvstore.spec import ModelSpec
 from kvstore.store import SessionStore, StoreConfig
 
@@ -62,43 +63,92 @@ def store_round(store, tokens: int, rounds: int, repeat: int = 0) -> tuple[float
 
 
 def plain_round(store, tokens: int, rounds: int, chunk_tokens: int, wait_replicas: int = 0) -> tuple[float, float]:
-    """redis-py SET/GET of the same bytes, one value per (chunk, layer): one pipeline per primary,
-    all primaries at once (the store's own transport, so the ratio is the store's overhead), with
-    ``WAIT wait_replicas`` after each primary's SETs when > 0 (what a durable plain write costs).
-    Save time starts at the tensors, as the store's does."""
+    """redis-py SET/GET of the same bytes, one value per (chunk, layer), a chunk's layers per call
+    as the store moves them: one pipeline per primary, all primaries at once (the store's own
+    transport, so the ratio is the store's overhead). With ``wait_replicas`` > 0, one WAIT per
+    primary at the end of each session (what a durable plain write costs; the store also waits
+    once per save). Save time starts at the tensors, as the store's does."""
     nodes = store.backend.nodes
     save_s = restore_s = 0.0
     for index in range(rounds):
         layers = layers_for(tokens, seed=index)
-        started = time.perf_counter()  # from the same tensors the store gets: their bytes are made in the timed part, as the store's records are
-        values = []
-        for layer, (k, v) in enumerate(layers):
-            for at in range(0, tokens, chunk_tokens):
-                values.append((f"plain:{wait_replicas}:{index}:{layer}:{at}".encode(), k[:, at : at + chunk_tokens].numpy().tobytes() + v[:, at : at + chunk_tokens].numpy().tobytes()))
-        names = [name for name, _ in values]
-
-        def put(client, indexes):
-            pipe = client.pipeline(transaction=False)
-            for i in indexes:
-                pipe.set(names[i], values[i][1])
-            if wait_replicas:
-                pipe.execute_command("WAIT", wait_replicas, 5000)
-            replies = pipe.execute()
-            return replies[: len(indexes)]
-
-        def get(client, indexes):
-            pipe = client.pipeline(transaction=False)
-            for i in indexes:
-                pipe.get(names[i])
-            return pipe.execute()
-
-        nodes.per_primary(names, put, "plain SET")
+        started = time.perf_counter()
+        batches: list[list[tuple[bytes, bytes]]] = []
+        for at in range(0, tokens, chunk_tokens):
+            batches.append([(f"plain:{wait_replicas}:{index}:{layer}:{at}".encode(),
+                             k[:, at : at + chunk_tokens].numpy().tobytes() + v[:, at : at + chunk_tokens].numpy().tobytes())
+                            for layer, (k, v) in enumerate(layers)])
+        for batch in batches:
+            nodes.per_primary([name for name, _ in batch], lambda client, indexes, batch=batch: _pipeline(client, [("SET", *batch[i]) for i in indexes]), "plain SET")
+        if wait_replicas:
+            for address in nodes.primaries():
+                _pipeline(nodes.client(address), [("SET", b"plain-barrier" + slot_tag_for(nodes, address), b"1"), ("WAIT", wait_replicas, 5000)])
         save_s += time.perf_counter() - started
         started = time.perf_counter()
-        got = sum(len(value) for value in nodes.per_primary(names, get, "plain GET"))
+        got = 0
+        for batch in batches:
+            replies = nodes.per_primary([name for name, _ in batch], lambda client, indexes, batch=batch: _pipeline(client, [("GET", batch[i][0]) for i in indexes]), "plain GET")
+            got += sum(len(value) for value in replies)
         restore_s += time.perf_counter() - started
-        assert got == sum(len(value) for _, value in values)
+        assert got == sum(len(value) for batch in batches for _, value in batch)
     return save_s, restore_s
+
+
+def _pipeline(client, commands: list[tuple]) -> list:
+    pipe = client.pipeline(transaction=False)
+    for command in commands:
+        pipe.execute_command(*command)
+    return pipe.execute()
+
+
+def commit_rate(cluster, directory: Path, seconds: float, writers: int = 4) -> dict:
+    """Small saves (one 16-token chunk, 2 layers' worth of a tiny spec) by ``writers`` threads for
+    ``seconds``, min_replicas=1: saves per second, and the metadata primary's CPU seconds per save
+    (every save's staging and record commits run there: the one primary all commits share)."""
+    import threading
+
+    from redis.crc import key_slot
+
+    from bench.scale_out import cpu_seconds
+
+    tiny = ModelSpec("commit-rate", num_layers=2, num_kv_heads=1, head_dim=8, dtype="float16", max_position=1 << 16)
+    namespace = "commits"
+    store = SessionStore.open(StoreConfig(data_dir=directory / "commits", chunk_tokens=16, cpu_tier_bytes=0, backend="redis",
+                                          redis_url=cluster.url, redis_namespace=namespace, redis_min_replicas=1))
+    meta_pid = cluster.processes[cluster.primary_of_slot(key_slot(f"{{{namespace}}}:v:sessions".encode()))].pid
+    counts = [0] * writers
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer(worker: int) -> None:
+        try:
+            for index in range(1 << 24):
+                if stop.is_set():
+                    return
+                pieces = store.new_pieces(tiny, 0, 16, has_bias=False)
+                for layer in range(tiny.num_layers):
+                    pieces.add_tensors(layer, 0, torch.zeros(1, 16, 8, dtype=torch.float16), torch.ones(1, 16, 8, dtype=torch.float16), None)
+                base = (worker << 28) + index * 16  # distinct uint32 token ids: every save writes its own chunk
+                store.save("bench", f"c{worker}-{index}", tiny, np.arange(base, base + 16), pieces)
+                counts[worker] += 1
+        except BaseException as exc:  # noqa: BLE001 - raised below: a bench that loses a writer must say so
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(worker,)) for worker in range(writers)]
+    cpu_before, started = cpu_seconds(meta_pid), time.perf_counter()
+    for thread in threads:
+        thread.start()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    elapsed, cpu = time.perf_counter() - started, cpu_seconds(meta_pid) - cpu_before
+    store.close()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {writers} commit-rate writers failed") from errors[0]
+    saves = sum(counts)
+    return {"saves": saves, "seconds": elapsed, "saves_per_s": saves / elapsed, "meta_cpu_ms_per_save": 1000 * cpu / max(1, saves),
+            "meta_cpu_busy": cpu / elapsed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,42 +161,56 @@ def main(argv: list[str] | None = None) -> int:
     tokens, rounds, repeats = (512, 2, 1) if args.quick else (args.tokens, args.rounds, args.repeats)
     directory = Path(tempfile.mkdtemp(prefix="kvmem-bench-redis-"))
     cluster = LocalRedisCluster(directory / "cluster").start()
+    for port in cluster.ports:  # AOF stays on (appendfsync everysec); its rewrites (a fork writing the whole
+        # dataset, at random moments) would land on whichever row runs then: off for the bench
+        cluster._cli("config", "set", "auto-aof-rewrite-percentage", "0", port=port)
     rows = []
+    stores = {}
     try:
         for replicas in (0, 1):
-            config = StoreConfig(data_dir=directory / "data", chunk_tokens=256, cpu_tier_bytes=0, backend="redis",
-                                 redis_url=cluster.url, redis_namespace=f"bench{replicas}", redis_min_replicas=replicas)
-            store = SessionStore.open(config)
-            try:
-                timings = {"store": [], "plain": [], "plain+wait": []}
-                for repeat in range(repeats):  # interleaved, medians: the machine is shared
-                    timings["store"].append(store_round(store, tokens, rounds, repeat))
-                    timings["plain"].append(plain_round(store, tokens, rounds, config.chunk_tokens))
-                    if replicas:
-                        timings["plain+wait"].append(plain_round(store, tokens, rounds, config.chunk_tokens, wait_replicas=replicas))
-            finally:
-                store.close()
-            gb = timings["store"][0][2] / 1e9
-            save_s = statistics.median(t[0] for t in timings["store"])
-            restore_s = statistics.median(t[1] for t in timings["store"])
-            plain_save = statistics.median(t[0] for t in timings["plain"])
-            plain_restore = statistics.median(t[1] for t in timings["plain"])
-            rows.append((f"kvmem store, min_replicas={replicas}", gb / save_s, gb / restore_s, plain_save / save_s, plain_restore / restore_s))
-            rows.append(("redis-py SET/GET, same bytes", gb / plain_save, gb / plain_restore, 1.0, 1.0))
-            if replicas:
-                wait_save = statistics.median(t[0] for t in timings["plain+wait"])
-                rows.append((f"redis-py SET + WAIT {replicas}, same bytes", gb / wait_save, float("nan"), wait_save / save_s, float("nan")))
+            stores[replicas] = SessionStore.open(StoreConfig(
+                data_dir=directory / "data", chunk_tokens=256, cpu_tier_bytes=0, backend="redis",
+                redis_url=cluster.url, redis_namespace=f"bench{replicas}", redis_min_replicas=replicas))
+        chunk_tokens = stores[0].config.chunk_tokens
+        timings: dict[str, list] = {"store0": [], "store1": [], "plain": [], "plain+wait": []}
+        for repeat in range(repeats):  # every row in every repeat, interleaved; medians: the machine is shared
+            timings["store0"].append(store_round(stores[0], tokens, rounds, repeat))
+            timings["plain"].append(plain_round(stores[0], tokens, rounds, chunk_tokens))
+            timings["store1"].append(store_round(stores[1], tokens, rounds, repeat))
+            timings["plain+wait"].append(plain_round(stores[1], tokens, rounds, chunk_tokens, wait_replicas=1))
+        for store in stores.values():
+            store.close()
+        stores.clear()
+        gb = timings["store0"][0][2] / 1e9
+
+        def median(row: str, column: int) -> float:
+            return statistics.median(t[column] for t in timings[row])
+
+        plain_save, plain_restore, wait_save = median("plain", 0), median("plain", 1), median("plain+wait", 0)
+        for replicas in (0, 1):
+            save_s, restore_s = median(f"store{replicas}", 0), median(f"store{replicas}", 1)
+            rows.append((f"kvmem store, min_replicas={replicas}", gb / save_s, gb / restore_s, plain_save / save_s, plain_restore / restore_s,
+                         wait_save / save_s))
+        rows.append(("redis-py SET/GET, same bytes", gb / plain_save, gb / plain_restore, 1.0, 1.0, float("nan")))
+        rows.append(("redis-py SET + WAIT 1 per primary, same bytes", gb / wait_save, float("nan"), float("nan"), float("nan"), 1.0))
+        commits = commit_rate(cluster, directory, 2.0 if args.quick else 10.0)
     finally:
+        for store in stores.values():
+            store.close()
         cluster.stop(remove=True)
     print(f"\n{rounds} sessions of {tokens} tokens ({SPEC.num_layers} layers, fp16), 3+3 local Redis Cluster\n")
-    print("| row | save GB/s | restore GB/s | save vs redis-py | restore vs redis-py |")
-    print("|---|---:|---:|---:|---:|")
-    for name, save_rate, restore_rate, save_ratio, restore_ratio in rows:
-        restore_cells = "–" if restore_rate != restore_rate else f"{restore_rate:.3f}"
-        ratio_cell = "–" if restore_ratio != restore_ratio else f"{restore_ratio:.2f}x"
-        print(f"| {name} | {save_rate:.3f} | {restore_cells} | {save_ratio:.2f}x | {ratio_cell} |")
-    print("\nratios are the store's time against the redis-py row above it (and, for save with replicas, against SET + WAIT: "
-          "a durable plain write); medians of interleaved repeats")
+    print("| row | save GB/s | restore GB/s | save vs redis-py SET | restore vs redis-py GET | save vs SET + WAIT 1 |")
+    print("|---|---:|---:|---:|---:|---:|")
+
+    def cell(value: float, form: str) -> str:
+        return "–" if value != value else format(value, form) + ("x" if form == ".2f" else "")
+
+    for name, save_rate, restore_rate, save_ratio, restore_ratio, wait_ratio in rows:
+        print(f"| {name} | {save_rate:.3f} | {cell(restore_rate, '.3f')} | {cell(save_ratio, '.2f')} | {cell(restore_ratio, '.2f')} | {cell(wait_ratio, '.2f')} |")
+    print("\nratios: the redis-py row's time over the store's (above 1: the store is faster); medians of interleaved repeats")
+    print(f"\nmetadata commits: 4 threads saving one-chunk sessions (min_replicas=1) for {commits['seconds']:.0f} s: "
+          f"{commits['saves_per_s']:.0f} saves/s, metadata primary {commits['meta_cpu_ms_per_save']:.2f} CPU ms per save "
+          f"({commits['meta_cpu_busy']:.2f} of a core busy)")
     return 0
 
 

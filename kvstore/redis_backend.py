@@ -495,7 +495,7 @@ class RedisBackend:
                 raise changed(address, "is no longer a primary (failover)")
             tag = self._barrier_tags.get(address)
             if tag is None or self.nodes.primary(tag) != address:
-                tag = self._barrier_tags[address] = _slot_tag_for(self.nodes, address)
+                tag = self._barrier_tags[address] = slot_tag_for(self.nodes, address)
             pipe = self.nodes.client(address).pipeline(transaction=False)
             pipe.set(marker + tag, b"1", px=60_000)
             pipe.info("server")
@@ -652,7 +652,7 @@ def _address_of(client: redis.Redis) -> tuple[str, int]:
     return options["host"], int(options["port"])
 
 
-def _slot_tag_for(nodes: Nodes, address: tuple[str, int]) -> bytes:
+def slot_tag_for(nodes: Nodes, address: tuple[str, int]) -> bytes:
     """A key suffix ``{tag}`` whose slot that primary serves (the first such tag of a fixed list)."""
     for number in range(1 << 16):
         tag = b"{" + str(number).encode() + b"}"
