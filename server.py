@@ -218,7 +218,9 @@ class KVMemServicer:
             raise FailedPrecondition("recall needs a hosted model (set [model] name) to run the question; this server hosts none")
         self.host.require_spec(record.spec, "recall", "(it runs the question over the compacted cache)", "restore on a server that hosts that model")
         question = convert.tokens_array(request.recall_for).astype(np.int64)
-        config = RecallConfig(budget_tokens=request.recall_tokens or self.planner.recall_budget_tokens, double_count=self.planner.recall_double_count)
+        config = RecallConfig(budget_tokens=request.recall_tokens or self.planner.recall_budget_tokens, double_count=self.planner.recall_double_count,
+                              block_tokens=self.planner.recall_block_tokens, representatives=self.planner.recall_representatives,
+                              margin_tokens=self.planner.recall_margin_tokens)
         source = source_of(self.store, record)  # refuses a plain session (or a gone source) before anything is read
         compacted = load_compacted(self.store, tenant, request.session_id)
         window = self.host.window()
@@ -228,7 +230,8 @@ class KVMemServicer:
         from retrieval.service import block_index
 
         # the source's index is loaded (or built) without holding the model; recall checks the source again against what it loaded
-        index = block_index(self.store, self.host.rope(), tenant, source.session_id, self._block_index_config(), cache=self.index_cache, record=source).index
+        index_config = config.index_config(self._block_index_config())  # recall's own index (RecallConfig), not Retrieve's
+        index = block_index(self.store, self.host.rope(), tenant, source.session_id, index_config, cache=self.index_cache, record=source).index
         with self.host.use() as (model, _):
             vocabulary = model.get_input_embeddings().num_embeddings
             if int(question.max()) >= vocabulary:

@@ -27,10 +27,12 @@ Rows (``--new-tokens`` greedy tokens each, the same for all):
 * ``kv_retrieval <b>``: retrieval alone (retrieval.context.answer, RetrievalConfig(budget_tokens=b),
   the session restored from the store and its stored block index, representatives=4);
 * ``<method> 10% + recall <b> / <double_count>``: the 10% compacted session plus
-  retrieval.recall.recall of b tokens per layer (256, 512, and ``--share`` = 5% of the context, at
-  least one 64-token block: recall takes whole blocks and floors its budget to them, so 5% of 1k,
-  51 tokens, would recall nothing), for each double-count handling (none, drop, scale, drop_scale), for attention_matching and
-  streaming_llm.
+  retrieval.recall.recall of b tokens per layer (256, 512, and ``--share`` = 5% of the context:
+  recall counts its budget exactly, margins included), for each double-count handling (none, drop,
+  scale, drop_scale), for attention_matching and streaming_llm. Recall searches its own block
+  index (RecallConfig: block size, representatives, margin); ``--recall-index b64r4m16,b16r0m8``
+  runs each variant as its own rows on the same compacted sessions (every index is built and
+  stored before any timing and held in memory, as the server's index LRU does).
 
 Per row: accuracy (hits / tasks); bytes resident (the cache kept hot between questions: the full
 KV; the compacted keys + values + biases; the same compacted bytes for recall; nothing for
@@ -62,6 +64,8 @@ Attention Matching's value refit is many times slower when other processes compe
     python -m bench.recall --quick            # CI smoke (< 3 min): one needle + one wiki 1k task, streaming_llm, 10%
     python -m bench.recall                    # full run (~40 min on 2 cores) -> bench/results/recall.json, recall.md
     python -m bench.recall --render bench/results/recall.json   # tables again from the stored records
+    python -m bench.recall --name recall_fine --ratios 0.1 --recall-budgets '' --retrieval-budgets '' \
+        --double-counts drop_scale --recall-index b64r4m16,b16r0m8   # only what the 5% goal needs, two recall indexes
 """
 from __future__ import annotations
 
@@ -93,8 +97,9 @@ RATIOS = (0.5, 0.25, 0.1, 0.05)
 RECALL_RATIO = 0.1
 RECALL_BUDGETS = (256, 512)
 RETRIEVAL_BUDGETS = (256, 512)
+DOUBLE_COUNTS = ("none", "drop", "scale", "drop_scale")  # retrieval.recall.DOUBLE_COUNT (imported lazily there: faiss)
 SHARE = 0.05  # the goal's recall share; also run as a per-task budget (at least one block)
-BLOCK_TOKENS = 64  # BlockIndexConfig().block_tokens: recall takes whole blocks
+
 NEEDLE_LENGTHS = (1024, 2048, 4096, 7936)
 WIKI_LENGTHS = (1024, 2048)
 NEW_TOKENS = 10
@@ -199,7 +204,7 @@ def run_task(model, tokenizer, store, task, info: dict, config: dict, log: Calla
     from retrieval.block_index import BlockIndexConfig
     from retrieval.context import RetrievalConfig, SessionKV, answer as retrieval_answer
     from retrieval.executors import generate_on
-    from retrieval.recall import DOUBLE_COUNT, RecallConfig, load_compacted, recall
+    from retrieval.recall import RecallConfig, load_compacted, recall
     from retrieval.rope import Rope
     from retrieval.service import block_index
 
@@ -245,6 +250,11 @@ def run_task(model, tokenizer, store, task, info: dict, config: dict, log: Calla
     store.save(TENANT, sid, spec, task.context_ids[0].numpy().astype(np.uint32), pieces, overwrite=True)
     loaded = block_index(store, rope, TENANT, sid, index_config)  # built and stored once, before any timing
     record["index_bytes"] = int(sum(len(loaded.index.layer_to_bytes(l)) for l in range(loaded.index.num_layers)))
+    recall_indexes = {}  # recall's own index per variant: built and stored once before any timing, then held in memory (the server's LRU)
+    for name, settings in config["recall_indexes"].items():
+        wanted = RecallConfig(**settings).index_config(index_config)
+        recall_indexes[name] = loaded.index if wanted == index_config else block_index(store, rope, TENANT, sid, wanted).index
+    record["recall_index_bytes"] = {name: int(index.nbytes) for name, index in recall_indexes.items()}
     full_bytes = length * spec.bytes_per_token
 
     # full cache
@@ -297,22 +307,27 @@ def run_task(model, tokenizer, store, task, info: dict, config: dict, log: Calla
                 compact_seconds=compact_seconds, attn_err=errors)
             if ratio != RECALL_RATIO or method not in config["recall_methods"]:
                 continue
-            budgets = list(config["recall_budgets"])
-            if config["share"]:  # recall works in whole 64-token blocks: at least one
-                budgets.append(max(BLOCK_TOKENS, int(config["share"] * length)))
+            budgets = [b for b in config["recall_budgets"] if b < length]
+            if config["share"]:  # recall counts its budget exactly (margins included): 5% is 5%
+                budgets.append(max(1, int(config["share"] * length)))
+            variants = config["recall_indexes"]
             for budget in budgets:
-                for handling in DOUBLE_COUNT:
-                    t0 = time.perf_counter()
-                    recalled = recall(model, store, compacted, question, RecallConfig(budget_tokens=budget, double_count=handling), index_config)
-                    ids = generate_on(model, list(zip(recalled.keys, recalled.values)), recalled.bias, recalled.logical_length, question, new_tokens)
-                    seconds = time.perf_counter() - t0
-                    errors = reference.errors(recalled.keys, recalled.values, recalled.bias)
-                    named = f"{budget}" if budget in config["recall_budgets"] else f"{100 * config['share']:g}%"
-                    add(f"{SHORT[method]} 10% + recall {named} / {handling}", "recall", decode(ids), seconds, resident, recalled.bytes_read,
-                        method=method, ratio=ratio, budget=budget, budget_name=named, double_count=handling, applied=recalled.double_count,
-                        recalled_tokens=recalled.recalled_tokens, recall_share=float(np.mean([len(t) for t in recalled.tokens])) / length,
-                        layer_bytes=layer_bytes(recalled.source, recalled.tokens), stage_seconds=dict(recalled.seconds), attn_err=errors)
-                    del recalled
+                for variant, settings in variants.items():
+                    for handling in config["double_counts"]:
+                        recall_config = RecallConfig(budget_tokens=budget, double_count=handling, **settings)
+                        t0 = time.perf_counter()
+                        recalled = recall(model, store, compacted, question, recall_config, index_config, recall_indexes[variant])
+                        ids = generate_on(model, list(zip(recalled.keys, recalled.values)), recalled.bias, recalled.logical_length, question, new_tokens)
+                        seconds = time.perf_counter() - t0
+                        errors = reference.errors(recalled.keys, recalled.values, recalled.bias)
+                        named = f"{budget}" if budget in config["recall_budgets"] else f"{100 * config['share']:g}%"
+                        tag = f" {variant}" if len(variants) > 1 else ""
+                        add(f"{SHORT[method]} 10% + recall {named}{tag} / {handling}", "recall", decode(ids), seconds, resident, recalled.bytes_read,
+                            method=method, ratio=ratio, budget=budget, budget_name=named, double_count=handling, applied=recalled.double_count,
+                            recall_index=variant, index_bytes=record["recall_index_bytes"][variant],
+                            recalled_tokens=recalled.recalled_tokens, recall_share=float(np.mean([len(t) for t in recalled.tokens])) / length,
+                            layer_bytes=layer_bytes(recalled.source, recalled.tokens), stage_seconds=dict(recalled.seconds), attn_err=errors)
+                        del recalled
             del compacted
             gc.collect()
     for cid in compacted_ids:
@@ -332,7 +347,9 @@ def row_order(label: str) -> tuple:
     method = parts[0]
     if "recall" in label:
         budget = parts[4]
-        return (3, method, 1 if budget.endswith("%") else 0, int(budget) if budget.isdigit() else 0, ("none", "drop", "scale", "drop_scale").index(parts[-1]))
+        variant = parts[5] if parts[5] != "/" else ""
+        return (3, method, 1 if budget.endswith("%") else 0, int(budget) if budget.isdigit() else 0, variant,
+                ("none", "drop", "scale", "drop_scale").index(parts[-1]))
     return (1, method, -float(parts[1].rstrip("%")))
 
 
@@ -360,6 +377,8 @@ def aggregate(records: list[dict], family: str | None = None, length: int | None
             "recall_share": statistics.fmean(run["recall_share"] for run in runs) if all("recall_share" in run for run in runs) else None,
             "lengths": sorted({r["length"] for r, _ in pairs}),
         }
+        if all("index_bytes" in run for run in runs):
+            row["index_mb"] = statistics.fmean(run["index_bytes"] for run in runs) / MB
         if all("layer_bytes" in run for run in runs):
             row["layer_read_mb"] = statistics.fmean(run["layer_bytes"] for run in runs) / MB
         if all("attn_err" in run for run in runs):
@@ -438,11 +457,12 @@ def table_rows(rows: list[dict]) -> list[list[Any]]:
         err = row.get("attn_err_held_out")
         out.append([row["row"], row["n"], f"{row['hits']}/{row['n']}", f"{100 * row['acc']:.0f}%", _ratio(row["acc_ratio"]),
                     row["resident_mb"], row["read_mb"], row["seconds"], _ratio(row["seconds_ratio"]),
-                    "-" if row["recall_share"] is None else f"{100 * row['recall_share']:.1f}%", "-" if err is None else f"{err:.3f}"])
+                    "-" if row["recall_share"] is None else f"{100 * row['recall_share']:.1f}%", "-" if err is None else f"{err:.3f}",
+                    "-" if row.get("index_mb") is None else row["index_mb"]])
     return out
 
 
-HEADERS = ["row", "n", "hits", "acc", "acc/full", "resident MB", "read MB/q", "s/q", "s/full", "recall share", "attn err"]
+HEADERS = ["row", "n", "hits", "acc", "acc/full", "resident MB", "read MB/q", "s/q", "s/full", "recall share", "attn err", "recall index MB"]
 
 
 def render_text(result: dict) -> str:
@@ -521,7 +541,7 @@ def markdown(result: dict) -> str:
            "Columns: acc/full and s/full are ratios against the full cache on the same tasks; resident = the cache kept hot between questions; "
            "read = bytes read per question (full/compacted: the cache attended; retrieval: the session restored; recall: stored chunks loaded); "
            "recall share = recalled tokens per layer / context tokens; attn err = relative attention-output error vs the full cache on the "
-           "64 held-out continuation queries.", "", "## All tasks", "", md_table(HEADERS, table_rows(aggregate(records)))]
+           "64 held-out continuation queries; recall index MB = recall's block index of the source, held in memory (the server's index LRU).", "", "## All tasks", "", md_table(HEADERS, table_rows(aggregate(records)))]
     for family in sorted({r["family"] for r in records}):
         out += ["", f"## {family} tasks", "", md_table(HEADERS, table_rows(aggregate(records, family=family)))]
     for length in sorted({r["length"] for r in records}):
@@ -532,7 +552,7 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
-def finish(result: dict, quick: bool) -> str:
+def finish(result: dict, quick: bool, name: str = NAME) -> str:
     result["double_count"] = double_count_summary(result["records"])
     result["goal_checks"] = goal_checks(result["records"])
     result["rows"] = aggregate(result["records"])
@@ -540,9 +560,9 @@ def finish(result: dict, quick: bool) -> str:
     result["rows_by_length"] = {str(n): aggregate(result["records"], length=n) for n in sorted({r["length"] for r in result["records"]})}
     text = render_text(result)
     result["table"] = text
-    write_result(NAME, result)
+    write_result(name, result)
     if not quick:
-        (RESULTS_DIR / f"{NAME}.md").write_text(markdown(result))
+        (RESULTS_DIR / f"{name}.md").write_text(markdown(result))
     return text
 
 
@@ -562,15 +582,46 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--am-max-length", type=int, default=4096, help="longest context Attention Matching runs on (cost)")
     parser.add_argument("--share", type=float, default=SHARE, help="also recall this share of the context (0 = off)")
     parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--name", default=NAME, help="result files bench/results/<name>.{json,md} (a partial run: another name)")
+    parser.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="compaction ratios (comma-separated; recall runs on 0.1)")
+    parser.add_argument("--recall-budgets", default=",".join(map(str, RECALL_BUDGETS)), help="fixed recall budgets in tokens ('' = only --share)")
+    parser.add_argument("--retrieval-budgets", default=",".join(map(str, RETRIEVAL_BUDGETS)), help="kv_retrieval budgets ('' = none)")
+    parser.add_argument("--double-counts", default=",".join(DOUBLE_COUNTS), help="double-count handlings recall runs with")
+    parser.add_argument("--recall-index", default="",
+                        help="recall index variants b<block>r<representatives>m<margin>, comma-separated (e.g. b64r4m16,b16r0m8), each its own "
+                             "rows; '' = RecallConfig's defaults")
     parser.add_argument("--render", metavar="JSON", help="recompute the tables and checks from a result file's records (no model runs)")
     return parser.parse_args(argv)
+
+
+def recall_variants(spec: str) -> dict[str, dict]:
+    """'b16r0m8,b64r4m16' -> {name: RecallConfig keyword arguments}; '' -> RecallConfig's defaults."""
+    import re
+
+    from retrieval.recall import RecallConfig
+
+    if not spec:
+        d = RecallConfig()
+        return {f"b{d.block_tokens}r{d.representatives}m{d.margin_tokens}": {}}
+    out = {}
+    for name in spec.split(","):
+        match = re.fullmatch(r"b(\d+)r(\d+)m(\d+)", name.strip())
+        if not match:
+            raise SystemExit(f"--recall-index: {name!r} is not b<block>r<representatives>m<margin>")
+        block, reps, margin = map(int, match.groups())
+        out[name.strip()] = {"block_tokens": block, "representatives": reps, "margin_tokens": margin}
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     if args.render:
         result = json.loads(Path(args.render).read_text())
-        print(finish(result, bool(result.get("quick"))), flush=True)
+        print(finish(result, bool(result.get("quick")), args.name), flush=True)
         return 0
     pin_threads(args.threads)
     run_started = time.perf_counter()
@@ -591,13 +642,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes: list[str] = []
     if args.quick:
         config = {"methods": [SL], "recall_methods": [SL], "ratios": [RECALL_RATIO], "recall_budgets": [256], "retrieval_budgets": [256],
-                  "share": 0.0, "am_max_length": 0, "new_tokens": args.new_tokens}
+                  "share": 0.0, "am_max_length": 0, "new_tokens": args.new_tokens, "double_counts": list(DOUBLE_COUNTS),
+                  "recall_indexes": recall_variants(args.recall_index)}
         config.update(threads=args.threads, compact_threads=args.compact_threads)
         needle, wiki_lengths, wiki_count, budget = [{"family": "needle", "kind": "single", "length": 1024, "depth": 0.5, "seed": 0}], [1024], 1, math.inf
     else:
         methods = [m for m in args.methods.split(",") if m]
-        config = {"methods": methods, "recall_methods": [m for m in RECALL_METHODS if m in methods], "ratios": list(RATIOS),
-                  "recall_budgets": list(RECALL_BUDGETS), "retrieval_budgets": list(RETRIEVAL_BUDGETS), "share": args.share,
+        config = {"methods": methods, "recall_methods": [m for m in RECALL_METHODS if m in methods], "ratios": [float(x) for x in args.ratios.split(",") if x],
+                  "recall_budgets": _ints(args.recall_budgets), "retrieval_budgets": _ints(args.retrieval_budgets), "share": args.share,
+                  "double_counts": [h for h in args.double_counts.split(",") if h], "recall_indexes": recall_variants(args.recall_index),
                   "am_max_length": args.am_max_length, "new_tokens": args.new_tokens, "threads": args.threads, "compact_threads": args.compact_threads}
         needle = needle_plan([int(x) for x in args.needle_lengths.split(",")], args.needle_tasks)
         wiki_lengths, wiki_count, budget = [int(x) for x in args.wiki_lengths.split(",") if x], args.wiki_tasks, args.budget_min * 60
@@ -653,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 records.append(record)
                 cost.setdefault(length, []).append(record["seconds"])
                 log(f"  task done in {record['seconds']:.0f}s")
-                write_result(NAME, payload(final=False))
+                write_result(args.name, payload(final=False))
                 gc.collect()
         finally:
             store.close()
@@ -661,8 +714,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not records:
         print("no task ran", file=sys.stderr)
         return 1
-    print("\n" + finish(result, args.quick), flush=True)
-    log(f"results written to {RESULTS_DIR / (NAME + ('.quick.json' if args.quick else '.json'))}")
+    print("\n" + finish(result, args.quick, args.name), flush=True)
+    log(f"results written to {RESULTS_DIR / (args.name + ('.quick.json' if args.quick else '.json'))}")
     return 0
 
 

@@ -144,8 +144,14 @@ def always_kept(total: int, config: RetrievalConfig) -> tuple[int, int, np.ndarr
     return sink_end, recent_start, np.concatenate([np.arange(sink_end), np.arange(recent_start, total)]).astype(np.int64)
 
 
-def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig) -> Selection:
-    """Per-layer selection from one probe per layer; see the module docstring."""
+def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig, exact_tokens: int | None = None) -> Selection:
+    """Per-layer selection from one probe per layer; see the module docstring.
+
+    ``exact_tokens`` (equal counts per layer only: ``config.dynamic`` False): each layer's chosen
+    blocks with their margins hold exactly this many tokens (at most the whole blocks the budget
+    allows), the last block cut, instead of whole blocks' worth (recall's budget accounting)."""
+    if exact_tokens is not None and config.dynamic:
+        raise InvalidRequest("exact_tokens needs equal counts per layer (dynamic=False)")
     total = index.num_tokens
     if config.budget_tokens > total:
         raise InvalidRequest(f"budget of {config.budget_tokens} tokens exceeds the session's {total} tokens; use the full cache instead")
@@ -173,7 +179,8 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig) -> S
         counts = [min(available, int(mean_blocks))] * index.num_layers
     layers = []
     for (ids, scores), entropy, count in zip(ranked, entropies, counts):
-        chosen, mask, spans = _widened(index, ids, count * block_tokens, config.margin_tokens, sink_end, recent_start)
+        wanted = count * block_tokens if exact_tokens is None else min(count * block_tokens, exact_tokens)
+        chosen, mask, spans = _widened(index, ids, wanted, config.margin_tokens, sink_end, recent_start)
         by_block = dict(zip(ids.tolist(), scores.tolist()))
         chosen_scores = np.array([by_block[b] for b in chosen], dtype=np.float32)
         tokens = np.sort(np.concatenate([fixed, np.nonzero(mask)[0]]))

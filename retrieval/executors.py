@@ -62,6 +62,9 @@ class ExecutorSettings:
     compact_ratio: float = 0.5
     recall_budget_tokens: int = 256  # compacted_recall: exact tokens per layer recalled from the original
     recall_double_count: str = "drop_scale"  # compacted_recall: retrieval/recall.py's double-count handling
+    recall_block_tokens: int = 64  # compacted_recall: recall's own index (RecallConfig.block_tokens, representatives, margin_tokens)
+    recall_representatives: int = 0
+    recall_margin_tokens: int = 16
     ttt: TTTConfig = field(default_factory=TTTConfig)
     max_new_tokens: int = 24
     # kv_retrieval's block index settings (retrieval.block_index.BlockIndexConfig; the server
@@ -254,14 +257,16 @@ def run_compacted_recall(request: AnswerRequest) -> Execution:
     with stages("load"):
         compacted = load_compacted(request.store, request.tenant, target_id)
         source = source_of(request.store, compacted.record)
-    with stages("index"):  # the source's block index, built once and stored beside it
-        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, source.session_id, settings.block_index,
-                             cache=request.index_cache, record=source)
+    config = RecallConfig(budget_tokens=min(settings.recall_budget_tokens, source.num_tokens), double_count=settings.recall_double_count,
+                          block_tokens=settings.recall_block_tokens, representatives=settings.recall_representatives,
+                          margin_tokens=settings.recall_margin_tokens)
+    with stages("index"):  # the source's block index for recall's settings, built once and stored beside it
+        loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, source.session_id,
+                             config.index_config(settings.block_index), cache=request.index_cache, record=source)
     if loaded.rebuilt:
         prepared.append("index")
     else:
         stages.seconds["load"] += stages.seconds.pop("index")
-    config = RecallConfig(budget_tokens=min(settings.recall_budget_tokens, source.num_tokens), double_count=settings.recall_double_count)
     with stages("recall"):
         recalled = recall(request.model, request.store, compacted, question_ids, config, settings.block_index, loaded.index)
     with stages("generate"):

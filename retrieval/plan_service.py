@@ -25,7 +25,8 @@ def executor_settings(settings: Any, max_new_tokens: int = 24, block_index: Any 
     return ExecutorSettings(
         rag_budget_tokens=settings.rag_budget_tokens, kv_budget_tokens=settings.kv_budget_tokens, compact_method=settings.compact_method,
         compact_ratio=settings.compact_ratio, max_new_tokens=max_new_tokens, recall_budget_tokens=settings.recall_budget_tokens,
-        recall_double_count=settings.recall_double_count,
+        recall_double_count=settings.recall_double_count, recall_block_tokens=settings.recall_block_tokens,
+        recall_representatives=settings.recall_representatives, recall_margin_tokens=settings.recall_margin_tokens,
         ttt=TTTConfig(steps=settings.ttt_steps, span_tokens=settings.ttt_span_tokens, learning_rate=settings.ttt_learning_rate), **more,
     )
 

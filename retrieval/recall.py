@@ -7,9 +7,12 @@ question it recalls the exact tokens the question needs:
 
 1. *Probe*: the question runs once over the compacted cache (what the answer would see) and its
    keys are taken per layer, rotated back to position 0 (retrieval/context.py says why keys).
-2. *Select*: the original's block index (retrieval/block_index.py, the server's settings) scores
-   its blocks with those probes; ``budget_tokens`` per layer on average are taken best first, spread
-   over layers by score entropy, each block widened by ``margin_tokens`` (retrieval/context.select).
+2. *Select*: the original's block index for recall's own settings (``RecallConfig.block_tokens``
+   and ``representatives``: every key scored by default, a separate stored index from the Retrieve
+   RPC's unless their settings agree; retrieval/block_index.py) scores its blocks with those
+   probes; blocks are taken best first, each widened by ``margin_tokens``, until their union holds
+   exactly ``budget_tokens`` tokens per layer (the margins count; the last block may be cut:
+   retrieval/context.select).
 3. *Read*: only the stored chunks holding the chosen tokens are read (``bytes_read`` counts them).
 4. *Combine*: per layer, the compacted slots (with their biases) plus the recalled tokens at their
    original positions (post-RoPE keys as stored, bias 0). Every key already sits at its original
@@ -54,16 +57,28 @@ from retrieval.rope import Rope
 
 DOUBLE_COUNT = ("none", "drop", "scale", "drop_scale")
 MAX_RECALL_TOKENS = 1 << 20  # what a request may ask for; clipped to the session's length below this
+MAX_RECALL_BLOCK_TOKENS = 4096
+# Recall's index defaults (bench/recall.py --recall-index, docs/recall.md "Measured"): at 2k-4k
+# tokens 5% of the context is ~100-200 tokens, and a block ranked by 4 representative keys (the
+# Retrieve RPC's default) misses the needle where one ranked by every key finds it. Scoring every
+# key is what mattered; 16- and 32-token blocks did no better than 64 on 11 tasks and read more
+# 256-token store chunks for the same budget. With [retrieval] representatives = 0 the Retrieve
+# RPC and recall share one stored index.
+BLOCK_TOKENS = 64
+REPRESENTATIVES = 0
+MARGIN_TOKENS = 16
 
 
 @dataclass(frozen=True)
 class RecallConfig:
-    budget_tokens: int = 256  # exact tokens recalled per layer, rounded up to whole index blocks (64 tokens by default)
+    budget_tokens: int = 256  # exact tokens recalled per layer, margins included (the last block may be cut)
     double_count: str = "drop_scale"
     method: str = "actqkv"  # probe weighting (retrieval/actqkv.py)
-    margin_tokens: int = 16  # each recalled block is widened by this many tokens on both sides
+    margin_tokens: int = MARGIN_TOKENS  # each recalled block is widened by this many tokens on both sides
+    block_tokens: int = BLOCK_TOKENS  # recall's own index: tokens per block (the Retrieve RPC's settings are separate)
+    representatives: int = REPRESENTATIVES  # recall's own index: keys per block and head; 0 = every key scored (exact best match)
     dynamic: bool = False  # False: every layer recalls the same tokens (one ranking over layers, equal counts), so
-    #                        a restore can name them and the bytes read are the budget's; True: spread by entropy
+    #                        a restore can name them and the bytes read are the budget's; True: spread by entropy (whole blocks)
 
     def __post_init__(self) -> None:
         if self.double_count not in DOUBLE_COUNT:
@@ -72,6 +87,18 @@ class RecallConfig:
             raise InvalidRequest(f"recall budget must be in 1..{MAX_RECALL_TOKENS} tokens, got {self.budget_tokens}")
         if self.margin_tokens < 0:
             raise InvalidRequest(f"margin_tokens must be >= 0, got {self.margin_tokens}")
+        if not 1 <= self.block_tokens <= MAX_RECALL_BLOCK_TOKENS or self.representatives < 0:
+            raise InvalidRequest(f"recall index block_tokens must be in 1..{MAX_RECALL_BLOCK_TOKENS} (got {self.block_tokens}) "
+                                 f"and representatives >= 0 (got {self.representatives})")
+
+    def index_config(self, base: Any = None) -> Any:
+        """The BlockIndexConfig recall searches: its own block size and representatives, the
+        search structure (flat up to ``exact_max_vectors``, then HNSW) of ``base`` (the server's
+        BlockIndexConfig) when given."""
+        from retrieval.block_index import BlockIndexConfig
+
+        more = {} if base is None else {"exact_max_vectors": base.exact_max_vectors, "hnsw_neighbors": base.hnsw_neighbors}
+        return BlockIndexConfig(block_tokens=self.block_tokens, representatives=self.representatives, **more)
 
 
 @dataclass
@@ -192,12 +219,14 @@ def adjusted_bias(bias: torch.Tensor, slots: torch.Tensor | None, recalled: np.n
     return out + shift
 
 
-def recall(model: Any, store: SessionStore, compacted: CompactedKV, question_ids: torch.Tensor, config: RecallConfig, index_config: Any,
+def recall(model: Any, store: SessionStore, compacted: CompactedKV, question_ids: torch.Tensor, config: RecallConfig, index_config: Any = None,
            index: Any = None) -> Recalled:
     """Recall ``config.budget_tokens`` exact tokens per layer from the compacted session's source
     for ``question_ids`` [n] and combine them with its slots (see the module docstring).
-    ``index``: the source's BlockIndex when the caller already loaded it (else it is loaded, or
-    built and stored, for ``index_config``)."""
+    ``index_config``: the server's BlockIndexConfig (its search structure; recall's own block size
+    and representatives come from ``config``: ``config.index_config(index_config)``). ``index``:
+    the source's BlockIndex for those settings when the caller already loaded it (else it is loaded,
+    or built and stored); an index built with other settings is refused, never searched."""
     from retrieval.service import block_index
 
     if question_ids.numel() == 0:
@@ -207,19 +236,23 @@ def recall(model: Any, store: SessionStore, compacted: CompactedKV, question_ids
     source = source_of(store, compacted.record)
     total = source.num_tokens
     rope = Rope.from_model(model)
+    wanted = config.index_config(index_config)
     if index is None:
-        index = block_index(store, rope, source.tenant, source.session_id, index_config).index
+        index = block_index(store, rope, source.tenant, source.session_id, wanted).index
+    if index.config != wanted:
+        raise InvalidRequest(f"recall was given an index built with settings {index.config.tag}; it recalls with {wanted.tag}")
     if index.num_tokens != total:
         raise FailedPrecondition(f"the block index of {source.session_id!r} covers {index.num_tokens} tokens, the source {total}; retry")
     seconds["index"] = time.perf_counter() - started
     started = time.perf_counter()
     states = question_keys(model, compacted, question_ids, rope)
     probes = [Probe.from_states(keys, source.spec.num_kv_heads, config.method) for keys in states]
-    block = index.config.block_tokens  # recall takes whole blocks: a budget is rounded up to one (never to none)
-    budget = min(total, -(-config.budget_tokens // block) * block)
-    retrieval = RetrievalConfig(method=config.method, budget_tokens=budget, sink_tokens=0, recent_tokens=0,
+    block = index.config.block_tokens
+    budget = min(total, config.budget_tokens)
+    blocks = min(total, -(-budget // block) * block)  # enough whole blocks to hold the budget (never none)
+    retrieval = RetrievalConfig(method=config.method, budget_tokens=blocks, sink_tokens=0, recent_tokens=0,
                                 packed=False, margin_tokens=config.margin_tokens, dynamic=config.dynamic)
-    selection = select(index, probes, retrieval)
+    selection = select(index, probes, retrieval, exact_tokens=None if config.dynamic else budget)
     seconds["probe"] = time.perf_counter() - started
     started = time.perf_counter()
     tokens = [layer.tokens for layer in selection.layers]

@@ -3,6 +3,7 @@ loses once exact KV is recalled from its original (restore(recall_for=...) and A
 compacted_recall), reads only what it recalls, and refuses what it cannot do with clear errors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ pytestmark = pytest.mark.slow  # the hosted SmolLM2 runs every question
 FACT = "The secret code for falcon is 4821937."
 QUESTION = "\n\nQuestion: What is the secret code for falcon? Answer: The secret code for falcon is"
 CODE = "4821937"
+BUDGET = 64  # test_recall_s_exact_index...: ~6% of the ~1,070-token context (4 representatives need 128 here, every key 32)
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +74,13 @@ def test_restore_with_recall_answers_the_needle_compaction_alone_loses(recall_cl
         assert torch.equal(recalled.layers[layer][0][:, slots:], cache.layers[layer].keys[0][:, positions])
         assert torch.equal(recalled.layers[layer][1][:, slots:], cache.layers[layer].values[0][:, positions])
         assert torch.all(recalled.bias[layer][:, slots:] == 0)
-    # only the chunks that hold the recalled tokens were read: 128 tokens in 16-token chunks
+    # only the chunks that hold the recalled tokens were read (16-token chunks)
     per_token = ModelSpec.from_model(model).bytes_per_token
-    assert 128 * per_token <= recalled.recall_bytes_read <= (128 + 2 * 16 * 2) * per_token
-    assert recall_client.get("doc").kv_bytes > 5 * recalled.recall_bytes_read  # 128 + margins of 1,070 tokens, not the session
+    chunks = len({int(p) // 16 for p in positions})
+    assert 128 * per_token <= recalled.recall_bytes_read < (chunks + 1) * 16 * per_token  # those chunks (and their headers), not one more
+    assert recall_client.get("doc").kv_bytes > 5 * recalled.recall_bytes_read  # 128 tokens of 1,070, not the session
     tiny = recall_client.restore(COMPACTED, model=model, recall_for=question, recall_tokens=1)
-    assert tiny.recalled_tokens == 64  # whole index blocks: a budget under one block still recalls one
+    assert tiny.recalled_tokens == 1  # the budget counts tokens exactly (a block is cut), never rounded up to blocks
 
 
 def test_answer_compacted_recall_finds_the_needle_and_says_what_it_did(recall_client):
@@ -137,3 +140,81 @@ def test_recall_refuses_a_source_that_changed_or_is_gone(recall_client, smollm2,
     recall_client.delete("doc")
     with pytest.raises(errors.FailedPrecondition, match="was deleted"):
         recall_client.restore(COMPACTED, model=model, recall_for=question)
+
+
+# ---------------------------------------------------------------------------- recall's own index settings
+TENANT = "t"
+
+
+@pytest.fixture
+def compacted_needle(store, smollm2, needle):
+    """(store, CompactedKV): the needle saved as "doc" in a store of 16-token chunks and compacted to
+    10% by StreamingLLM (the fact is gone from the slots)."""
+    import numpy as np
+
+    from compaction.base import Target
+    from compaction.service import compact_session
+    from retrieval.recall import load_compacted
+
+    model, _ = smollm2
+    ids, cache, _ = needle
+    spec = ModelSpec.from_model(model)
+    length = ids.shape[1]
+    pieces = store.new_pieces(spec, 0, length)
+    for layer in range(len(cache.layers)):
+        pieces.add_tensors(layer, 0, cache.layers[layer].keys[0], cache.layers[layer].values[0])
+    store.save(TENANT, "doc", spec, ids[0].numpy().astype(np.uint32), pieces)
+    report = compact_session(store, None, TENANT, "doc", "streaming_llm", Target(ratio=0.1))
+    return store, load_compacted(store, TENANT, report.record.session_id)
+
+
+def _answer(model, tokenizer, recalled, question) -> str:
+    from retrieval.executors import generate_on
+
+    ids = generate_on(model, list(zip(recalled.keys, recalled.values)), recalled.bias, recalled.logical_length, question, 10)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_recall_uses_its_own_index_settings_and_never_another(compacted_needle, smollm2):
+    from retrieval.block_index import BlockIndexConfig
+    from retrieval.recall import RecallConfig, recall
+    from retrieval.rope import Rope
+    from retrieval.service import block_index, block_index_stored
+
+    store, compacted = compacted_needle
+    model, tokenizer = smollm2
+    question = _question_ids(tokenizer)
+    server = BlockIndexConfig(representatives=4)  # the Retrieve RPC's settings
+    fine = RecallConfig(budget_tokens=96, block_tokens=16, representatives=0, margin_tokens=0)
+    recalled = recall(model, store, compacted, question, fine, server)
+    # whole 16-token blocks (no margins): every recalled run is 16-aligned, and the budget is exact
+    for tokens in recalled.tokens:
+        assert len(tokens) == 96 and np.all(np.diff(tokens) > 0)
+        starts = tokens[np.r_[True, np.diff(tokens) > 1]]
+        ends = tokens[np.r_[np.diff(tokens) > 1, True]] + 1
+        assert np.all(starts % 16 == 0) and np.all(ends % 16 == 0)
+    assert recalled.selection.layers[0].blocks.size == 6
+    # recall stored its own index beside the source; the server's settings were never built or searched
+    assert block_index_stored(store, TENANT, "doc", fine.index_config(server))
+    assert not block_index_stored(store, TENANT, "doc", server)
+    # margins are counted: with 8 on both sides of 16-token blocks, 96 tokens hold fewer blocks
+    widened = recall(model, store, compacted, question, RecallConfig(budget_tokens=96, block_tokens=16, representatives=0, margin_tokens=8), server)
+    assert all(len(t) == 96 for t in widened.tokens) and widened.selection.layers[0].blocks.size < 6
+    # an index built with other settings is refused, never searched
+    coarse = block_index(store, Rope.from_model(model), TENANT, "doc", server).index
+    with pytest.raises(errors.InvalidRequest, match="settings"):
+        recall(model, store, compacted, question, fine, server, coarse)
+
+
+def test_recall_s_exact_index_finds_the_needle_in_a_budget_the_representatives_miss(compacted_needle, smollm2):
+    from retrieval.block_index import BlockIndexConfig
+    from retrieval.recall import RecallConfig, recall
+
+    store, compacted = compacted_needle
+    model, tokenizer = smollm2
+    question = _question_ids(tokenizer)
+    server = BlockIndexConfig(representatives=4)
+    coarse = RecallConfig(budget_tokens=BUDGET, block_tokens=64, representatives=4, margin_tokens=16)  # the Retrieve RPC's index
+    assert CODE not in _answer(model, tokenizer, recall(model, store, compacted, question, coarse, server), question)
+    for fine in (RecallConfig(budget_tokens=BUDGET), RecallConfig(budget_tokens=BUDGET, block_tokens=16, margin_tokens=8)):  # defaults; finer
+        assert CODE in _answer(model, tokenizer, recall(model, store, compacted, question, fine, server), question)

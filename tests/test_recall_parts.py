@@ -94,10 +94,25 @@ def test_slot_records_round_trip_and_refuse_another_shape():
         slots_from_bytes(raw[:-4], 3, 2, 7)
 
 
-@pytest.mark.parametrize("bad", [dict(budget_tokens=0), dict(budget_tokens=1 << 40), dict(double_count="twice"), dict(margin_tokens=-1)])
+@pytest.mark.parametrize("bad", [dict(budget_tokens=0), dict(budget_tokens=1 << 40), dict(double_count="twice"), dict(margin_tokens=-1),
+                                 dict(block_tokens=0), dict(block_tokens=1 << 20), dict(representatives=-1)])
 def test_bad_recall_settings_are_invalid(bad):
     with pytest.raises(errors.InvalidRequest):
         RecallConfig(**bad)
+
+
+def test_server_recall_settings_default_to_recall_s_own_and_are_validated():
+    from kvmem.config import ConfigError, PlannerSettings, load_config
+    from retrieval.executors import ExecutorSettings
+
+    recall, planner, executor = RecallConfig(), PlannerSettings(), ExecutorSettings()
+    for ours, theirs in (("block_tokens", "recall_block_tokens"), ("representatives", "recall_representatives"), ("margin_tokens", "recall_margin_tokens")):
+        assert getattr(recall, ours) == getattr(planner, theirs) == getattr(executor, theirs)
+    index = RecallConfig(block_tokens=16, representatives=0).index_config()
+    assert (index.block_tokens, index.representatives) == (16, 0) and index.tag != RecallConfig(block_tokens=64, representatives=4).index_config().tag
+    for bad in ("planner.recall_block_tokens=0", "planner.recall_representatives=-1", "planner.recall_margin_tokens=-2"):
+        with pytest.raises(ConfigError, match="recall_"):
+            load_config(overrides=[bad])
 
 
 def test_read_tokens_reads_only_the_chunks_that_hold_them(store):
