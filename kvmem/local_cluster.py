@@ -101,6 +101,28 @@ class LocalRedisCluster:
                 raise RuntimeError(f"the Redis Cluster on ports {self.ports} did not become healthy in {timeout_s:g} s")
             time.sleep(0.2)
 
+    def wait_replicas_synced(self, timeout_s: float = 120.0) -> None:
+        """Until every running replica's link to its master is up and no full sync is in progress
+        (a node that rejoined loads its master's dataset first, and acknowledges no WAIT until then)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lagging = []
+            for port in self.ports:
+                if port not in self.processes or self.processes[port].poll() is not None:
+                    continue
+                try:
+                    info = self._cli("info", "replication", port=port)
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    lagging.append(port)
+                    continue
+                if "role:slave" in info and ("master_link_status:up" not in info or "master_sync_in_progress:0" not in info):
+                    lagging.append(port)
+            if not lagging:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"replicas on ports {lagging} did not finish syncing in {timeout_s:g} s")
+            time.sleep(0.2)
+
     def role(self, port: int) -> str:
         return self._cli("role", port=port).split()[0]
 

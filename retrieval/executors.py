@@ -243,10 +243,23 @@ def run_compacted(request: AnswerRequest) -> Execution:
     return _finish("compacted", request, ids, stages, prepared, compacted_session=target_id, slots=plan.record.num_tokens)
 
 
+def recall_config(settings: ExecutorSettings, budget_tokens: int):
+    """compacted_recall's RecallConfig for a budget (retrieval/recall.py)."""
+    from retrieval.recall import RecallConfig
+
+    return RecallConfig(budget_tokens=budget_tokens, double_count=settings.recall_double_count, block_tokens=settings.recall_block_tokens,
+                        representatives=settings.recall_representatives, margin_tokens=settings.recall_margin_tokens)
+
+
+def recall_index_config(settings: ExecutorSettings):
+    """The BlockIndexConfig compacted_recall searches (recall's own block size and representatives)."""
+    return recall_config(settings, 1).index_config(settings.block_index)
+
+
 def run_compacted_recall(request: AnswerRequest) -> Execution:
     """The compacted session plus ``recall_budget_tokens`` exact tokens per layer recalled from its
     lossless source for this question (retrieval/recall.py)."""
-    from retrieval.recall import RecallConfig, load_compacted, recall, source_of
+    from retrieval.recall import load_compacted, recall, source_of
     from retrieval.rope import Rope
     from retrieval.service import block_index
 
@@ -257,9 +270,7 @@ def run_compacted_recall(request: AnswerRequest) -> Execution:
     with stages("load"):
         compacted = load_compacted(request.store, request.tenant, target_id)
         source = source_of(request.store, compacted.record)
-    config = RecallConfig(budget_tokens=min(settings.recall_budget_tokens, source.num_tokens), double_count=settings.recall_double_count,
-                          block_tokens=settings.recall_block_tokens, representatives=settings.recall_representatives,
-                          margin_tokens=settings.recall_margin_tokens)
+    config = recall_config(settings, min(settings.recall_budget_tokens, source.num_tokens))
     with stages("index"):  # the source's block index for recall's settings, built once and stored beside it
         loaded = block_index(request.store, Rope.from_model(request.model), request.tenant, source.session_id,
                              config.index_config(settings.block_index), cache=request.index_cache, record=source)

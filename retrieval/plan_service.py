@@ -8,7 +8,8 @@ from typing import Any, Callable, Sequence
 
 from kvstore.errors import InvalidRequest, NotFound
 from kvstore.store import SessionStore
-from retrieval.executors import AnswerRequest, Execution, ExecutorSettings, compacted_session_id, execute, model_window, search_query
+from retrieval.executors import (AnswerRequest, Execution, ExecutorSettings, compacted_session_id, execute, model_window, recall_index_config,
+                                 search_query)
 from retrieval.planner import Decision, Features, PlannerModel, classify_query, decide
 from retrieval.ttt import TTTConfig
 
@@ -89,6 +90,7 @@ def features_for(store: SessionStore, model: Any, tokenizer: Any, question: Ques
     has_text = store.session_text(question.tenant, question.session_id) is not None
     text_stored = has_text and store.get_aux(question.tenant, question.session_id, TEXT_INDEX) is not None
     block_stored = block_index_stored(store, question.tenant, question.session_id, settings.block_index)
+    recall_stored = block_index_stored(store, question.tenant, question.session_id, recall_index_config(settings))
     top1 = gap = None
     if has_text and embedder is not None:
         emb = embedder()
@@ -100,7 +102,7 @@ def features_for(store: SessionStore, model: Any, tokenizer: Any, question: Ques
         context_tokens=record.logical_length, question_tokens=len(tokenizer(question.query, add_special_tokens=False).input_ids),
         window=model_window(model), query_type=classify_query(question.query), has_text=has_text,
         compacted_stored=_stored(store, question.tenant, compacted_session_id(question.session_id, settings)),
-        block_index_stored=block_stored, text_index_stored=text_stored, top1=top1, gap=gap,
+        block_index_stored=block_stored, text_index_stored=text_stored, recall_index_stored=recall_stored, top1=top1, gap=gap,
         expected_followups=question.expected_followups, new_tokens=settings.max_new_tokens,
     )
     return features, time.perf_counter() - started

@@ -61,8 +61,9 @@ class Features:
     query_type: str
     has_text: bool = True
     compacted_stored: bool = False
-    block_index_stored: bool = False
+    block_index_stored: bool = False  # the session's block index with the server's settings (kv_retrieval)
     text_index_stored: bool = False
+    recall_index_stored: bool = False  # the block index with recall's own settings (compacted_recall; the same one when they agree)
     top1: float | None = None  # best text-chunk similarity for the question
     gap: float | None = None  # top-1 minus top-2 similarity
     expected_followups: int = 0
@@ -76,7 +77,9 @@ class Features:
         if stage == "compact":
             return self.compacted_stored
         if stage == "index":
-            return self.text_index_stored if option == "rag" else self.block_index_stored
+            if option == "rag":
+                return self.text_index_stored
+            return self.recall_index_stored if option == "compacted_recall" else self.block_index_stored
         return False
 
 
@@ -284,7 +287,7 @@ def task_features(task: dict, followups: int = 0, stored: bool = False) -> Featu
     return Features(
         context_tokens=task["context_tokens"], question_tokens=task["question_tokens"], window=task["window"],
         query_type=classify_query(task["question"]), has_text=True, compacted_stored=stored, block_index_stored=stored,
-        text_index_stored=stored, top1=signals.get("top1"), gap=signals.get("gap"), expected_followups=followups,
+        text_index_stored=stored, recall_index_stored=stored, top1=signals.get("top1"), gap=signals.get("gap"), expected_followups=followups,
     )
 
 

@@ -296,3 +296,15 @@ def test_replayed_decisions_respect_budget_and_tolerance(tasks):
             best = max(o.quality for o in open_)
             assert chosen.quality >= best - 0.05
             assert chosen.seconds == min(o.seconds for o in open_ if o.quality >= best - 0.05)
+
+
+def test_compacted_recall_is_prepared_by_recalls_own_index_not_retrieves():
+    """Recall searches an index with its own settings: a stored Retrieve index must not make the
+    planner count compacted_recall's index build as done (nor the other way round)."""
+    from retrieval.planner import Features
+
+    retrieve_only = Features(context_tokens=2000, question_tokens=20, window=8192, query_type="lookup", block_index_stored=True)
+    assert retrieve_only.stored("index", "kv_retrieval") and not retrieve_only.stored("index", "compacted_recall")
+    recall_only = Features(context_tokens=2000, question_tokens=20, window=8192, query_type="lookup", recall_index_stored=True)
+    assert recall_only.stored("index", "compacted_recall") and not recall_only.stored("index", "kv_retrieval")
+    assert not recall_only.stored("index", "rag")

@@ -134,6 +134,7 @@ def test_sigkill_of_a_redis_master_with_min_replicas_loses_no_acknowledged_save_
         time.sleep(3)
         cluster.start_node(victim)
         cluster.wait_healthy(timeout_s=60)
+        cluster.wait_replicas_synced()
         rejoined = time.monotonic()
         writers.wait_for(8, after=rejoined)  # writes resume
     assert cluster.role(victim) == "slave" and cluster.role(promoted) == "master"
@@ -155,7 +156,7 @@ def test_a_failover_between_block_writes_and_the_commit_fails_the_save_instead_o
 
     cluster = own_cluster
     store = SessionStore.open(StoreConfig(data_dir=tmp_path / "d", chunk_tokens=16, backend="redis", redis_url=cluster.url,
-                                          redis_namespace=f"barrier-{next(_names)}", redis_min_replicas=1, redis_timeout_seconds=2,
+                                          redis_namespace=f"barrier-{next(_names)}", redis_min_replicas=1, redis_timeout_seconds=5,
                                           redis_failover_seconds=20))
     try:
         layers = random_layers(TOY_SPEC, 160, seed=9)
@@ -177,6 +178,7 @@ def test_a_failover_between_block_writes_and_the_commit_fails_the_save_instead_o
             store.get("t", "s")
         cluster.start_node(victim)  # back as a replica: the promoted primary can meet min_replicas again
         cluster.wait_healthy(timeout_s=60)
+        cluster.wait_replicas_synced()  # it acknowledges nothing while it loads its new master's data
         store.save("t", "s", TOY_SPEC, np.arange(160), pieces_for(store, layers))
         keys, values, _ = store.restore("t", "s").tensors()
         assert all(torch.equal(k, a) and torch.equal(v, b) for k, v, (a, b) in zip(keys, values, layers))
