@@ -59,6 +59,14 @@ def as_kvmem_error(exc: redis.RedisError, what: str) -> Exception:
     return exc
 
 
+def _raise_final(exc: redis.RedisError, what: str):
+    """Raise what a Redis error that retrying cannot cure means to a kvmem caller."""
+    mapped = as_kvmem_error(exc, what)
+    if mapped is exc:
+        raise exc
+    raise mapped from exc
+
+
 class Nodes:
     def __init__(self, settings: NodeSettings):
         if urlsplit(settings.url).scheme not in ("redis", "rediss"):
@@ -142,21 +150,12 @@ class Nodes:
                         results[index] = value
                     continue
                 if not is_retryable(error):
-                    mapped = as_kvmem_error(error, what)
-                    raise mapped if mapped is not error else error
+                    _raise_final(error, what)
                 remaining += groups[address]
                 last = (address, error)
             if not remaining:
                 return results
-            if time.monotonic() >= deadline:
-                raise Unavailable(f"Redis did not complete {what} within {self.settings.failover_seconds:g} s ({last[1]}); retry later") from last[1]
-            log.warning("redis call retried", extra={"fields": {"what": what, "node": f"{last[0][0]}:{last[0][1]}", "error": str(last[1])[:200]}})
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.5)
-            try:
-                self.refresh()
-            except Unavailable:
-                pass
+            delay = self._before_retry(deadline, delay, what, *last)
         return results
 
     def _attempt(self, fn: Callable[[redis.Redis, list[int]], list], address: tuple[str, int], indexes: list[int]):
@@ -177,19 +176,21 @@ class Nodes:
                 return fn(self.client(address))
             except redis.RedisError as exc:
                 if not is_retryable(exc):
-                    mapped = as_kvmem_error(exc, what)
-                    if mapped is exc:
-                        raise
-                    raise mapped from exc
-                if time.monotonic() >= deadline:
-                    raise Unavailable(f"Redis did not complete {what} within {self.settings.failover_seconds:g} s ({exc}); retry later") from exc
-                log.warning("redis call retried", extra={"fields": {"what": what, "node": f"{address[0]}:{address[1]}", "error": str(exc)[:200]}})
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 0.5)
-                try:
-                    self.refresh()
-                except Unavailable:
-                    pass
+                    _raise_final(exc, what)
+                delay = self._before_retry(deadline, delay, what, address, exc)
+
+    def _before_retry(self, deadline: float, delay: float, what: str, address: tuple[str, int], error: Exception) -> float:
+        """Past the deadline: UNAVAILABLE. Else log, back off (jittered), refresh the slot map;
+        the next delay."""
+        if time.monotonic() >= deadline:
+            raise Unavailable(f"Redis did not complete {what} within {self.settings.failover_seconds:g} s ({error}); retry later") from error
+        log.warning("redis call retried", extra={"fields": {"what": what, "node": f"{address[0]}:{address[1]}", "error": str(error)[:200]}})
+        time.sleep(delay * (0.5 + random.random()))
+        try:
+            self.refresh()
+        except Unavailable:
+            pass
+        return min(delay * 2, 0.5)
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
