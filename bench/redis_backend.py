@@ -1,13 +1,17 @@
 """Save and restore through kvmem's store on Redis Cluster against redis-py SET/GET of the same
 bytes, on one local 3+3 cluster in one run (ratios: the machine is shared).
 
-    python -m bench.redis_backend            # 4096-token sessions, SmolLM2-135M's layout, 5 rounds
-    python -m bench.redis_backend --quick    # CI smoke run
+    python -m bench.redis_backend                 # 16 sessions of 4096 tokens a row, SmolLM2-135M's layout
+    python -m bench.redis_backend --aof-on-disk   # the same with the cluster's AOF files on disk
+    python -m bench.redis_backend --quick         # CI smoke run
 
 Rows: the store (save = staging marks, blocks SET NX on their primaries, one commit script;
 restore = record + blocks GET, checksums verified) with min_replicas 0 and 1, and redis-py
 writing/reading the same bytes as one value per block (one pipeline per primary, all primaries
-at once: the best a plain client does), with min_replicas 1 also SET + WAIT 1.
+at once: the best a plain client does), with min_replicas 1 also SET + WAIT 1. The rows take
+turns session by session; between sessions (untimed) the replicas catch up, each session is
+deleted and its blocks swept, and every 4 sessions the AOF files are rewritten, so memory and
+files stay flat however many sessions run.
 """
 from __future__ import annotations
 
@@ -42,55 +46,71 @@ def pieces(store, layers):
     return out
 
 
-def store_round(store, tokens: int, rounds: int, repeat: int = 0) -> tuple[float, float, int]:
-    """Save and restore ``rounds`` new sessions (token ids no earlier session used: nothing
-    deduplicates); seconds of each and the bytes restored."""
-    save_s = restore_s = 0.0
-    nbytes = 0
-    for index in range(rounds):
-        layers = layers_for(tokens, seed=index)
-        session = repeat * rounds + index
-        started = time.perf_counter()
-        store.save("bench", f"s{session}", SPEC, np.arange(tokens) + session * tokens, pieces(store, layers))
-        save_s += time.perf_counter() - started
-        for tier in store.blocks.tiers:
-            tier.clear() if hasattr(tier, "clear") else None
-        started = time.perf_counter()
-        plan = store.restore("bench", f"s{session}", SPEC)
-        nbytes += sum(len(piece.keys) + len(piece.values) for piece in plan.pieces())
-        restore_s += time.perf_counter() - started
-    return save_s, restore_s, nbytes
+def store_session(store, tokens: int, index: int) -> tuple[float, float, int]:
+    """Save and restore one new session (token ids no other session uses: nothing deduplicates);
+    seconds of each and the bytes restored."""
+    layers = layers_for(tokens, seed=index)
+    started = time.perf_counter()
+    store.save("bench", f"s{index}", SPEC, np.arange(tokens) + index * tokens, pieces(store, layers))
+    save_s = time.perf_counter() - started
+    for tier in store.blocks.tiers:
+        tier.clear() if hasattr(tier, "clear") else None
+    started = time.perf_counter()
+    plan = store.restore("bench", f"s{index}", SPEC)
+    nbytes = sum(len(piece.keys) + len(piece.values) for piece in plan.pieces())
+    return save_s, time.perf_counter() - started, nbytes
 
 
-def plain_round(store, tokens: int, rounds: int, chunk_tokens: int, wait_replicas: int = 0) -> tuple[float, float]:
+def drop_store_session(store, index: int) -> None:
+    """Untimed: delete the session and sweep its blocks at once (the bench's memory stays flat)."""
+    store.delete("bench", f"s{index}")
+    store.backend.mark_orphans()
+    store.backend.sweep_blocks(grace_s=0)
+
+
+def plain_session(store, tokens: int, index: int, chunk_tokens: int, wait_replicas: int = 0) -> tuple[float, float]:
     """redis-py SET/GET of the same bytes, one value per (chunk, layer), a chunk's layers per call
     as the store moves them: one pipeline per primary, all primaries at once (the store's own
     transport, so the ratio is the store's overhead). With ``wait_replicas`` > 0, one WAIT per
-    primary at the end of each session (what a durable plain write costs; the store also waits
-    once per save). Save time starts at the tensors, as the store's does."""
+    primary at the end (what a durable plain write costs; the store also waits once per save).
+    Save time starts at the tensors, as the store's does. The keys are deleted afterwards
+    (untimed)."""
     nodes = store.backend.nodes
-    save_s = restore_s = 0.0
-    for index in range(rounds):
-        layers = layers_for(tokens, seed=index)
-        started = time.perf_counter()
-        batches: list[list[tuple[bytes, bytes]]] = []
-        for at in range(0, tokens, chunk_tokens):
-            batches.append([(f"plain:{wait_replicas}:{index}:{layer}:{at}".encode(),
-                             k[:, at : at + chunk_tokens].numpy().tobytes() + v[:, at : at + chunk_tokens].numpy().tobytes())
-                            for layer, (k, v) in enumerate(layers)])
-        for batch in batches:
-            nodes.per_primary([name for name, _ in batch], lambda client, indexes, batch=batch: _pipeline(client, [("SET", *batch[i]) for i in indexes]), "plain SET")
-        if wait_replicas:
-            settle(nodes, wait_replicas, sync=False)  # the WAIT is the timed part; writeback is not
-        save_s += time.perf_counter() - started
-        started = time.perf_counter()
-        got = 0
-        for batch in batches:
-            replies = nodes.per_primary([name for name, _ in batch], lambda client, indexes, batch=batch: _pipeline(client, [("GET", batch[i][0]) for i in indexes]), "plain GET")
-            got += sum(len(value) for value in replies)
-        restore_s += time.perf_counter() - started
-        assert got == sum(len(value) for batch in batches for _, value in batch)
+    layers = layers_for(tokens, seed=index)
+    started = time.perf_counter()
+    batches: list[list[tuple[bytes, bytes]]] = []
+    for at in range(0, tokens, chunk_tokens):
+        batches.append([(f"plain:{wait_replicas}:{index}:{layer}:{at}".encode(),
+                         k[:, at : at + chunk_tokens].numpy().tobytes() + v[:, at : at + chunk_tokens].numpy().tobytes())
+                        for layer, (k, v) in enumerate(layers)])
+    for batch in batches:
+        nodes.per_primary([name for name, _ in batch], lambda client, indexes, batch=batch: _pipeline(client, [("SET", *batch[i]) for i in indexes]), "plain SET")
+    if wait_replicas:
+        settle(nodes, wait_replicas, sync=False)  # the WAIT is the timed part; writeback is not
+    save_s = time.perf_counter() - started
+    started = time.perf_counter()
+    got = 0
+    for batch in batches:
+        replies = nodes.per_primary([name for name, _ in batch], lambda client, indexes, batch=batch: _pipeline(client, [("GET", batch[i][0]) for i in indexes]), "plain GET")
+        got += sum(len(value) for value in replies)
+    restore_s = time.perf_counter() - started
+    assert got == sum(len(value) for batch in batches for _, value in batch)
+    for batch in batches:
+        nodes.per_primary([name for name, _ in batch], lambda client, indexes, batch=batch: _pipeline(client, [("DEL", batch[i][0]) for i in indexes]), "plain DEL")
     return save_s, restore_s
+
+
+def rewrite_aof(cluster) -> None:
+    """Untimed: every node rewrites its AOF (deleted sessions leave it), and the bench waits for
+    it: the files stay small, and no rewrite lands inside a timed row."""
+    for port in cluster.ports:
+        cluster._cli("bgrewriteaof", port=port)
+    for port in cluster.ports:
+        for _ in range(600):
+            info = cluster._cli("info", "persistence", port=port)
+            if "aof_rewrite_in_progress:0" in info and "aof_rewrite_scheduled:0" in info:
+                break
+            time.sleep(0.05)
 
 
 def settle(nodes, replicas: int = 1, sync: bool = True) -> None:
@@ -165,15 +185,19 @@ def commit_rate(cluster, directory: Path, seconds: float, writers: int = 4) -> d
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=4, help="interleaved repetitions of every row, each starting at another row (medians reported)")
-    parser.add_argument("--quick", action="store_true", help="512 tokens, 2 rounds, 1 repeat (CI smoke run)")
+    parser.add_argument("--sessions", type=int, default=16, help="sessions per row, interleaved session by session (medians reported)")
+    parser.add_argument("--aof-on-disk", action="store_true",
+                        help="the cluster's AOF files on disk (default: on tmpfs where /dev/shm exists, so the shared "
+                             "disk's writeback stalls, which hit whichever row runs then, do not decide the ratio)")
+    parser.add_argument("--quick", action="store_true", help="512 tokens, 2 sessions (CI smoke run)")
     args = parser.parse_args(argv)
-    tokens, rounds, repeats = (512, 2, 1) if args.quick else (args.tokens, args.rounds, args.repeats)
-    directory = Path(tempfile.mkdtemp(prefix="kvmem-bench-redis-"))
+    tokens, sessions = (512, 2) if args.quick else (args.tokens, args.sessions)
+    shm = Path("/dev/shm")
+    on_tmpfs = not args.aof_on_disk and shm.is_dir()
+    directory = Path(tempfile.mkdtemp(prefix="kvmem-bench-redis-", dir=shm if on_tmpfs else None))
     cluster = LocalRedisCluster(directory / "cluster").start()
-    for port in cluster.ports:  # AOF stays on (appendfsync everysec); its rewrites (a fork writing the whole
-        # dataset, at random moments) would land on whichever row runs then: off for the bench
+    for port in cluster.ports:  # AOF stays on (appendfsync everysec); its automatic rewrites (a fork writing the
+        # whole dataset, at random moments) would land on whichever row runs then: the bench rewrites untimed instead
         cluster._cli("config", "set", "auto-aof-rewrite-percentage", "0", port=port)
     rows = []
     stores = {}
@@ -185,19 +209,29 @@ def main(argv: list[str] | None = None) -> int:
         chunk_tokens = stores[0].config.chunk_tokens
         timings: dict[str, list] = {"store0": [], "store1": [], "plain": [], "plain+wait": []}
         nodes = stores[0].backend.nodes
-        for repeat in range(repeats):  # every row in every repeat, interleaved; medians: the machine is shared
-            rows_now = [("store0", lambda: store_round(stores[0], tokens, rounds, repeat)),
-                        ("plain", lambda: plain_round(stores[0], tokens, rounds, chunk_tokens)),
-                        ("store1", lambda: store_round(stores[1], tokens, rounds, repeat)),
-                        ("plain+wait", lambda: plain_round(stores[1], tokens, rounds, chunk_tokens, wait_replicas=1))]
-            shift = repeat % len(rows_now)  # each repeat starts at another row: no row always follows the same one
+        nbytes = 0
+        for index in range(sessions):  # every row for every session, interleaved: the machine is shared
+            def store_row(replicas: int, index=index):
+                nonlocal nbytes
+                save_s, restore_s, nbytes = store_session(stores[replicas], tokens, index)
+                drop_store_session(stores[replicas], index)
+                return save_s, restore_s
+
+            rows_now = [("store0", lambda: store_row(0)),
+                        ("plain", lambda index=index: plain_session(stores[0], tokens, index, chunk_tokens)),
+                        ("store1", lambda: store_row(1)),
+                        ("plain+wait", lambda index=index: plain_session(stores[1], tokens, index, chunk_tokens, wait_replicas=1))]
+            shift = index % len(rows_now)  # each session starts at another row: no row always follows the same one
             for row, run in rows_now[shift:] + rows_now[:shift]:
-                settle(nodes)  # replicas caught up and dirty pages written (untimed): no row pays for the one before
+                settle(nodes, sync=not on_tmpfs)  # replicas caught up, dirty pages written (untimed): no row pays for the one before
                 timings[row].append(run())
+            if index % 4 == 3:
+                rewrite_aof(cluster)
+        resident_mb = sum(nodes.client(address).info("memory")["used_memory"] for address in nodes.primaries()) / 1e6
         for store in stores.values():
             store.close()
         stores.clear()
-        gb = timings["store0"][0][2] / 1e9
+        gb = nbytes / 1e9
 
         def median(row: str, column: int) -> float:
             return statistics.median(t[column] for t in timings[row])
@@ -214,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         for store in stores.values():
             store.close()
         cluster.stop(remove=True)
-    print(f"\n{rounds} sessions of {tokens} tokens ({SPEC.num_layers} layers, fp16), 3+3 local Redis Cluster\n")
+    where = "AOF on tmpfs" if on_tmpfs else "AOF on disk"
+    print(f"\n{sessions} sessions of {tokens} tokens ({SPEC.num_layers} layers, fp16, {gb * 1000:.0f} MB) per row, 3+3 local Redis Cluster, {where}\n")
     print("| row | save GB/s | restore GB/s | save vs redis-py SET | restore vs redis-py GET | save vs SET + WAIT 1 |")
     print("|---|---:|---:|---:|---:|---:|")
 
@@ -223,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, save_rate, restore_rate, save_ratio, restore_ratio, wait_ratio in rows:
         print(f"| {name} | {save_rate:.3f} | {cell(restore_rate, '.3f')} | {cell(save_ratio, '.2f')} | {cell(restore_ratio, '.2f')} | {cell(wait_ratio, '.2f')} |")
-    print("\nratios: the redis-py row's time over the store's (above 1: the store is faster); medians of interleaved repeats")
+    print(f"\nRedis primaries' memory after every row's sessions were deleted: {resident_mb:.0f} MB (the bench stays flat)")
+    print("\nratios: the redis-py row's median time over the store's (above 1: the store is faster); rows interleaved session by session")
     print(f"\nmetadata commits: 4 threads saving one-chunk sessions (min_replicas=1) for {commits['seconds']:.0f} s: "
           f"{commits['saves_per_s']:.0f} saves/s, metadata primary {commits['meta_cpu_ms_per_save']:.2f} CPU ms per save "
           f"({commits['meta_cpu_busy']:.2f} of a core busy)")

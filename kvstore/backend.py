@@ -75,7 +75,8 @@ class Backend(Protocol):
     def put_blocks(self, blocks: Iterable[tuple[bytes, bytes | memoryview]], staged: Iterable[tuple[bytes, bytes]] = ()) -> "Pending":
         """Queue put-if-absent of each (key, record) into ``blocks`` and each (key, value) into
         ``staged`` as one write, without waiting: ``.wait()`` on the result returns how many
-        blocks were new once they are written (a stream fills its next batch meanwhile)."""
+        blocks were new once they are written (a stream fills its next batch meanwhile). The
+        records are not copied: the caller leaves them unchanged until ``wait`` returns."""
 
     def used_bytes(self) -> int: ...
 

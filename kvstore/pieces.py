@@ -133,6 +133,21 @@ class KVPieces:
                     "the stream ended early or chunks are missing, nothing was stored"
                 )
 
+    def views(self, layer: int, start: int, count: int) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]]:
+        """The pieces' parts covering tokens [start, start + count) of one layer, without a copy:
+        (first token, keys [H, n, D] raw bits, values [H, n, D], bias float32 [H, n] or None),
+        possibly strided views into the pieces."""
+        pieces = self._pieces[layer]
+        index = bisect.bisect_right(self._starts[layer], start) - 1
+        parts = []
+        end = start + count
+        while index < len(pieces) and pieces[index].start < end:
+            piece = pieces[index]
+            lo, hi = max(start, piece.start) - piece.start, min(end, piece.end) - piece.start
+            parts.append((piece.start + lo, piece.keys[:, lo:hi], piece.values[:, lo:hi], None if piece.bias is None else piece.bias[:, lo:hi]))
+            index += 1
+        return parts
+
     def block(self, layer: int, start: int, count: int) -> tuple[memoryview, memoryview, memoryview | None]:
         """Raw payload (keys, values, bias) of tokens [start, start + count) of one layer."""
         pieces = self._pieces[layer]

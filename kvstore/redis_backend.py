@@ -508,14 +508,13 @@ class RedisBackend:
                 raise changed(address, "restarted or failed over")
             self._check_acks(int(acknowledged), "a block write")
 
-        futures = [self.nodes._io.submit(confirm, address, run_id) for address, run_id in receipts.items()]
-        for future in futures:
-            future.result()
+        self.nodes.on_each(list(receipts.items()), confirm)
 
     def put_blocks(self, blocks: Iterable[tuple[bytes, bytes]], staged: Iterable[tuple[bytes, bytes]] = ()) -> _Pending:
-        """Staging marks first (one commit), then the blocks (``SET NX``), in a worker thread."""
+        """Staging marks first (one commit), then the blocks (``SET NX``), in a worker thread;
+        the records go to the sockets as they are (no copy: the caller keeps them unchanged)."""
         self._require_open()
-        blocks = [(key, bytes(value)) for key, value in blocks]
+        blocks = list(blocks)
         staged = [(key, bytes(value)) for key, value in staged]
 
         def run() -> int:

@@ -11,7 +11,7 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 from urllib.parse import urlsplit
@@ -157,6 +157,13 @@ class Nodes:
                 return results
             delay = self._before_retry(deadline, delay, what, *last)
         return results
+
+    def on_each(self, items: Sequence[tuple], fn: Callable[..., T]) -> list[T]:
+        """``fn(*item)`` for every item at once on the I/O threads (one call per primary, say),
+        not retried; results in order, the first error raised after all have finished."""
+        futures = [self._io.submit(fn, *item) for item in items]
+        wait(futures)
+        return [future.result() for future in futures]
 
     def _attempt(self, fn: Callable[[redis.Redis, list[int]], list], address: tuple[str, int], indexes: list[int]):
         """(fn's results, None), or (None, the Redis error it raised); anything else propagates."""

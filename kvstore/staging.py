@@ -165,6 +165,22 @@ class StagedWrite:
         self.add(layer, token_start, keys.shape[1], self.dtype_code, memoryview(np.ascontiguousarray(keys)).cast("B"),
                  memoryview(np.ascontiguousarray(values)).cast("B"), None if bias is None else memoryview(np.ascontiguousarray(bias)).cast("B"))
 
+    def add_views(self, layer: int, token_start: int, keys: np.ndarray, values: np.ndarray, bias: np.ndarray | None) -> None:
+        """Raw-bit arrays [H, n, D] (bias float32 [H, n]) from a checked ``KVPieces``, possibly
+        strided: copied once, straight into the block records."""
+        if self._finished or self._closed:
+            raise InvalidRequest("this write is already finished")
+        count = keys.shape[1]
+        shape = (self.spec.num_kv_heads, count, self.spec.head_dim)
+        if keys.shape != shape or values.shape != shape or keys.dtype.itemsize != values.dtype.itemsize or (bias is None) == self.has_bias:
+            raise InvalidRequest(f"layer {layer}: pieces of shape {keys.shape}/{values.shape} (bias {bias is not None}) do not match {shape} (bias {self.has_bias})")
+        if token_start < self.start or token_start + count > self.end:
+            raise InvalidRequest(f"layer {layer}: tokens [{token_start}, {token_start + count}) lie outside [{self.start}, {self.end})")
+        self.bytes_received += 2 * keys.nbytes
+        self._fill(layer, token_start, count, keys, values, bias)
+        if self._queued_bytes >= self.flush_bytes:
+            self.flush()
+
     def _fill(self, layer: int, token_start: int, count: int, keys: np.ndarray, values: np.ndarray, bias: np.ndarray | None) -> None:
         position = token_start
         end = token_start + count

@@ -554,8 +554,8 @@ class SessionStore:
             for block_start in range(first, pieces.end, chunk):
                 lo, hi = max(block_start, pieces.start), min(block_start + chunk, pieces.end)
                 for layer in range(spec.num_layers):
-                    keys, values, bias = pieces.block(layer, lo, hi - lo)
-                    write.add(layer, lo, hi - lo, pieces.dtype_code, keys, values, bias)
+                    for token_start, keys, values, bias in pieces.views(layer, lo, hi - lo):  # no copy until the block record
+                        write.staged.add_views(layer, token_start, keys, values, bias)
         except BaseException:
             write.abort()
             raise
