@@ -60,8 +60,8 @@ serve: install  ## install, convert the bundled model once, serve on 127.0.0.1:5
 serve-cluster: install
 	$(BIN)/python -m kvmem.serve_cluster --data-dir $(DATA)
 
-test: install vllm-env  ## install (both environments) and run the whole test suite
-	$(BIN)/python -m pytest -q
+test: install vllm-env  ## install (both environments) and run the whole test suite (then the 25 slowest tests)
+	$(BIN)/python -m pytest -q --durations=25
 
 test-vllm: install vllm-env  ## only the vLLM connector tests (real vLLM engines)
 	$(BIN)/python -m pytest -q -m vllm
@@ -90,24 +90,8 @@ wheel-check: install  ## build the wheel, install it (client only) into a fresh 
 	done; \
 	echo "wheel-check: ok"
 
-bench-quick: install  ## smoke run of every benchmark (what CI runs)
-	$(BIN)/python -m bench.throughput --quick
-	$(BIN)/python -m bench.restore_vs_prefill --quick
-	$(BIN)/python -m bench.dedup --quick
-	$(BIN)/python -m bench.am_ablation --quick
-	$(BIN)/python -m bench.compaction --quick
-	$(BIN)/python -m bench.retrieval_latency --quick
-	$(BIN)/python -m bench.retrieval --quick
-	$(BIN)/python -m bench.retrieval_probes --quick
-	$(BIN)/python -m bench.retrieve_e2e --quick
-	$(BIN)/python -m bench.recall --quick
-	$(BIN)/python -m bench.ttt_sweep --quick
-	$(BIN)/python -m bench.planner_matrix --quick
-	$(BIN)/python -m bench.redis_backend --quick
-	$(BIN)/python -m bench.scale_out --quick
-	$(BIN)/python -m bench.planner --quick
-	$(BIN)/python -m bench.security --quick
-	$(BIN)/python -m bench.storage --quick
+bench-quick: install  ## smoke run of every benchmark (what CI runs), then the seconds each took
+	$(BIN)/python -m bench.quick
 	$(MAKE) vllm-env
 	$(BIN)/python -m bench.vllm_ttft --quick
 
