@@ -31,6 +31,7 @@ import torch
 
 from kvstore.errors import CorruptData, InvalidRequest
 from retrieval.rope import Rope
+from retrieval.flat_search import DeviceVectors, layer_scores, search_layers, top_blocks
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class BlockIndex:
         self.indexes = indexes  # [L][H]
         self.blocks = block_ranges(num_tokens, config.block_tokens)
         self._flat: dict[int, list[torch.Tensor] | None] = {}  # per layer: views of flat indexes' vectors (search)
+        self._device = DeviceVectors(torch.device("cuda")) if torch.cuda.is_available() else None  # CUDA: a GPU copy of the vectors (search_layers), made on first use
 
     @property
     def num_layers(self) -> int:
@@ -194,10 +196,7 @@ class BlockIndex:
         """
         if not 0 <= layer < self.num_layers:
             raise InvalidRequest(f"layer {layer} outside 0..{self.num_layers - 1}")
-        if probe.dim() == 2:
-            probe = probe[:, None, :]
-        if probe.dim() != 3 or probe.shape[0] != self.num_heads or probe.shape[2] != self.head_dim or probe.shape[1] == 0:
-            raise InvalidRequest(f"probe shape {tuple(probe.shape)}, expected [{self.num_heads}, n, {self.head_dim}]")
+        probe = self._checked_probe(probe)
         n = probe.shape[1]
         weights = torch.full((n,), 1.0 / n) if weights is None else weights.float()
         per_block = self.config.per_block
@@ -205,13 +204,7 @@ class BlockIndex:
         flat = self._flat_vectors(layer)
         if flat is not None:  # exact: every representative scored by one matrix product per head
             query = torch.nn.functional.normalize(probe.float(), dim=-1)  # [H, n, D]
-            scores_t = torch.zeros(self.num_blocks)
-            for head, vectors in enumerate(flat):  # vectors [nb * R, D]
-                best = torch.matmul(query[head], vectors.T).view(n, self.num_blocks, per_block).amax(-1)  # [n, nb]
-                scores_t += weights @ best
-            scores = (scores_t / self.num_heads).numpy()
-            order = np.argsort(-scores, kind="stable")[:k]
-            return order.astype(np.int64), scores[order].astype(np.float32)
+            return top_blocks(layer_scores(flat, query, weights, per_block).numpy(), k)
         shortlist = self.num_blocks * per_block if exhaustive else min(self.num_blocks * per_block, 4 * k)  # a block's best key is near the top
         query = np.ascontiguousarray(torch.nn.functional.normalize(probe.float(), dim=-1).numpy())  # [H, n, D]
         w = weights.numpy().astype(np.float32)
@@ -228,6 +221,32 @@ class BlockIndex:
         scores /= self.num_heads
         order = np.argsort(-scores, kind="stable")[:k]
         return order.astype(np.int64), scores[order]
+
+    def _checked_probe(self, probe: torch.Tensor) -> torch.Tensor:
+        """probe [H, D] or [H, n, D] -> [H, n, D]; InvalidRequest on any other shape."""
+        if probe.dim() == 2:
+            probe = probe[:, None, :]
+        if probe.dim() != 3 or probe.shape[0] != self.num_heads or probe.shape[2] != self.head_dim or probe.shape[1] == 0:
+            raise InvalidRequest(f"probe shape {tuple(probe.shape)}, expected [{self.num_heads}, n, {self.head_dim}]")
+        return probe
+
+    def search_layers(self, probes: list[tuple[torch.Tensor, torch.Tensor | None]], candidates: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``search(layer, vectors, candidates, weights)`` for every layer at once: probes holds
+        per layer (vectors [H, n, D] or [H, D], weights [n] or None). The same blocks and scores,
+        scored in one pass (retrieval/flat_search.py: on CUDA, all layers in a few batched products
+        over a GPU copy of the vectors); indexes with HNSW layers are searched layer by layer."""
+        if len(probes) != self.num_layers:
+            raise InvalidRequest(f"{len(probes)} probes for {self.num_layers} layers")
+        checked = []
+        for vectors, weights in probes:
+            vectors = self._checked_probe(vectors)
+            n = vectors.shape[1]
+            checked.append((vectors, torch.full((n,), 1.0 / n) if weights is None else weights.float()))
+        flat = [self._flat_vectors(layer) for layer in range(self.num_layers)]
+        if any(layer is None for layer in flat):
+            return [self.search(layer, vectors, candidates, weights) for layer, (vectors, weights) in enumerate(checked)]
+        k = min(self.num_blocks, max(int(candidates), 1))
+        return search_layers(flat, checked, k, self.config.per_block, self._device)
 
     def _flat_vectors(self, layer: int) -> list[torch.Tensor] | None:
         """Per head a float32 [nb * R, D] view (no copy) of a layer's representatives when every

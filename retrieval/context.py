@@ -165,8 +165,7 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig, exac
     cap = config.spread.cap(mean_blocks, available) if config.dynamic else min(available, int(mean_blocks))
     shortlist = min(index.num_blocks, 4 * max(cap, 1) + int((~allowed).sum()))
     ranked = []
-    for layer, layer_probe in enumerate(probes):
-        ids, scores = index.search(layer, layer_probe.vectors, shortlist, layer_probe.weights)
+    for ids, scores in index.search_layers([(p.vectors, p.weights) for p in probes], shortlist):  # = index.search per layer
         keep = allowed[ids]
         ranked.append((ids[keep], scores[keep]))
     entropies = [normalised_entropy(scores, config.spread.temperature) for _, scores in ranked]
@@ -178,24 +177,29 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig, exac
     else:
         counts = [min(available, int(mean_blocks))] * index.num_layers
     layers = []
-    for (ids, scores), entropy, count in zip(ranked, entropies, counts):
-        wanted = count * block_tokens if exact_tokens is None else min(count * block_tokens, exact_tokens)
-        chosen, mask, spans = _widened(index, ids, wanted, config.margin_tokens, sink_end, recent_start)
-        by_block = dict(zip(ids.tolist(), scores.tolist()))
-        chosen_scores = np.array([by_block[b] for b in chosen], dtype=np.float32)
-        tokens = np.sort(np.concatenate([fixed, np.nonzero(mask)[0]]))
-        layers.append(LayerSelection(chosen, chosen_scores, entropy, tokens.astype(np.int64), spans))
+    steps: dict[int, list[tuple[int, np.ndarray]]] = {}  # per distinct ranking (shared: one for every layer): its widening steps
+    wants = [count * block_tokens if exact_tokens is None else min(count * block_tokens, exact_tokens) for count in counts]
+    for (ids, scores), entropy, wanted in zip(ranked, entropies, wants):
+        if id(ids) not in steps:
+            deepest = max(w for (other, _), w in zip(ranked, wants) if other is ids)
+            steps[id(ids)] = _widening_steps(index, ids, deepest, config.margin_tokens, sink_end, recent_start)
+        chosen, taken, spans = _widened(steps[id(ids)], wanted)
+        score_of = np.zeros(index.num_blocks, dtype=np.float32)
+        score_of[ids] = scores
+        tokens = np.sort(np.concatenate([fixed, taken]))  # taken lies in [sink_end, recent_start): no overlap with fixed
+        layers.append(LayerSelection(chosen, score_of[chosen], entropy, tokens.astype(np.int64), spans))
     cap_tokens = max((len(l.tokens) - len(fixed) for l in layers), default=0)
     return Selection(layers, sink_end, recent_start, cap_tokens)
 
 
-def _widened(index: BlockIndex, ranked_ids: np.ndarray, budget: int, margin: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _widening_steps(index: BlockIndex, ranked_ids: np.ndarray, budget: int, margin: int, lo: int, hi: int) -> list[tuple[int, np.ndarray]]:
     """Take blocks best first, each widened by ``margin`` tokens on both sides (within [lo, hi)),
-    until their union holds exactly ``budget`` tokens (the last one may be cut: its own tokens go
-    first, then its margins closest first, so what is taken beside a block always touches it).
-    Returns (chosen block ids ascending, bool [T] mask, int64 [chosen, 2] span each took)."""
+    until their union holds at least ``budget`` tokens: per block taken, (block, the tokens it
+    adds, int64 ascending by preference: its own tokens first, then its margins closest first, so
+    what is taken beside a block always touches it). A smaller budget takes a prefix of the same
+    steps (``_widened``), so layers sharing a ranking share one walk."""
     mask = np.zeros(index.num_tokens, dtype=bool)
-    chosen, spans = [], {}
+    steps = []
     remaining = budget
     for block in ranked_ids:
         if remaining <= 0:
@@ -205,15 +209,32 @@ def _widened(index: BlockIndex, ranked_ids: np.ndarray, budget: int, margin: int
         left = np.arange(max(lo, start) - 1, max(lo, start - margin) - 1, -1)  # nearest first
         right = np.arange(min(hi, end), min(hi, end + margin))
         margins = np.concatenate([left, right])[np.argsort(np.concatenate([np.arange(len(left)), np.arange(len(right))]), kind="stable")]
-        take = np.concatenate([core[~mask[core]], margins[~mask[margins]]])[:remaining]
+        take = np.concatenate([core[~mask[core]], margins[~mask[margins]]])
         if len(take) == 0:
             continue
         mask[take] = True
         remaining -= len(take)
-        chosen.append(int(block))
-        spans[int(block)] = (int(take.min()), int(take.max()) + 1)
+        steps.append((int(block), take.astype(np.int64)))
+    return steps
+
+
+def _widened(steps: list[tuple[int, np.ndarray]], budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first of ``steps`` (``_widening_steps``) until they hold exactly ``budget`` tokens (the
+    last one cut). Returns (chosen block ids ascending, the tokens taken int64 (unordered), int64
+    [chosen, 2] span each took)."""
+    chosen, takes, spans = [], [], {}
+    remaining = budget
+    for block, take in steps:
+        if remaining <= 0:
+            break
+        take = take[:remaining]
+        remaining -= len(take)
+        chosen.append(block)
+        takes.append(take)
+        spans[block] = (int(take.min()), int(take.max()) + 1)
     ordered = np.sort(np.asarray(chosen, dtype=np.int64))
-    return ordered, mask, np.asarray([spans[int(b)] for b in ordered], dtype=np.int64).reshape(-1, 2)
+    taken = np.concatenate(takes) if takes else np.zeros(0, dtype=np.int64)
+    return ordered, taken, np.asarray([spans[int(b)] for b in ordered], dtype=np.int64).reshape(-1, 2)
 
 
 def _consensus(ranked: list[tuple[np.ndarray, np.ndarray]], num_blocks: int) -> tuple[np.ndarray, np.ndarray]:

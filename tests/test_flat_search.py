@@ -1,0 +1,109 @@
+"""The batched exact search (retrieval/flat_search.py) and the shared widening walk select the
+same blocks and tokens as the reference: faiss's own exhaustive search, per-layer widening."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.actqkv import Probe
+from retrieval.block_index import BlockIndex, BlockIndexConfig
+from retrieval.context import RetrievalConfig, always_kept, select
+from retrieval.flat_search import top_blocks
+from retrieval.rope import Rope
+
+ROPE = Rope(1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)))  # head dim 16
+
+
+def _index(tokens=5000, layers=4, heads=3, dim=16, representatives=4, seed=0) -> BlockIndex:
+    g = torch.Generator().manual_seed(seed)
+    keys = [torch.randn(heads, tokens, dim, generator=g) for _ in range(layers)]
+    return BlockIndex.build(keys, torch.arange(tokens), ROPE, BlockIndexConfig(block_tokens=32, representatives=representatives))
+
+
+def _faiss_search(index: BlockIndex, layer: int, vectors: torch.Tensor, weights: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: every vector's cosine from faiss's own exhaustive search, best per block, weighted, mean over heads."""
+    query = torch.nn.functional.normalize(vectors.float(), dim=-1).numpy()
+    per_block = index.config.per_block
+    scores = np.zeros(index.num_blocks, dtype=np.float64)
+    for head, faiss_index in enumerate(index.indexes[layer]):
+        sims, ids = faiss_index.search(np.ascontiguousarray(query[head]), faiss_index.ntotal)  # [n, N]
+        for i in range(query.shape[1]):
+            best = np.full(index.num_blocks, -np.inf)
+            np.maximum.at(best, ids[i] // per_block, sims[i])
+            scores += float(weights[i]) * best
+    scores /= index.num_heads
+    order = np.argsort(-scores, kind="stable")[:k]
+    return order, scores[order]
+
+
+@pytest.mark.parametrize("representatives", [4, 0])
+def test_search_layers_equals_faiss_exhaustive_search(representatives):
+    index = _index(representatives=representatives)
+    g = torch.Generator().manual_seed(1)
+    probes = []
+    for layer in range(index.num_layers):  # probes of different lengths per layer
+        n = 1 + layer % 3
+        probes.append((torch.randn(3, n, 16, generator=g) * 3, torch.softmax(torch.randn(n, generator=g), 0)))
+    got = index.search_layers(probes, 40)
+    for layer, ((vectors, weights), (ids, scores)) in enumerate(zip(probes, got)):
+        want_ids, want_scores = _faiss_search(index, layer, vectors, weights, 40)
+        assert np.array_equal(ids, want_ids)
+        assert np.allclose(scores, want_scores, atol=1e-5)
+        one_ids, one_scores = index.search(layer, vectors, 40, weights)  # the per-layer search agrees exactly
+        assert np.array_equal(ids, one_ids) and np.array_equal(scores, one_scores)
+
+
+def test_top_blocks_ranks_as_a_stable_full_sort_ties_included():
+    rng = np.random.default_rng(0)
+    for k in (1, 5, 37, 100, 120):
+        scores = rng.integers(0, 6, size=100).astype(np.float32)  # many ties
+        ids, top = top_blocks(scores, k)
+        want = np.argsort(-scores, kind="stable")[:k]
+        assert np.array_equal(ids, want) and np.array_equal(top, scores[want])
+
+
+def _reference_widened(index, ranked_ids, budget, margin, lo, hi):
+    """The per-layer widening as select did it before layers shared one walk."""
+    mask = np.zeros(index.num_tokens, dtype=bool)
+    chosen, spans, remaining = [], {}, budget
+    for block in ranked_ids:
+        if remaining <= 0:
+            break
+        start, end = (int(x) for x in index.blocks[block])
+        core = np.arange(max(lo, start), min(hi, end))
+        left = np.arange(max(lo, start) - 1, max(lo, start - margin) - 1, -1)
+        right = np.arange(min(hi, end), min(hi, end + margin))
+        margins = np.concatenate([left, right])[np.argsort(np.concatenate([np.arange(len(left)), np.arange(len(right))]), kind="stable")]
+        take = np.concatenate([core[~mask[core]], margins[~mask[margins]]])[:remaining]
+        if len(take) == 0:
+            continue
+        mask[take] = True
+        remaining -= len(take)
+        chosen.append(int(block))
+        spans[int(block)] = (int(take.min()), int(take.max()) + 1)
+    ordered = np.sort(np.asarray(chosen, dtype=np.int64))
+    return ordered, mask, np.asarray([spans[int(b)] for b in ordered], dtype=np.int64).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("shared,dynamic", [(True, True), (False, True), (True, False)])
+def test_selection_tokens_equal_per_layer_widening(shared, dynamic, monkeypatch):
+    import retrieval.context as context
+
+    walked = []  # the rankings select walks (shared: one for every layer)
+    real = context._widening_steps
+    monkeypatch.setattr(context, "_widening_steps", lambda index, ids, *rest: walked.append(ids) or real(index, ids, *rest))
+    index = _index(tokens=6000, layers=5)
+    g = torch.Generator().manual_seed(2)
+    probes = [Probe.from_states(torch.randn(6, 4, 16, generator=g), 3, "actqkv") for _ in range(index.num_layers)]
+    config = RetrievalConfig(budget_tokens=700, sink_tokens=4, recent_tokens=64, margin_tokens=24, shared=shared, dynamic=dynamic)
+    selection = select(index, probes, config)
+    sink_end, recent_start, fixed = always_kept(index.num_tokens, config)
+    assert len(walked) == (1 if shared else index.num_layers)
+    for layer, chosen_layer in enumerate(selection.layers):
+        ids = walked[0 if shared else layer]
+        chosen, mask, spans = _reference_widened(index, ids, len(chosen_layer.tokens) - len(fixed), 24, sink_end, recent_start)
+        assert np.array_equal(chosen, chosen_layer.blocks) and np.array_equal(spans, chosen_layer.spans)
+        assert np.array_equal(np.sort(np.concatenate([fixed, np.nonzero(mask)[0]])), chosen_layer.tokens)
+    if dynamic:
+        assert len(set(selection.tokens_per_layer)) > 1  # layers went to different depths
