@@ -76,6 +76,40 @@ class Probe:
         return cls(vectors[:, keep], weights[keep] / weights[keep].sum())
 
 
+def probes_for_layers(states: list[torch.Tensor], kv_heads: int, method: str) -> list[Probe]:
+    """``Probe.from_states`` for every layer's states [Hs, n, D] at once (one batched pass when the
+    layers agree in shape, as a request's query vectors do; layer by layer otherwise)."""
+    if len(states) < 2 or any(s.shape != states[0].shape for s in states):
+        return [Probe.from_states(s, kv_heads, method) for s in states]
+    heads, n, dim = states[0].shape
+    if n == 0:
+        raise InvalidRequest("a probe needs at least one token")
+    if heads % kv_heads:
+        raise InvalidRequest(f"{heads} heads do not group into {kv_heads} KV heads")
+    if method not in METHODS:
+        raise InvalidRequest(f"unknown probe method {method!r}; use one of {', '.join(METHODS)}")
+    q = torch.stack(states).float()  # [L, Hs, n, D]
+    layers = q.shape[0]
+    if method == "last" or n == 1:
+        weights = torch.zeros(layers, n)
+        weights[:, -1] = 1.0
+    elif method == "mean":
+        weights = torch.full((layers, n), 1.0 / n)
+    else:  # token_weights, per layer
+        mean = q.mean(dim=2, keepdim=True)  # [L, Hs, 1, D]
+        var = q.var(dim=2, unbiased=False, keepdim=True)  # [L, Hs, 1, D]
+        deviation = (q - mean).pow(2) / (var + var.mean(dim=(1, 2, 3), keepdim=True) / 100)  # [L, Hs, n, D]
+        score = deviation.mean(dim=(1, 3))  # [L, n]
+        weights = score / score.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    vectors = q.view(layers, kv_heads, heads // kv_heads, n, dim).mean(2)  # [L, H_kv, n, D]
+    probes = []
+    for layer in range(layers):
+        w = weights[layer]
+        keep = w > 0
+        probes.append(Probe(vectors[layer][:, keep] if not bool(keep.all()) else vectors[layer], w[keep] / w[keep].sum()))
+    return probes
+
+
 def normalised_entropy(scores: np.ndarray, temperature: float) -> float:
     """Entropy of softmax(scores / temperature) divided by log(len): 0 = one block, 1 = flat."""
     if len(scores) < 2:

@@ -104,7 +104,7 @@ class BlockIndex:
         self.head_dim = head_dim
         self.indexes = indexes  # [L][H]
         self.blocks = block_ranges(num_tokens, config.block_tokens)
-        self._flat: dict[int, list[torch.Tensor] | None] = {}  # per layer: views of flat indexes' vectors (search)
+        self._flat: dict[int, list[np.ndarray] | None] = {}  # per layer: views of flat indexes' vectors (search)
         self._device = DeviceVectors(torch.device("cuda")) if torch.cuda.is_available() else None  # CUDA: a GPU copy of the vectors (search_layers), made on first use
 
     @property
@@ -204,7 +204,7 @@ class BlockIndex:
         flat = self._flat_vectors(layer)
         if flat is not None:  # exact: every representative scored by one matrix product per head
             query = torch.nn.functional.normalize(probe.float(), dim=-1)  # [H, n, D]
-            return top_blocks(layer_scores(flat, query, weights, per_block).numpy(), k)
+            return top_blocks(layer_scores(flat, query.numpy(), weights.numpy(), per_block), k)
         shortlist = self.num_blocks * per_block if exhaustive else min(self.num_blocks * per_block, 4 * k)  # a block's best key is near the top
         query = np.ascontiguousarray(torch.nn.functional.normalize(probe.float(), dim=-1).numpy())  # [H, n, D]
         w = weights.numpy().astype(np.float32)
@@ -248,7 +248,7 @@ class BlockIndex:
         k = min(self.num_blocks, max(int(candidates), 1))
         return search_layers(flat, checked, k, self.config.per_block, self._device)
 
-    def _flat_vectors(self, layer: int) -> list[torch.Tensor] | None:
+    def _flat_vectors(self, layer: int) -> list[np.ndarray] | None:
         """Per head a float32 [nb * R, D] view (no copy) of a layer's representatives when every
         head's index is flat (exact inner product over vectors added in id order), else None
         (HNSW: search it)."""
@@ -265,7 +265,7 @@ class BlockIndex:
                 self._flat[layer] = None
                 return None
             vectors = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d)
-            heads.append(torch.from_numpy(vectors.reshape(inner.ntotal, inner.d)))  # a view of faiss's memory, no copy
+            heads.append(vectors.reshape(inner.ntotal, inner.d))  # a view of faiss's memory, no copy
         self._flat[layer] = heads
         return heads
 

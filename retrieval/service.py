@@ -203,9 +203,9 @@ def retrieve(store: SessionStore, use_model: Callable[[], Any], tenant: str, ses
     loaded = block_index(store, rope, tenant, session_id, index_config, cache=index_cache, record=record)
     bytes_read = 0
     if query_vectors is not None:
-        from retrieval.actqkv import Probe
+        from retrieval.actqkv import probes_for_layers
 
-        probes = [Probe.from_states(q, spec.num_kv_heads, config.method) for q in query_vectors]
+        probes = probes_for_layers(query_vectors, spec.num_kv_heads, config.method)
     else:
         from retrieval.reads import probe_window
 

@@ -107,3 +107,27 @@ def test_selection_tokens_equal_per_layer_widening(shared, dynamic, monkeypatch)
         assert np.array_equal(np.sort(np.concatenate([fixed, np.nonzero(mask)[0]])), chosen_layer.tokens)
     if dynamic:
         assert len(set(selection.tokens_per_layer)) > 1  # layers went to different depths
+
+
+@pytest.mark.parametrize("method", ["actqkv", "mean", "last"])
+def test_probes_for_all_layers_at_once_equal_layer_by_layer(method):
+    from retrieval.actqkv import probes_for_layers
+
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 8):
+        states = [torch.randn(9, n, 64, generator=g) * 3 for _ in range(6)]
+        for one, many in zip([Probe.from_states(s, 3, method) for s in states], probes_for_layers(states, 3, method)):
+            assert torch.equal(one.vectors, many.vectors) and torch.equal(one.weights, many.weights)
+
+
+def test_the_accelerator_path_selects_the_same_blocks():
+    """DeviceVectors (used on CUDA) run here on the CPU: same blocks, scores to float rounding."""
+    from retrieval.flat_search import DeviceVectors, search_layers
+
+    index = _index()
+    g = torch.Generator().manual_seed(4)
+    probes = [(torch.randn(3, 1 + layer % 3, 16, generator=g), torch.softmax(torch.randn(1 + layer % 3, generator=g), 0)) for layer in range(index.num_layers)]
+    flat = [index._flat_vectors(layer) for layer in range(index.num_layers)]
+    on_device = search_layers(flat, probes, 40, index.config.per_block, DeviceVectors(torch.device("cpu")))
+    for (ids, scores), (want_ids, want_scores) in zip(on_device, index.search_layers(probes, 40)):
+        assert np.array_equal(ids, want_ids) and np.allclose(scores, want_scores, atol=1e-6)
