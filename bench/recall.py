@@ -229,7 +229,8 @@ def run_task(model, tokenizer, store, task, info: dict, config: dict, log: Calla
         record["runs"].append(run)
         err = run.get("attn_err")
         log(f"    {row:<40} {'OK ' if run['correct'] else 'BAD'} {text[:28]!r:<32} {seconds:6.2f}s  read {read / MB:7.1f} MB"
-            + (f"  err {err['held_out']:.3f}/{err['question']:.3f}" if err else ""))
+            + (f"  err {err['held_out']:.3f}/{err['question']:.3f}" if err else "")
+            + (f"  needle in {run['needle_cover']:.0%} of layers" if run.get("needle_cover") is not None else ""))
         return run
 
     # the context's KV and the queries everything is measured with: one causal pass over context + continuation
@@ -326,7 +327,8 @@ def run_task(model, tokenizer, store, task, info: dict, config: dict, log: Calla
                             method=method, ratio=ratio, budget=budget, budget_name=named, double_count=handling, applied=recalled.double_count,
                             recall_index=variant, index_bytes=record["recall_index_bytes"][variant],
                             recalled_tokens=recalled.recalled_tokens, recall_share=float(np.mean([len(t) for t in recalled.tokens])) / length,
-                            layer_bytes=layer_bytes(recalled.source, recalled.tokens), stage_seconds=dict(recalled.seconds), attn_err=errors)
+                            layer_bytes=layer_bytes(recalled.source, recalled.tokens), stage_seconds=dict(recalled.seconds), attn_err=errors,
+                            needle_cover=needle_cover(task, tokenizer, recalled.tokens))
                         del recalled
             del compacted
             gc.collect()
@@ -335,6 +337,19 @@ def run_task(model, tokenizer, store, task, info: dict, config: dict, log: Calla
     store.delete(TENANT, sid)
     record["seconds"] = time.perf_counter() - started
     return record
+
+
+def needle_cover(task, tokenizer, tokens_per_layer: list[np.ndarray]) -> float | None:
+    """Needle tasks: the share of layers whose recalled tokens hold the whole asked needle
+    sentence (None for other tasks): tells a recall that missed from an answer that failed."""
+    from bench.tasks import needle_sentence
+
+    needle = next((n for n in getattr(task, "needles", None) or [] if n["asked"]), None)
+    if needle is None:
+        return None
+    width = len(tokenizer(needle_sentence(needle["word"], needle["code"]), add_special_tokens=False).input_ids)
+    span = np.arange(needle["position"], needle["position"] + width)
+    return float(np.mean([np.isin(span, np.asarray(tokens)).all() for tokens in tokens_per_layer]))
 
 
 # ---------------------------------------------------------------------------- aggregation

@@ -65,6 +65,11 @@ class NeedleTask:
                 "word": self.word, "code": self.code, "needles": self.needles}
 
 
+
+def needle_sentence(word: str, code: str) -> str:
+    """The sentence planted in the context for one needle."""
+    return f" The secret code for {word} is {code}."
+
 class TaskFactory:
     """Builds tasks from one tokenisation of the filler text."""
 
@@ -115,7 +120,7 @@ class TaskFactory:
         rng = random.Random(f"{kind}-{length}-{depth}-{seed}")
         keys = rng.sample(WORDS, 1 if kind == "single" else rng.choice((3, 4)))
         codes = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
-        needle_ids = [self._ids(f" The secret code for {w} is {c}.") for w, c in zip(keys, codes)]
+        needle_ids = [self._ids(needle_sentence(w, c)) for w, c in zip(keys, codes)]
         depths = [depth] + [d for d in rng.sample([x for x in DEPTHS if abs(x - depth) > 0.05], len(keys) - 1)]
         context, positions, continuation = self.plant(rng, length, needle_ids, depths)
         needles = sorted(({"word": w, "code": c, "position": p, "asked": i == 0} for i, (w, c, p) in enumerate(zip(keys, codes, positions))), key=lambda n: n["position"])

@@ -81,9 +81,9 @@ class PlannerSettings:
     compact_ratio: float = 0.5  # kept ratio of compact_method
     recall_budget_tokens: int = 256  # compacted_recall: exact tokens per layer recalled from the lossless original (bench/recall.py)
     recall_double_count: str = "drop_scale"  # compacted_recall: none | drop | scale | drop_scale (retrieval/recall.py; bench/recall.py)
-    recall_block_tokens: int = 64  # recall's own block index (one stored index with [retrieval]'s when both settings agree): tokens per block
+    recall_block_tokens: int = 32  # recall's own block index (one stored index with [retrieval]'s when both settings agree): tokens per block (bench/results/recall_small.md)
     recall_representatives: int = 0  # recall's index: keys scored per block and KV head; 0 = every key (exact best match; 4 missed needles at 2k-4k, bench/recall.py)
-    recall_margin_tokens: int = 16  # each recalled block is widened by this many tokens on both sides (counted in the recall budget)
+    recall_margin_tokens: int = 8  # each recalled block is widened by this many tokens on both sides (counted in the recall budget)
     ttt_steps: int = 8  # qTTT: AdamW steps, span length, learning rate (bench/ttt_sweep.py)
     ttt_span_tokens: int = 128  # qTTT: tokens per training span
     ttt_learning_rate: float = 1e-3  # qTTT: learning rate

@@ -62,9 +62,9 @@ class ExecutorSettings:
     compact_ratio: float = 0.5
     recall_budget_tokens: int = 256  # compacted_recall: exact tokens per layer recalled from the original
     recall_double_count: str = "drop_scale"  # compacted_recall: retrieval/recall.py's double-count handling
-    recall_block_tokens: int = 64  # compacted_recall: recall's own index (RecallConfig.block_tokens, representatives, margin_tokens)
+    recall_block_tokens: int = 32  # compacted_recall: recall's own index (RecallConfig.block_tokens, representatives, margin_tokens)
     recall_representatives: int = 0
-    recall_margin_tokens: int = 16
+    recall_margin_tokens: int = 8
     ttt: TTTConfig = field(default_factory=TTTConfig)
     max_new_tokens: int = 24
     # kv_retrieval's block index settings (retrieval.block_index.BlockIndexConfig; the server

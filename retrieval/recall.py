@@ -64,9 +64,9 @@ MAX_RECALL_BLOCK_TOKENS = 4096
 # key is what mattered; 16- and 32-token blocks did no better than 64 on 11 tasks and read more
 # 256-token store chunks for the same budget. With [retrieval] representatives = 0 the Retrieve
 # RPC and recall share one stored index.
-BLOCK_TOKENS = 64
+BLOCK_TOKENS = 32  # with 8-token margins a span is 48 tokens: 5% of a 1k-2k context holds one or two (bench/results/recall_small.md)
 REPRESENTATIVES = 0
-MARGIN_TOKENS = 16
+MARGIN_TOKENS = 8
 
 
 @dataclass(frozen=True)
