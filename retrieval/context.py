@@ -177,7 +177,7 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig, exac
     else:
         counts = [min(available, int(mean_blocks))] * index.num_layers
     layers = []
-    steps: dict[int, list[tuple[int, np.ndarray]]] = {}  # per distinct ranking (shared: one for every layer): its widening steps
+    steps: dict[int, list] = {}  # per distinct ranking (shared: one for every layer): its widening steps
     wants = [count * block_tokens if exact_tokens is None else min(count * block_tokens, exact_tokens) for count in counts]
     for (ids, scores), entropy, wanted in zip(ranked, entropies, wants):
         if id(ids) not in steps:
@@ -192,11 +192,11 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig, exac
     return Selection(layers, sink_end, recent_start, cap_tokens)
 
 
-def _widening_steps(index: BlockIndex, ranked_ids: np.ndarray, budget: int, margin: int, lo: int, hi: int) -> list[tuple[int, np.ndarray]]:
+def _widening_steps(index: BlockIndex, ranked_ids: np.ndarray, budget: int, margin: int, lo: int, hi: int) -> list[tuple[int, np.ndarray, tuple[int, int]]]:
     """Take blocks best first, each widened by ``margin`` tokens on both sides (within [lo, hi)),
     until their union holds at least ``budget`` tokens: per block taken, (block, the tokens it
     adds, int64 ascending by preference: its own tokens first, then its margins closest first, so
-    what is taken beside a block always touches it). A smaller budget takes a prefix of the same
+    what is taken beside a block always touches it; the [start, end) they span). A smaller budget takes a prefix of the same
     steps (``_widened``), so layers sharing a ranking share one walk."""
     mask = np.zeros(index.num_tokens, dtype=bool)
     steps = []
@@ -214,24 +214,26 @@ def _widening_steps(index: BlockIndex, ranked_ids: np.ndarray, budget: int, marg
             continue
         mask[take] = True
         remaining -= len(take)
-        steps.append((int(block), take.astype(np.int64)))
+        steps.append((int(block), take.astype(np.int64), (int(take.min()), int(take.max()) + 1)))
     return steps
 
 
-def _widened(steps: list[tuple[int, np.ndarray]], budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _widened(steps: list[tuple[int, np.ndarray, tuple[int, int]]], budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The first of ``steps`` (``_widening_steps``) until they hold exactly ``budget`` tokens (the
     last one cut). Returns (chosen block ids ascending, the tokens taken int64 (unordered), int64
     [chosen, 2] span each took)."""
     chosen, takes, spans = [], [], {}
     remaining = budget
-    for block, take in steps:
+    for block, take, span in steps:
         if remaining <= 0:
             break
-        take = take[:remaining]
+        if len(take) > remaining:  # the last block, cut
+            take = take[:remaining]
+            span = (int(take.min()), int(take.max()) + 1)
         remaining -= len(take)
         chosen.append(block)
         takes.append(take)
-        spans[block] = (int(take.min()), int(take.max()) + 1)
+        spans[block] = span
     ordered = np.sort(np.asarray(chosen, dtype=np.int64))
     taken = np.concatenate(takes) if takes else np.zeros(0, dtype=np.int64)
     return ordered, taken, np.asarray([spans[int(b)] for b in ordered], dtype=np.int64).reshape(-1, 2)
