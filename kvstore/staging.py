@@ -152,13 +152,9 @@ class StagedWrite:
     # ------------------------------------------------------------------ pieces in
     def add(self, layer: int, token_start: int, count: int, dtype_code: int, keys, values, bias=None) -> None:
         """One piece: keys/values bytes-like [H, n, D] raw little-endian, bias float32 [H, n]."""
-        if self._finished or self._closed:
-            raise InvalidRequest("this write is already finished")
+        self._require_open()
         k, v, b = check_piece(self.spec, self.dtype_code, self.has_bias, self.start, self.end, layer, token_start, count, dtype_code, keys, values, bias)
-        self.bytes_received += 2 * k.nbytes
-        self._fill(layer, token_start, count, k, v, b)
-        if self._queued_bytes >= self.flush_bytes:
-            self.flush()
+        self._accept(layer, token_start, count, k, v, b)
 
     def add_arrays(self, layer: int, token_start: int, keys: np.ndarray, values: np.ndarray, bias: np.ndarray | None) -> None:
         """Raw-bit arrays [H, n, D] (bias [H, n]) from process memory."""
@@ -168,14 +164,21 @@ class StagedWrite:
     def add_views(self, layer: int, token_start: int, keys: np.ndarray, values: np.ndarray, bias: np.ndarray | None) -> None:
         """Raw-bit arrays [H, n, D] (bias float32 [H, n]) from a checked ``KVPieces``, possibly
         strided: copied once, straight into the block records."""
-        if self._finished or self._closed:
-            raise InvalidRequest("this write is already finished")
+        self._require_open()
         count = keys.shape[1]
         shape = (self.spec.num_kv_heads, count, self.spec.head_dim)
         if keys.shape != shape or values.shape != shape or keys.dtype.itemsize != values.dtype.itemsize or (bias is None) == self.has_bias:
             raise InvalidRequest(f"layer {layer}: pieces of shape {keys.shape}/{values.shape} (bias {bias is not None}) do not match {shape} (bias {self.has_bias})")
         if token_start < self.start or token_start + count > self.end:
             raise InvalidRequest(f"layer {layer}: tokens [{token_start}, {token_start + count}) lie outside [{self.start}, {self.end})")
+        self._accept(layer, token_start, count, keys, values, bias)
+
+    def _require_open(self) -> None:
+        if self._finished or self._closed:
+            raise InvalidRequest("this write is already finished")
+
+    def _accept(self, layer: int, token_start: int, count: int, keys: np.ndarray, values: np.ndarray, bias: np.ndarray | None) -> None:
+        """A checked piece: into its block records, and a flush once enough is sealed."""
         self.bytes_received += 2 * keys.nbytes
         self._fill(layer, token_start, count, keys, values, bias)
         if self._queued_bytes >= self.flush_bytes:

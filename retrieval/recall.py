@@ -61,10 +61,13 @@ MAX_RECALL_BLOCK_TOKENS = 4096
 # Recall's index defaults (bench/recall.py --recall-index, docs/recall.md "Measured"): at 2k-4k
 # tokens 5% of the context is ~100-200 tokens, and a block ranked by 4 representative keys (the
 # Retrieve RPC's default) misses the needle where one ranked by every key finds it. Scoring every
-# key is what mattered; 16- and 32-token blocks did no better than 64 on 11 tasks and read more
-# 256-token store chunks for the same budget. With [retrieval] representatives = 0 the Retrieve
-# RPC and recall share one stored index.
-BLOCK_TOKENS = 32  # with 8-token margins a span is 48 tokens: 5% of a 1k-2k context holds one or two (bench/results/recall_small.md)
+# key is what mattered most. Block size matters where the budget is small: a 64-token block with
+# 16-token margins is a 96-token span, more than 5% of a 1k-2k context; 32-token blocks with 8-token
+# margins (48 tokens a span) answered 17 of 24 recall runs there against 10
+# (bench/results/recall_small.md), at 4k-8k as well as 64 (bench/results/recall_goal.md), reading
+# somewhat more 256-token store chunks. With [retrieval] representatives = 0 the Retrieve RPC and
+# recall share one stored index.
+BLOCK_TOKENS = 32
 REPRESENTATIVES = 0
 MARGIN_TOKENS = 8
 
