@@ -30,22 +30,23 @@ METHODS = ("actqkv", "mean", "last")
 
 
 def token_weights(queries: torch.Tensor, method: str) -> torch.Tensor:
-    """Weights [n] summing to 1 for queries [Hq, n, D] of one layer."""
+    """Weights [..., n] summing to 1 for queries [..., Hq, n, D] (one layer, or layers stacked
+    in front: each weighted on its own)."""
     if method not in METHODS:
         raise InvalidRequest(f"unknown probe method {method!r}; use one of {', '.join(METHODS)}")
-    n = queries.shape[1]
+    lead, n = queries.shape[:-3], queries.shape[-2]
     if method == "last" or n == 1:
-        weights = torch.zeros(n)
-        weights[-1] = 1.0
+        weights = torch.zeros(*lead, n)
+        weights[..., -1] = 1.0
         return weights
     if method == "mean":
-        return torch.full((n,), 1.0 / n)
+        return torch.full((*lead, n), 1.0 / n)
     q = queries.float()
-    mean = q.mean(dim=1, keepdim=True)  # [Hq, 1, D]
-    var = q.var(dim=1, unbiased=False, keepdim=True)  # [Hq, 1, D]
-    deviation = (q - mean).pow(2) / (var + var.mean() / 100)  # [Hq, n, D]
-    score = deviation.mean(dim=(0, 2))  # [n]
-    return score / score.sum().clamp(min=1e-12)
+    mean = q.mean(dim=-2, keepdim=True)  # [..., Hq, 1, D]
+    var = q.var(dim=-2, unbiased=False, keepdim=True)  # [..., Hq, 1, D]
+    deviation = (q - mean).pow(2) / (var + var.mean(dim=(-3, -2, -1), keepdim=True) / 100)  # [..., Hq, n, D]
+    score = deviation.mean(dim=(-3, -1))  # [..., n]
+    return score / score.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 @dataclass
@@ -65,15 +66,7 @@ class Probe:
     def from_states(cls, states: torch.Tensor, kv_heads: int, method: str) -> "Probe":
         """From position-free query or key states [Hs, n, D] of one layer (Hs: a multiple of
         kv_heads; query heads are pooled over their KV group)."""
-        heads, n, dim = states.shape
-        if n == 0:
-            raise InvalidRequest("a probe needs at least one token")
-        if heads % kv_heads:
-            raise InvalidRequest(f"{heads} heads do not group into {kv_heads} KV heads")
-        weights = token_weights(states, method)  # [n]
-        vectors = states.float().view(kv_heads, heads // kv_heads, n, dim).mean(1)  # [H_kv, n, D]
-        keep = weights > 0
-        return cls(vectors[:, keep], weights[keep] / weights[keep].sum())
+        return _probes(states[None], kv_heads, method)[0]
 
 
 def probes_for_layers(states: list[torch.Tensor], kv_heads: int, method: str) -> list[Probe]:
@@ -81,32 +74,23 @@ def probes_for_layers(states: list[torch.Tensor], kv_heads: int, method: str) ->
     layers agree in shape, as a request's query vectors do; layer by layer otherwise)."""
     if len(states) < 2 or any(s.shape != states[0].shape for s in states):
         return [Probe.from_states(s, kv_heads, method) for s in states]
-    heads, n, dim = states[0].shape
+    return _probes(torch.stack(states), kv_heads, method)
+
+
+def _probes(states: torch.Tensor, kv_heads: int, method: str) -> list[Probe]:
+    """One Probe per layer of states [L, Hs, n, D]: weights per layer, query heads pooled over
+    their KV group, zero-weight tokens dropped."""
+    layers, heads, n, dim = states.shape
     if n == 0:
         raise InvalidRequest("a probe needs at least one token")
     if heads % kv_heads:
         raise InvalidRequest(f"{heads} heads do not group into {kv_heads} KV heads")
-    if method not in METHODS:
-        raise InvalidRequest(f"unknown probe method {method!r}; use one of {', '.join(METHODS)}")
-    q = torch.stack(states).float()  # [L, Hs, n, D]
-    layers = q.shape[0]
-    if method == "last" or n == 1:
-        weights = torch.zeros(layers, n)
-        weights[:, -1] = 1.0
-    elif method == "mean":
-        weights = torch.full((layers, n), 1.0 / n)
-    else:  # token_weights, per layer
-        mean = q.mean(dim=2, keepdim=True)  # [L, Hs, 1, D]
-        var = q.var(dim=2, unbiased=False, keepdim=True)  # [L, Hs, 1, D]
-        deviation = (q - mean).pow(2) / (var + var.mean(dim=(1, 2, 3), keepdim=True) / 100)  # [L, Hs, n, D]
-        score = deviation.mean(dim=(1, 3))  # [L, n]
-        weights = score / score.sum(dim=1, keepdim=True).clamp(min=1e-12)
-    vectors = q.view(layers, kv_heads, heads // kv_heads, n, dim).mean(2)  # [L, H_kv, n, D]
+    weights = token_weights(states, method)  # [L, n]
+    vectors = states.float().view(layers, kv_heads, heads // kv_heads, n, dim).mean(2)  # [L, H_kv, n, D]
     probes = []
     for layer in range(layers):
-        w = weights[layer]
-        keep = w > 0
-        probes.append(Probe(vectors[layer][:, keep] if not bool(keep.all()) else vectors[layer], w[keep] / w[keep].sum()))
+        keep = weights[layer] > 0
+        probes.append(Probe(vectors[layer][:, keep], weights[layer][keep] / weights[layer][keep].sum()))
     return probes
 
 
