@@ -31,7 +31,7 @@ import torch
 
 from kvstore.errors import CorruptData, InvalidRequest
 from retrieval.rope import Rope
-from retrieval.flat_search import DeviceVectors, layer_scores, search_layers, top_blocks
+from retrieval.flat_search import COARSE_MIN_VECTORS, CoarseCodes, DeviceVectors, coarse_then_exact, search_layers
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class BlockIndex:
     num_tokens: tokens covered; blocks: int64 [nb, 2] token ranges; faiss id = block * R + r.
     """
 
-    def __init__(self, config: BlockIndexConfig, num_tokens: int, head_dim: int, indexes: list[list[faiss.Index]]):
+    def __init__(self, config: BlockIndexConfig, num_tokens: int, head_dim: int, indexes: list[list[faiss.Index]], coarse_min_vectors: int = COARSE_MIN_VECTORS):
         self.config = config
         self.num_tokens = num_tokens
         self.head_dim = head_dim
@@ -106,6 +106,7 @@ class BlockIndex:
         self.blocks = block_ranges(num_tokens, config.block_tokens)
         self._flat: dict[int, list[np.ndarray] | None] = {}  # per layer: views of flat indexes' vectors (search)
         self._device = DeviceVectors(torch.device("cuda")) if torch.cuda.is_available() else None  # CUDA: a GPU copy of the vectors (search_layers), made on first use
+        self._coarse = CoarseCodes(self._flat_vectors, config.per_block, coarse_min_vectors)  # CPU: int8 codes of large layers for a first scan, made on first use
 
     @property
     def num_layers(self) -> int:
@@ -121,7 +122,8 @@ class BlockIndex:
 
     @property
     def nbytes(self) -> int:
-        """Memory the indexes hold: their vectors, plus HNSW's neighbour lists where used."""
+        """Memory the indexes hold: their vectors, plus HNSW's neighbour lists or the int8 codes
+        of the first scan (large flat layers on CPU) where used."""
         total = 0
         for layer in self.indexes:
             for index in layer:
@@ -129,6 +131,8 @@ class BlockIndex:
                 inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
                 if isinstance(inner, faiss.IndexHNSWFlat):
                     links = index.ntotal * 2 * self.config.hnsw_neighbors * 4
+                elif self._device is None and isinstance(inner, faiss.IndexFlat) and index.ntotal >= self._coarse.min_vectors:
+                    links = index.ntotal * self.head_dim + self.head_dim * 4  # the int8 codes of the first scan (made on first search)
                 total += index.ntotal * (self.head_dim * 4 + 8) + links  # vectors + their ids
         return total + self.blocks.nbytes
 
@@ -204,7 +208,7 @@ class BlockIndex:
         flat = self._flat_vectors(layer)
         if flat is not None:  # exact: every representative scored by one matrix product per head
             query = torch.nn.functional.normalize(probe.float(), dim=-1)  # [H, n, D]
-            return top_blocks(layer_scores(flat, query.numpy(), weights.numpy(), per_block), k)
+            return coarse_then_exact(flat, self._coarse.layer(layer), query.numpy(), weights.numpy(), per_block, k)
         shortlist = self.num_blocks * per_block if exhaustive else min(self.num_blocks * per_block, 4 * k)  # a block's best key is near the top
         query = np.ascontiguousarray(torch.nn.functional.normalize(probe.float(), dim=-1).numpy())  # [H, n, D]
         w = weights.numpy().astype(np.float32)
@@ -221,6 +225,13 @@ class BlockIndex:
         scores /= self.num_heads
         order = np.argsort(-scores, kind="stable")[:k]
         return order.astype(np.int64), scores[order]
+
+    def prepare_search(self) -> "BlockIndex":
+        """Make what searching uses ahead of the first search (the int8 codes of large flat
+        layers on CPU); for indexes kept for many requests."""
+        if self._device is None:
+            self._coarse.prepare(self.num_layers)
+        return self
 
     def _checked_probe(self, probe: torch.Tensor) -> torch.Tensor:
         """probe [H, D] or [H, n, D] -> [H, n, D]; InvalidRequest on any other shape."""
@@ -246,7 +257,7 @@ class BlockIndex:
         if any(layer is None for layer in flat):
             return [self.search(layer, vectors, candidates, weights) for layer, (vectors, weights) in enumerate(checked)]
         k = min(self.num_blocks, max(int(candidates), 1))
-        return search_layers(flat, checked, k, self.config.per_block, self._device)
+        return search_layers(flat, checked, k, self.config.per_block, self._device, self._coarse)
 
     def _flat_vectors(self, layer: int) -> list[np.ndarray] | None:
         """Per head a float32 [nb * R, D] view (no copy) of a layer's representatives when every

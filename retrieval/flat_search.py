@@ -16,17 +16,36 @@ cheaply as exactness allows:
 * the best k blocks by a partial selection, ranked exactly as a stable full sort would rank them;
 * on CUDA, a copy of every layer's vectors is kept on the GPU (once per index) and all layers'
   heads are scored in a few batched products.
+
+Large layers (``COARSE_MIN_VECTORS`` and up, on CPU) are scanned in two steps instead: an int8
+copy of the vectors (``CoarseCodes``, a quarter of their bytes) is scored against int8 probes by
+one integer product per head (``torch._int_mm``: VNNI on this EPYC, about 4x the float product),
+and only the blocks whose approximate score lies within ``COARSE_SIGMAS`` standard deviations of
+the rounding error of the k-th best (``coarse_then_exact``) are scored again exactly, from the
+float32 vectors. The rounding error is known: codes are rounded per dimension (steps s_d) and
+probes per vector (step t_i), so an approximate product differs from the exact one by a sum of
+uniform rounding terms with standard deviation sigma_i = sqrt(sum_d q_id^2 s_d^2 / 12 +
+t_i^2 / 12 * max |v / s|^2). A block's score moves by at most sum_i |w_i| times the largest
+error among its representatives; the shortlist keeps every block within twice that (its own
+error and the k-th block's) at ``COARSE_SIGMAS`` = 6, summed without the sqrt(n) that
+independent errors would allow. Ranking and ties are then the exact path's; what is given up is
+a proof: a block could in principle be missed when rounding errors of every probe conspire at
+six sigmas (tests/test_flat_search.py compares both paths; bench/retrieve_e2e.py counts
+differences on every call).
 """
 from __future__ import annotations
 
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # products per batched CUDA call (bounds its transient memory)
+COARSE_MIN_VECTORS = 1 << 13  # per (layer, head): from here (32k tokens at 4 representatives) an int8 scan goes first on CPU
+COARSE_SIGMAS = 4.0  # shortlist margin in (linearly summed) standard deviations of the int8 rounding error (module docstring)
 
 
 def layer_scores(vectors: list[np.ndarray], query: np.ndarray, weights: np.ndarray, per_block: int) -> np.ndarray:
@@ -91,6 +110,97 @@ def top_blocks(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids[order].astype(np.int64), scores[ids[order]].astype(np.float32)
 
 
+class CoarseCodes:
+    """int8 codes of every layer's flat vectors for the first scan, made per layer on first use
+    (thread-safe). Per layer and head: codes int8 [R * nb, D] ordered representative-major (row
+    r * nb + b holds representative r of block b, so the max over a block's representatives is
+    R elementwise maxima of contiguous rows), steps float32 [D] (v_d ~ codes_d * steps_d) and
+    the largest squared norm of a code row (the probe rounding's error bound)."""
+
+    def __init__(self, flat_of: Callable[[int], list[np.ndarray] | None], per_block: int, min_vectors: int = COARSE_MIN_VECTORS):
+        self._flat_of = flat_of  # layer -> its per-head float32 [nb * R, D] views, None when not flat
+        self.per_block = per_block
+        self.min_vectors = min_vectors  # layers with fewer vectors per head are scanned exactly
+        self._layers: dict[int, list[tuple[torch.Tensor, np.ndarray, float]]] = {}
+        self._lock = threading.Lock()
+
+    def eligible(self, heads: list[np.ndarray] | None) -> bool:
+        return heads is not None and len(heads) > 0 and heads[0].shape[0] >= self.min_vectors
+
+    def layer(self, layer: int) -> list[tuple[torch.Tensor, np.ndarray, float]] | None:
+        """Per head (codes, steps, max squared code norm), or None for a layer scanned exactly."""
+        heads = self._flat_of(layer)
+        if not self.eligible(heads):
+            return None
+        found = self._layers.get(layer)
+        if found is None:
+            with self._lock:
+                found = self._layers.get(layer)
+                if found is None:
+                    found = [self._encode(vectors, self.per_block) for vectors in heads]
+                    self._layers[layer] = found
+        return found
+
+    def prepare(self, layers: int) -> None:
+        """Encode every eligible layer now (spread over the search workers), so that no request
+        pays for it."""
+        list(_workers().map(self.layer, range(layers)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(codes.numel() + steps.nbytes for heads in list(self._layers.values()) for codes, steps, _ in heads)
+
+    @staticmethod
+    def _encode(vectors: np.ndarray, per_block: int) -> tuple[torch.Tensor, np.ndarray, float]:
+        """vectors float32 [nb * R, D] (block-major) -> codes int8 [R * nb, D] (representative-major)."""
+        count, dim = vectors.shape
+        steps = np.abs(vectors).max(0) / np.float32(127)  # [D]
+        steps = np.where(steps > 0, steps, np.float32(1)).astype(np.float32)
+        ordered = vectors.reshape(count // per_block, per_block, dim).transpose(1, 0, 2)  # [R, nb, D] view
+        codes = np.empty((per_block, count // per_block, dim), dtype=np.int8)
+        for r in range(per_block):  # a representative at a time: one [nb, D] float temporary, not [N, D]
+            codes[r] = np.rint(ordered[r] / steps)
+        codes = codes.reshape(count, dim)
+        norm2 = float(np.square(codes, dtype=np.float32).sum(1).max())
+        return torch.from_numpy(codes), steps, norm2
+
+
+def coarse_then_exact(vectors: list[np.ndarray], codes: list[tuple[torch.Tensor, np.ndarray, float]] | None, query: np.ndarray, weights: np.ndarray,
+                      per_block: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``top_blocks(layer_scores(vectors, query, weights, per_block), k)``, through an int8 scan
+    when ``codes`` are given (module docstring): ids int64 [k] and exact scores float32 [k].
+
+    vectors: per head float32 [nb * R, D]; codes: ``CoarseCodes.layer``; query: unit float32
+    [H, n, D]; weights: float32 [n]."""
+    nb = vectors[0].shape[0] // per_block
+    if codes is None or 4 * k >= nb:
+        return top_blocks(layer_scores(vectors, query, weights, per_block), k)
+    approx = np.zeros(nb, dtype=np.float32)
+    margin = 0.0
+    abs_weights = np.abs(weights).astype(np.float64)
+    for head, (head_codes, steps, norm2) in enumerate(codes):
+        folded = query[head] * steps  # [n, D]: q_d * s_d, so q . v ~ folded . codes
+        probe_steps = np.abs(folded).max(1) / np.float32(127)  # [n]
+        probe_steps = np.where(probe_steps > 0, probe_steps, np.float32(1)).astype(np.float32)
+        probe_codes = np.rint(folded / probe_steps[:, None]).astype(np.int8)  # [n, D]
+        products = torch._int_mm(head_codes, torch.from_numpy(np.ascontiguousarray(probe_codes.T))).numpy()  # int32 [R * nb, n]
+        ordered = products.reshape(per_block, nb, -1)
+        best = ordered[0].copy()
+        for r in range(1, per_block):
+            np.maximum(best, ordered[r], out=best)
+        approx += best.astype(np.float32) @ (weights * probe_steps).astype(np.float32)
+        sigma = np.sqrt((np.square(query[head].astype(np.float64)) @ np.square(steps.astype(np.float64))) / 12 + np.square(probe_steps.astype(np.float64)) / 12 * norm2)  # [n]
+        margin += float(abs_weights @ sigma)
+    approx /= np.float32(len(codes))
+    margin = COARSE_SIGMAS * margin / len(codes)
+    kth = np.partition(approx, nb - k)[nb - k]
+    candidates = np.flatnonzero(approx >= kth - 2 * margin)  # ascending: ties keep the exact path's order
+    rows = (candidates[:, None] * per_block + np.arange(per_block)).ravel()
+    exact = layer_scores([np.take(head_vectors, rows, axis=0) for head_vectors in vectors], query, weights, per_block)  # [len(candidates)]
+    order, scores = top_blocks(exact, k)
+    return candidates[order].astype(np.int64), scores
+
+
 class DeviceVectors:
     """Every layer's flat vectors stacked on an accelerator, made on first use (thread-safe).
 
@@ -130,15 +240,17 @@ class DeviceVectors:
 
 
 def search_layers(flat: list[list[np.ndarray]], probes: list[tuple[torch.Tensor, torch.Tensor]], k: int, per_block: int,
-                  device: DeviceVectors | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                  device: DeviceVectors | None = None, coarse: "CoarseCodes | None" = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer the best k blocks (ids int64 [k], scores float32 [k], best first).
 
     flat: per layer and head float32 [nb * R, D]; probes: per layer (vectors [H, n_l, D] any norm,
-    weights [n_l]); device: score on an accelerator instead (CUDA)."""
+    weights [n_l]); device: score on an accelerator instead (CUDA); coarse: int8 codes of the
+    large layers (CPU: scanned first, see ``coarse_then_exact``)."""
     units = [torch.nn.functional.normalize(vectors.float(), dim=-1) for vectors, _ in probes]  # [H, n_l, D]
     if device is None:
         def one(layer: int) -> tuple[np.ndarray, np.ndarray]:
-            return top_blocks(layer_scores(flat[layer], units[layer].numpy(), probes[layer][1].float().numpy(), per_block), k)
+            codes = coarse.layer(layer) if coarse is not None else None
+            return coarse_then_exact(flat[layer], codes, units[layer].numpy(), probes[layer][1].float().numpy(), per_block, k)
 
         return list(_workers().map(one, range(len(probes))))
     n = max(unit.shape[1] for unit in units)

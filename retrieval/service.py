@@ -153,7 +153,7 @@ def block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, c
     try:
         index = _load_block_index(store, tenant, session_id, record, config)
         if cache is not None:
-            cache.put(key, index)
+            cache.put(key, index.prepare_search())
         return Loaded(index, False)
     except LookupError as exc:
         reason = str(exc)
@@ -162,7 +162,7 @@ def block_index(store: SessionStore, rope: Rope, tenant: str, session_id: str, c
         log.warning("block index damaged; rebuilding", extra={"fields": {"session": session_id, "error": str(exc)}})
     built_from, index = build_block_index(store, rope, tenant, session_id, config, source)
     if cache is not None and built_from.version == record.version and built_from.created_at_ms == record.created_at_ms:
-        cache.put(key, index)
+        cache.put(key, index.prepare_search())
     return Loaded(index, True, reason)
 
 

@@ -131,3 +131,89 @@ def test_the_accelerator_path_selects_the_same_blocks():
     on_device = search_layers(flat, probes, 40, index.config.per_block, DeviceVectors(torch.device("cpu")))
     for (ids, scores), (want_ids, want_scores) in zip(on_device, index.search_layers(probes, 40)):
         assert np.array_equal(ids, want_ids) and np.allclose(scores, want_scores, atol=1e-6)
+
+
+def _with_coarse_scan(index: BlockIndex, min_vectors: int = 0) -> BlockIndex:
+    """The same indexes with the int8 first scan from ``min_vectors`` vectors per head (0: every layer)."""
+    return BlockIndex(index.config, index.num_tokens, index.head_dim, index.indexes, coarse_min_vectors=min_vectors)
+
+
+def _outlier_keys(tokens, layers, heads, dim, seed):
+    """Keys shaped like a transformer's: a few dimensions tens of times larger than the rest, and
+    long runs of similar tokens (so many blocks score alike)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.ones(dim)
+    scale[torch.randperm(dim, generator=g)[:3]] = 30.0
+    keys = []
+    for _ in range(layers):
+        topics = torch.randn(heads, 8, dim, generator=g)
+        which = torch.arange(tokens) * 8 // tokens  # eight topics in long runs
+        keys.append((topics[:, which] + 0.3 * torch.randn(heads, tokens, dim, generator=g)) * scale)
+    return keys
+
+
+@pytest.mark.parametrize("representatives,structured", [(4, False), (0, False), (4, True), (0, True)])
+def test_the_int8_first_scan_selects_what_the_exact_scan_selects(representatives, structured, monkeypatch):
+    """Every layer through the int8 scan and the exact rerank: the exact scan's blocks in its
+    order, and its scores, for independent, correlated and single probes, uniform and peaked
+    weights, and shortlists from one block to a quarter of them."""
+    tokens, layers, dim = 12000, 4, 16
+    if structured:
+        keys = _outlier_keys(tokens, layers, 3, dim, seed=5)
+        index = BlockIndex.build(keys, torch.arange(tokens), ROPE, BlockIndexConfig(block_tokens=32, representatives=representatives))
+    else:
+        index = _index(tokens=tokens, layers=layers, representatives=representatives)
+    coarse = _with_coarse_scan(index)
+    import retrieval.flat_search as flat_search
+
+    rescored = []  # blocks the exact rerank scored, per layer searched through the int8 scan
+    real = flat_search.layer_scores
+    monkeypatch.setattr(flat_search, "layer_scores", lambda vectors, *rest: rescored.append(len(vectors[0]) // index.config.per_block) or real(vectors, *rest))
+    g = torch.Generator().manual_seed(6)
+    checked = 0
+    for trial in range(6):
+        n = (1, 5, 24)[trial % 3]
+        if trial >= 3:  # probes close to one another: their rounding errors add up instead of cancelling
+            vectors = [torch.randn(3, 1, dim, generator=g) + 0.2 * torch.randn(3, n, dim, generator=g) for _ in range(layers)]
+        else:
+            vectors = [torch.randn(3, n, dim, generator=g) * 3 for _ in range(layers)]
+        weights = torch.softmax(torch.randn(n, generator=g) * (3 if trial % 2 else 0.1), 0)
+        probes = [(v, weights) for v in vectors]
+        for k in (1, 17, index.num_blocks // 4 - 1):
+            want = index.search_layers(probes, k)
+            got = coarse.search_layers(probes, k)
+            for (ids, scores), (want_ids, want_scores) in zip(got, want):
+                assert np.array_equal(ids, want_ids)
+                assert np.allclose(scores, want_scores, atol=1e-6)
+                checked += 1
+            one_ids, one_scores = coarse.search(2, vectors[2], k, weights)  # the per-layer search takes the same path
+            assert np.array_equal(one_ids, got[2][0]) and np.array_equal(one_scores, got[2][1])
+    assert checked == 6 * 3 * layers
+    assert coarse._coarse.nbytes > 0  # the first scan did run
+    reranked = [count for count in rescored if count < index.num_blocks]
+    assert len(reranked) >= len(rescored) // 2 and np.median(reranked) < index.num_blocks / 2  # and it left most blocks out
+
+
+def test_the_int8_first_scan_keeps_ties_in_the_exact_order():
+    """Blocks with identical keys tie exactly: the lower id comes first, as in the exact scan."""
+    g = torch.Generator().manual_seed(7)
+    block = torch.randn(3, 32, 16, generator=g)
+    others = torch.randn(3, 32 * 40, 16, generator=g)
+    keys = torch.cat([others[:, :320], block, others[:, 320:640], block, others[:, 640:], block], dim=1)  # the same block 3 times
+    index = BlockIndex.build([keys], torch.zeros(keys.shape[1], dtype=torch.int64), ROPE, BlockIndexConfig(block_tokens=32, representatives=0))
+    coarse = _with_coarse_scan(index)
+    probe = block[:, :4]  # four of the repeated block's keys: a cosine of 1 in each copy
+    want_ids, want_scores = index.search(0, probe, 3)
+    ids, scores = coarse.search(0, probe, 3)
+    assert np.array_equal(ids, want_ids) and np.array_equal(ids, [10, 21, 42])
+    assert scores[0] == scores[1] == scores[2]
+
+
+def test_the_int8_codes_are_counted_in_the_index_bytes_and_made_ahead():
+    index = _index(tokens=6000, layers=2)
+    exact = _with_coarse_scan(index, min_vectors=1 << 30)
+    coarse = _with_coarse_scan(index).prepare_search()
+    vectors = index.num_blocks * index.config.per_block
+    assert coarse.nbytes - exact.nbytes == 2 * 3 * (vectors * 16 + 16 * 4)  # per layer and head: int8 codes and a step per dimension
+    assert coarse._coarse.nbytes == coarse.nbytes - exact.nbytes  # prepare_search made them all
+    assert exact.prepare_search()._coarse.nbytes == 0
