@@ -42,9 +42,9 @@ def token_weights(queries: torch.Tensor, method: str) -> torch.Tensor:
     if method == "mean":
         return torch.full((*lead, n), 1.0 / n)
     q = queries.float()
-    mean = q.mean(dim=-2, keepdim=True)  # [..., Hq, 1, D]
-    var = q.var(dim=-2, unbiased=False, keepdim=True)  # [..., Hq, 1, D]
-    deviation = (q - mean).pow(2) / (var + var.mean(dim=(-3, -2, -1), keepdim=True) / 100)  # [..., Hq, n, D]
+    squares = (q - q.mean(dim=-2, keepdim=True)).pow(2)  # [..., Hq, n, D]
+    var = squares.mean(dim=-2, keepdim=True)  # [..., Hq, 1, D] (torch's var over this dim is ~20x slower)
+    deviation = squares / (var + var.mean(dim=(-3, -2, -1), keepdim=True) / 100)  # [..., Hq, n, D]
     score = deviation.mean(dim=(-3, -1))  # [..., n]
     return score / score.sum(dim=-1, keepdim=True).clamp(min=1e-12)
 

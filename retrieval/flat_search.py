@@ -23,18 +23,24 @@ one integer product per head (``torch._int_mm``: VNNI on this EPYC, about 4x the
 and only the blocks whose approximate score lies within ``COARSE_SIGMAS`` standard deviations of
 the rounding error of the k-th best (``coarse_then_exact``) are scored again exactly, from the
 float32 vectors. The rounding error is known: codes are rounded per dimension (steps s_d) and
-probes per vector (step t_i), so an approximate product differs from the exact one by a sum of
-uniform rounding terms with standard deviation sigma_i = sqrt(sum_d q_id^2 s_d^2 / 12 +
-t_i^2 / 12 * max |v / s|^2). A block's score moves by at most sum_i |w_i| times the largest
-error among its representatives; the shortlist keeps every block within twice that (its own
-error and the k-th block's) at ``COARSE_SIGMAS`` = 6, summed without the sqrt(n) that
-independent errors would allow. Ranking and ties are then the exact path's; what is given up is
-a proof: a block could in principle be missed when rounding errors of every probe conspire at
-six sigmas (tests/test_flat_search.py compares both paths; bench/retrieve_e2e.py counts
-differences on every call).
+probes per vector (step t_i, residual r_i = q_i * s - t_i * codes_i). For one representative,
+the code's rounding (uniform, variance s_d^2 / 12 per dimension) moves a block's weighted score
+with standard deviation sqrt(sum_ij |w_i w_j cov_ij|), cov_ij = sum_d q_id q_jd s_d^2 / 12: probes
+close to one another err alike and their errors add up, independent ones cancel. The probes'
+own rounding adds |sum_i |w_i| r_i| * |code| / sqrt(D) (a code of the largest norm at a random
+angle). The margin is ``COARSE_SIGMAS`` = 5 of these, averaged over heads; on random and
+outlier-dimension keys, with independent and near-identical probes, the largest error over 4k
+blocks measured under 2 of them (bench/coarse_scan.py measures it on every run). The k
+best by approximation are scored exactly first; the k-th of those exact scores bounds the true
+k-th best from below, so only blocks whose approximate score comes within the margin of it are
+scored too. Ranking and ties are then the exact path's; what is given up is a proof: a block
+could in principle be missed when rounding errors conspire at five sigmas
+(tests/test_flat_search.py compares both paths; bench/coarse_scan.py times both side by side and
+counts the layers where they differ).
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +51,7 @@ import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # products per batched CUDA call (bounds its transient memory)
 COARSE_MIN_VECTORS = 1 << 13  # per (layer, head): from here (32k tokens at 4 representatives) an int8 scan goes first on CPU
-COARSE_SIGMAS = 4.0  # shortlist margin in (linearly summed) standard deviations of the int8 rounding error (module docstring)
+COARSE_SIGMAS = 5.0  # shortlist margin in standard deviations of the int8 rounding error (module docstring)
 
 
 def layer_scores(vectors: list[np.ndarray], query: np.ndarray, weights: np.ndarray, per_block: int) -> np.ndarray:
@@ -74,18 +80,20 @@ _pool_lock = threading.Lock()
 
 
 def _openblas_single_thread() -> None:
-    """Make numpy's OpenBLAS run this thread's calls on this thread alone (its thread-local
-    setting, OpenBLAS >= 0.3.27); nothing where it is not found."""
+    """Make numpy's OpenBLAS (its thread-local setting, OpenBLAS >= 0.3.27) and OpenMP (torch's
+    integer products; the setting is per thread) run this thread's calls on this thread alone;
+    nothing where they are not found."""
     try:
         import ctypes
 
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and ".so" in line}
+            paths = {line.split()[-1] for line in maps if ".so" in line and ("openblas" in line.lower() or "gomp" in line)}
         for path in sorted(paths):
             lib = ctypes.CDLL(path)
             if hasattr(lib, "openblas_set_num_threads_local"):
                 lib.openblas_set_num_threads_local(1)
-                return
+            if hasattr(lib, "omp_set_num_threads"):
+                lib.omp_set_num_threads(1)
     except (OSError, AttributeError, IndexError):
         pass
 
@@ -189,16 +197,35 @@ def coarse_then_exact(vectors: list[np.ndarray], codes: list[tuple[torch.Tensor,
         for r in range(1, per_block):
             np.maximum(best, ordered[r], out=best)
         approx += best.astype(np.float32) @ (weights * probe_steps).astype(np.float32)
-        sigma = np.sqrt((np.square(query[head].astype(np.float64)) @ np.square(steps.astype(np.float64))) / 12 + np.square(probe_steps.astype(np.float64)) / 12 * norm2)  # [n]
-        margin += float(abs_weights @ sigma)
+        folded64 = folded.astype(np.float64)
+        covariance = np.abs(folded64 @ folded64.T) / 12  # [n, n]: |cov| of two probes' errors from one code's rounding
+        residual = folded64 - probe_steps[:, None].astype(np.float64) * probe_codes  # [n, D]: the probes' own rounding
+        margin += math.sqrt(abs_weights @ covariance @ abs_weights) + float(np.linalg.norm(abs_weights @ residual)) * math.sqrt(norm2 / folded.shape[1])
     approx /= np.float32(len(codes))
     margin = COARSE_SIGMAS * margin / len(codes)
-    kth = np.partition(approx, nb - k)[nb - k]
-    candidates = np.flatnonzero(approx >= kth - 2 * margin)  # ascending: ties keep the exact path's order
-    rows = (candidates[:, None] * per_block + np.arange(per_block)).ravel()
-    exact = layer_scores([np.take(head_vectors, rows, axis=0) for head_vectors in vectors], query, weights, per_block)  # [len(candidates)]
-    order, scores = top_blocks(exact, k)
-    return candidates[order].astype(np.int64), scores
+    # Every block's approximate score is within ``margin`` of its exact one. Score exactly the k
+    # best by approximation first: the k-th of their exact scores (tau) is a lower bound on the
+    # exact k-th best, so only blocks with approx >= tau - margin can still enter; score those too.
+    first = np.argpartition(approx, nb - k)[nb - k:]
+    first_exact = _exact_scores(vectors, first, query, weights, per_block)
+    tau = np.partition(first_exact, 0)[0]
+    near = approx >= tau - margin
+    near[first] = False
+    rest = np.flatnonzero(near)
+    candidates = np.concatenate([first, rest])
+    exact = np.concatenate([first_exact, _exact_scores(vectors, rest, query, weights, per_block)])
+    ordered = np.argsort(candidates, kind="stable")  # ascending ids: ties keep the exact path's order
+    order, scores = top_blocks(exact[ordered], k)
+    return candidates[ordered][order].astype(np.int64), scores
+
+
+def _exact_scores(vectors: list[np.ndarray], blocks: np.ndarray, query: np.ndarray, weights: np.ndarray, per_block: int) -> np.ndarray:
+    """float32 [len(blocks)]: ``layer_scores`` of the given blocks only (their rows gathered)."""
+    if len(blocks) == 0:
+        return np.zeros(0, dtype=np.float32)
+    dim = vectors[0].shape[1]
+    gathered = [np.take(v.reshape(-1, per_block * dim), blocks, axis=0).reshape(-1, dim) for v in vectors]  # a block's R rows are adjacent: one copy each
+    return layer_scores(gathered, query, weights, per_block)
 
 
 class DeviceVectors:
