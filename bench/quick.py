@@ -12,7 +12,7 @@ import time
 from typing import Sequence
 
 MODULES = ("throughput", "restore_vs_prefill", "dedup", "am_ablation", "compaction", "retrieval_latency", "retrieval",
-           "retrieval_probes", "retrieve_e2e", "recall", "ttt_sweep", "planner_matrix", "redis_backend", "scale_out", "planner",
+           "retrieval_probes", "retrieve_e2e", "coarse_scan", "recall", "ttt_sweep", "planner_matrix", "redis_backend", "scale_out", "planner",
            "security", "storage")
 
 

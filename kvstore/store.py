@@ -40,6 +40,7 @@ from kvstore.lmdb_backend import LmdbBackend, LmdbConfig
 from kvstore.pieces import KVPieces
 from kvstore.quota import Quota, TenantUsage
 from kvstore.records import BlockRef, SessionRecord
+from kvstore.record_cache import DecodedRecords
 from kvstore.spec import DTYPE_CODES, ModelSpec
 from kvstore.staging import ChunkPlan, InflightBudget, LiveOwners, StagedWrite, sweep
 from kvstore.tiered import MissingBlock, TieredBlockStore
@@ -77,6 +78,7 @@ class StoreConfig:
     staged_max_age_seconds: int = 3600  # the periodic sweep removes blocks staged by streams gone this long
     scrub_bytes_per_second: int = 0  # background scrub rate over every stored block (0 = off)
     max_id_bytes: int = 256  # UTF-8 bytes of a tenant or session id (at most 256)
+    record_cache_bytes: int = 64 << 20  # session records kept decoded, checked against the stored bytes on every read (a 256k-token record: ~2 MB)
     backend: str = "lmdb"  # "lmdb": one file under data_dir; "redis": Redis Cluster / Redis / Valkey shared by servers
     redis_url: str = "redis://127.0.0.1:6379"  # any node of the cluster (rediss:// for TLS; user:password@ when set)
     redis_namespace: str = "kvmem"  # key prefix: stores sharing one cluster keep apart by it
@@ -93,7 +95,7 @@ class StoreConfig:
             raise ValueError(f"store.max_session_tokens must be in 1..{(1 << 32) - 1}, got {self.max_session_tokens}")
         if not 1 <= self.max_id_bytes <= 256:  # session keys (tenant + id) must fit LMDB's 511-byte keys
             raise ValueError(f"store.max_id_bytes must be in 1..256, got {self.max_id_bytes}")
-        for name in ("max_session_bytes", "scrub_bytes_per_second", "cpu_tier_bytes", "staged_max_age_seconds"):
+        for name in ("max_session_bytes", "scrub_bytes_per_second", "cpu_tier_bytes", "staged_max_age_seconds", "record_cache_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"store.{name} must be >= 0, got {getattr(self, name)}")
         if self.backend not in ("lmdb", "redis"):
@@ -263,6 +265,7 @@ class SessionStore:
         self.owners = LiveOwners()
         self.session_bytes_limit = config.session_bytes_limit()
         self.damaged_tenants: dict[str, str] = {}  # tenant -> what the start-up catalogue check found
+        self.records = DecodedRecords(config.record_cache_bytes)  # decoded once per stored version (kvstore/record_cache.py)
 
     @classmethod
     def open(
@@ -435,7 +438,7 @@ class SessionStore:
                     raise CorruptData(f"session {session_id!r} of tenant {tenant!r} was not found, and {problem}")
                 record = None
             else:
-                record = decode_session(skey, raw)
+                record = self.records.decode(skey, raw)
         if record is None or record.is_expired(self._now_ms()):
             raise NotFound(f"session {session_id!r} of tenant {tenant!r} does not exist (never saved, deleted or expired)")
         return record

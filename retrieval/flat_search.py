@@ -17,7 +17,8 @@ cheaply as exactness allows:
 * on CUDA, a copy of every layer's vectors is kept on the GPU (once per index) and all layers'
   heads are scored in a few batched products.
 
-Large layers (``COARSE_MIN_VECTORS`` and up, on CPU) are scanned in two steps instead: an int8
+Large layers (``COARSE_MIN_VECTORS`` and up, on CPU, when the shortlist is at most a 16th of the
+blocks) are scanned in two steps instead: an int8
 copy of the vectors (``CoarseCodes``, a quarter of their bytes) is scored against int8 probes by
 one integer product per head (``torch._int_mm``: VNNI on this EPYC, about 4x the float product),
 and only the blocks whose approximate score lies within ``COARSE_SIGMAS`` standard deviations of
@@ -50,7 +51,8 @@ import numpy as np
 import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # products per batched CUDA call (bounds its transient memory)
-COARSE_MIN_VECTORS = 1 << 13  # per (layer, head): from here (32k tokens at 4 representatives) an int8 scan goes first on CPU
+COARSE_MIN_VECTORS = 1 << 13  # per (layer, head): from here (128k tokens at 4 representatives, 8k with every key) an int8 scan goes first on CPU
+COARSE_MIN_RATIO = 16  # and only where the shortlist is at most 1/16 of the blocks: rescoring k blocks exactly costs ~a quarter of scanning them all (bench/coarse_scan.py: 0.85x at 128k, 1.2x at 256k, 2.1x at 1M tokens for a 2k budget)
 COARSE_SIGMAS = 5.0  # shortlist margin in standard deviations of the int8 rounding error (module docstring)
 
 
@@ -181,8 +183,29 @@ def coarse_then_exact(vectors: list[np.ndarray], codes: list[tuple[torch.Tensor,
     vectors: per head float32 [nb * R, D]; codes: ``CoarseCodes.layer``; query: unit float32
     [H, n, D]; weights: float32 [n]."""
     nb = vectors[0].shape[0] // per_block
-    if codes is None or 4 * k >= nb:
+    if codes is None or COARSE_MIN_RATIO * k > nb:
         return top_blocks(layer_scores(vectors, query, weights, per_block), k)
+    approx, margin = coarse_scores(codes, query, weights, per_block)
+    # Every block's approximate score is within ``margin`` of its exact one. Score exactly the k
+    # best by approximation first: the k-th of their exact scores (tau) is a lower bound on the
+    # exact k-th best, so only blocks with approx >= tau - margin can still enter; score those too.
+    first = np.argpartition(approx, nb - k)[nb - k:]
+    first_exact = _exact_scores(vectors, first, query, weights, per_block)
+    tau = np.partition(first_exact, 0)[0]
+    near = approx >= tau - margin
+    near[first] = False
+    rest = np.flatnonzero(near)
+    candidates = np.concatenate([first, rest])
+    exact = np.concatenate([first_exact, _exact_scores(vectors, rest, query, weights, per_block)])
+    ordered = np.argsort(candidates, kind="stable")  # ascending ids: ties keep the exact path's order
+    order, scores = top_blocks(exact[ordered], k)
+    return candidates[ordered][order].astype(np.int64), scores
+
+
+def coarse_scores(codes: list[tuple[torch.Tensor, np.ndarray, float]], query: np.ndarray, weights: np.ndarray, per_block: int) -> tuple[np.ndarray, float]:
+    """(approximate block scores float32 [nb], margin): the int8 scan of one layer, and how far
+    (``COARSE_SIGMAS`` standard deviations of its rounding error) a score may be from the exact one."""
+    nb = codes[0][0].shape[0] // per_block
     approx = np.zeros(nb, dtype=np.float32)
     margin = 0.0
     abs_weights = np.abs(weights).astype(np.float64)
@@ -202,21 +225,7 @@ def coarse_then_exact(vectors: list[np.ndarray], codes: list[tuple[torch.Tensor,
         residual = folded64 - probe_steps[:, None].astype(np.float64) * probe_codes  # [n, D]: the probes' own rounding
         margin += math.sqrt(abs_weights @ covariance @ abs_weights) + float(np.linalg.norm(abs_weights @ residual)) * math.sqrt(norm2 / folded.shape[1])
     approx /= np.float32(len(codes))
-    margin = COARSE_SIGMAS * margin / len(codes)
-    # Every block's approximate score is within ``margin`` of its exact one. Score exactly the k
-    # best by approximation first: the k-th of their exact scores (tau) is a lower bound on the
-    # exact k-th best, so only blocks with approx >= tau - margin can still enter; score those too.
-    first = np.argpartition(approx, nb - k)[nb - k:]
-    first_exact = _exact_scores(vectors, first, query, weights, per_block)
-    tau = np.partition(first_exact, 0)[0]
-    near = approx >= tau - margin
-    near[first] = False
-    rest = np.flatnonzero(near)
-    candidates = np.concatenate([first, rest])
-    exact = np.concatenate([first_exact, _exact_scores(vectors, rest, query, weights, per_block)])
-    ordered = np.argsort(candidates, kind="stable")  # ascending ids: ties keep the exact path's order
-    order, scores = top_blocks(exact[ordered], k)
-    return candidates[ordered][order].astype(np.int64), scores
+    return approx, COARSE_SIGMAS * margin / len(codes)
 
 
 def _exact_scores(vectors: list[np.ndarray], blocks: np.ndarray, query: np.ndarray, weights: np.ndarray, per_block: int) -> np.ndarray:
