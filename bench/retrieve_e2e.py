@@ -86,9 +86,13 @@ def memory_kb(pid: int) -> dict[str, int]:
 
 
 def index_bytes(spec: ModelSpec, tokens: int, block_tokens: int, representatives: int) -> int:
-    """The vectors (and ids) the server's faiss indexes hold for a session (BlockIndex.nbytes)."""
-    blocks = -(-tokens // block_tokens)
-    return spec.num_layers * spec.num_kv_heads * blocks * representatives * (spec.head_dim * 4 + 8)
+    """The vectors (and ids) the server's faiss indexes hold for a session, plus the int8 codes of
+    the first scan where a layer has that many vectors (BlockIndex.nbytes, on CPU)."""
+    from retrieval.flat_search import COARSE_MIN_VECTORS
+
+    vectors = -(-tokens // block_tokens) * representatives
+    codes = vectors * spec.head_dim + spec.head_dim * 4 if vectors >= COARSE_MIN_VECTORS else 0
+    return spec.num_layers * spec.num_kv_heads * (vectors * (spec.head_dim * 4 + 8) + codes)
 
 
 def call(client: Client, kind: str, session_id: str, vectors) -> tuple[float, int]:

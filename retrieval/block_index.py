@@ -208,7 +208,7 @@ class BlockIndex:
         flat = self._flat_vectors(layer)
         if flat is not None:  # exact: every representative scored by one matrix product per head
             query = torch.nn.functional.normalize(probe.float(), dim=-1)  # [H, n, D]
-            return coarse_then_exact(flat, self._coarse.layer(layer), query.numpy(), weights.numpy(), per_block, k)
+            return coarse_then_exact(flat, self._coarse, layer, query.numpy(), weights.numpy(), per_block, k)
         shortlist = self.num_blocks * per_block if exhaustive else min(self.num_blocks * per_block, 4 * k)  # a block's best key is near the top
         query = np.ascontiguousarray(torch.nn.functional.normalize(probe.float(), dim=-1).numpy())  # [H, n, D]
         w = weights.numpy().astype(np.float32)

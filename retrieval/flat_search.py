@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # products per batched CUDA call (bounds its transient memory)
-COARSE_MIN_VECTORS = 1 << 13  # per (layer, head): from here (128k tokens at 4 representatives, 8k with every key) an int8 scan goes first on CPU
+COARSE_MIN_VECTORS = 1 << 14  # per (layer, head): from here (256k tokens at 4 representatives, 16k with every key) an int8 scan may go first on CPU
 COARSE_MIN_RATIO = 16  # and only where the shortlist is at most 1/16 of the blocks: rescoring k blocks exactly costs ~a quarter of scanning them all (bench/coarse_scan.py: 0.85x at 128k, 1.2x at 256k, 2.1x at 1M tokens for a 2k budget)
 COARSE_SIGMAS = 5.0  # shortlist margin in standard deviations of the int8 rounding error (module docstring)
 
@@ -175,15 +175,16 @@ class CoarseCodes:
         return torch.from_numpy(codes), steps, norm2
 
 
-def coarse_then_exact(vectors: list[np.ndarray], codes: list[tuple[torch.Tensor, np.ndarray, float]] | None, query: np.ndarray, weights: np.ndarray,
+def coarse_then_exact(vectors: list[np.ndarray], coarse: "CoarseCodes | None", layer: int, query: np.ndarray, weights: np.ndarray,
                       per_block: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``top_blocks(layer_scores(vectors, query, weights, per_block), k)``, through an int8 scan
-    when ``codes`` are given (module docstring): ids int64 [k] and exact scores float32 [k].
+    where ``coarse`` has codes for ``layer`` and k is small enough for it to pay (module
+    docstring): ids int64 [k] and exact scores float32 [k].
 
-    vectors: per head float32 [nb * R, D]; codes: ``CoarseCodes.layer``; query: unit float32
-    [H, n, D]; weights: float32 [n]."""
+    vectors: per head float32 [nb * R, D]; query: unit float32 [H, n, D]; weights: float32 [n]."""
     nb = vectors[0].shape[0] // per_block
-    if codes is None or COARSE_MIN_RATIO * k > nb:
+    codes = coarse.layer(layer) if coarse is not None and COARSE_MIN_RATIO * k <= nb else None  # made on first use
+    if codes is None:
         return top_blocks(layer_scores(vectors, query, weights, per_block), k)
     approx, margin = coarse_scores(codes, query, weights, per_block)
     # Every block's approximate score is within ``margin`` of its exact one. Score exactly the k
@@ -285,8 +286,7 @@ def search_layers(flat: list[list[np.ndarray]], probes: list[tuple[torch.Tensor,
     units = [torch.nn.functional.normalize(vectors.float(), dim=-1) for vectors, _ in probes]  # [H, n_l, D]
     if device is None:
         def one(layer: int) -> tuple[np.ndarray, np.ndarray]:
-            codes = coarse.layer(layer) if coarse is not None else None
-            return coarse_then_exact(flat[layer], codes, units[layer].numpy(), probes[layer][1].float().numpy(), per_block, k)
+            return coarse_then_exact(flat[layer], coarse, layer, units[layer].numpy(), probes[layer][1].float().numpy(), per_block, k)
 
         return list(_workers().map(one, range(len(probes))))
     n = max(unit.shape[1] for unit in units)
