@@ -366,6 +366,7 @@ class KVMemServicer:
         config = RetrievalConfig(
             method=request.method or "actqkv", budget_tokens=request.budget_tokens, sink_tokens=self.retrieval.sink_tokens,
             recent_tokens=self.retrieval.recent_tokens, dynamic=request.dynamic_budget if request.HasField("dynamic_budget") else True,
+            int8_first_scan=self.retrieval.int8_first_scan,
         )
         vectors = _reference_queries(request.query_vectors, record.spec) if given[2] else None
         ids = torch.from_numpy(convert.tokens_array(request.query_token_ids).astype(np.int64)) if given[0] else None

@@ -156,6 +156,7 @@ def run_server(name: str = "kvmem", process: bool = False, **store_overrides: An
 @contextlib.contextmanager
 def _server_process(data_dir: Path, config: ServiceConfig, extra: Sequence[str] = (), popen: list | None = None) -> Iterator[int]:
     port_file = data_dir / "port"
+    port_file.unlink(missing_ok=True)  # a server started before in this directory left its port
     overrides = [f"store.{key}={value}" for key, value in vars(config.store).items() if key != "data_dir"]
     command = [
         sys.executable, str(REPO / "server.py"), "--port", "0", "--data-dir", str(data_dir / "store"),

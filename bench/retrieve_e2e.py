@@ -104,7 +104,10 @@ def call(client: Client, kind: str, session_id: str, vectors) -> tuple[float, in
     return time.perf_counter() - started, int(result.header.bytes_read)
 
 
-def run_length(spec: ModelSpec, tokens: int, calls: int, settings: RetrievalSettings, kinds: Sequence[str] = KINDS) -> list[dict]:
+def run_length(spec: ModelSpec, tokens: int, calls: int, settings: RetrievalSettings, kinds: Sequence[str] = KINDS, baseline: bool = False) -> list[dict]:
+    """Rows per call kind; with ``baseline``, then the "vectors" call again on a server started
+    right after with ``retrieval.int8_first_scan=false`` (the exact scan of every block), as a row
+    of kind "vectors, exact scan"."""
     with disk_tempdir("kvmem-bench-retrieve-") as data_dir:
         store_config = replace(StoreConfig(), data_dir=data_dir / "store")
         started = time.perf_counter()
@@ -138,16 +141,28 @@ def run_length(spec: ModelSpec, tokens: int, calls: int, settings: RetrievalSett
                                  "mean_ms": float(ms.mean()), "bytes_read": int(np.mean(reads))})
                 peak = memory_kb(pid)
                 tier = next((t.bytes_used for t in client.stats().tiers if t.name == "cpu"), 0)  # blocks the CPU tier holds (bounded by its capacity)
+        exact_rows = []
+        if baseline:
+            with _server_process(data_dir, config, [*extra, "retrieval.int8_first_scan=false"]) as port:
+                with Client(f"127.0.0.1:{port}", timeout=3600.0, max_message_bytes=256 << 20) as client:
+                    client.wait_ready(60)
+                    call(client, "vectors", "long", vectors)  # loads the stored index
+                    call(client, "vectors", "long", vectors)  # warm
+                    ms = np.asarray([call(client, "vectors", "long", vectors)[0] for _ in range(calls)]) * 1000
+                    exact_rows.append({"tokens": tokens, "kind": "vectors, exact scan", "calls": calls, "p50_ms": float(np.percentile(ms, 50)),
+                                       "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "bytes_read": 0})
         index = index_bytes(spec, tokens, settings.block_tokens, settings.representatives)
         for row in rows:
             row.update({"session_bytes": kv_bytes, "write_s": write_s, "index_build_s": build_s, "index_bytes": index,
                         "anon_start_mb": at_start["RssAnon"] / 1024, "anon_after_index_mb": after_index["RssAnon"] / 1024,
                         "peak_anon_mb": anon_peak / 1024, "cpu_tier_mb": tier / 2**20, "peak_less_index_mb": anon_peak / 1024 - index / 2**20 - tier / 2**20,
                         "file_end_mb": peak["RssFile"] / 1024})
-        return rows
+        return rows + exact_rows
 
 
 def print_table(rows: list[dict]) -> str:
+    exact = [r for r in rows if r["kind"] not in KINDS]
+    rows = [r for r in rows if r["kind"] in KINDS]
     table = format_table(
         ["tokens", "call", "p50 ms", "p99 ms", "read MB/call", "session GB", "index MB", "index build s", "anon MB start", "anon MB after index", "peak anon MB",
          "CPU tier MB", "peak less index and tier MB", "page cache MB"],
@@ -169,6 +184,10 @@ def print_table(rows: list[dict]) -> str:
         a, b = next(r for r in rows if r["tokens"] == small), next(r for r in rows if r["tokens"] == large)
         lines.append(f"peak anonymous RSS less the index and the CPU tier: {a['peak_less_index_mb']:.0f} MB at {small // 1000}k, {b['peak_less_index_mb']:.0f} MB at {large // 1000}k "
                      f"({b['peak_less_index_mb'] / a['peak_less_index_mb']:.2f}x) for sessions {b['session_bytes'] / a['session_bytes']:.0f}x larger")
+    for base in exact:  # the same call on a server scanning every block exactly, started right after
+        ours = next(r for r in rows if r["tokens"] == base["tokens"] and r["kind"] == "vectors")
+        lines.append(f"{base['tokens'] // 1000}k vectors, exact scan of every block: p50 {base['p50_ms']:.1f} / p99 {base['p99_ms']:.1f} ms; "
+                     f"with the int8 first scan {ours['p50_ms']:.1f} / {ours['p99_ms']:.1f} ms ({base['p50_ms'] / ours['p50_ms']:.2f}x / {base['p99_ms'] / ours['p99_ms']:.2f}x)")
     selection = [r for r in rows if r["tokens"] == lengths[-1] and r["kind"] == "vectors"]
     if selection and lengths[-1] >= 262144:
         p99 = selection[0]["p99_ms"]
@@ -196,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = RetrievalSettings()
     rows = []
     for tokens in lengths:
-        rows += run_length(spec, tokens, calls, settings, [k for k in args.kinds.split(",") if k])
+        rows += run_length(spec, tokens, calls, settings, [k for k in args.kinds.split(",") if k], baseline=not args.quick and "vectors" in args.kinds.split(","))
         print(f"{tokens} tokens done", flush=True)
     text = print_table(rows)
     write_result("retrieve_e2e", {"quick": args.quick, "environment": environment(), "budget_tokens": BUDGET, "rows": rows, "table": text})

@@ -241,11 +241,13 @@ class BlockIndex:
             raise InvalidRequest(f"probe shape {tuple(probe.shape)}, expected [{self.num_heads}, n, {self.head_dim}]")
         return probe
 
-    def search_layers(self, probes: list[tuple[torch.Tensor, torch.Tensor | None]], candidates: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def search_layers(self, probes: list[tuple[torch.Tensor, torch.Tensor | None]], candidates: int, int8_first_scan: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
         """``search(layer, vectors, candidates, weights)`` for every layer at once: probes holds
         per layer (vectors [H, n, D] or [H, D], weights [n] or None). The same blocks and scores,
         scored in one pass (retrieval/flat_search.py: on CUDA, all layers in a few batched products
-        over a GPU copy of the vectors); indexes with HNSW layers are searched layer by layer."""
+        over a GPU copy of the vectors); indexes with HNSW layers are searched layer by layer.
+        ``int8_first_scan`` False: large flat layers are scanned exactly too (the int8 scan's
+        baseline; the blocks are the same, bench/coarse_scan.py)."""
         if len(probes) != self.num_layers:
             raise InvalidRequest(f"{len(probes)} probes for {self.num_layers} layers")
         checked = []
@@ -257,7 +259,7 @@ class BlockIndex:
         if any(layer is None for layer in flat):
             return [self.search(layer, vectors, candidates, weights) for layer, (vectors, weights) in enumerate(checked)]
         k = min(self.num_blocks, max(int(candidates), 1))
-        return search_layers(flat, checked, k, self.config.per_block, self._device, self._coarse)
+        return search_layers(flat, checked, k, self.config.per_block, self._device, self._coarse if int8_first_scan else None)
 
     def _flat_vectors(self, layer: int) -> list[np.ndarray] | None:
         """Per head a float32 [nb * R, D] view (no copy) of a layer's representatives when every

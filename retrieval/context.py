@@ -48,6 +48,7 @@ class RetrievalConfig:
     shared: bool = True  # one ranking for all layers (mean z-scored score over layers); False: each layer its own
     dynamic: bool = True  # spread blocks over layers by score entropy (False: same count per layer)
     spread: BudgetSpread = field(default_factory=BudgetSpread)
+    int8_first_scan: bool = True  # large indexes on CPU: an int8 scan, then exact scores near the cut (retrieval/flat_search.py); False: exact scan of every block
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -165,7 +166,7 @@ def select(index: BlockIndex, probes: list[Probe], config: RetrievalConfig, exac
     cap = config.spread.cap(mean_blocks, available) if config.dynamic else min(available, int(mean_blocks))
     shortlist = min(index.num_blocks, 4 * max(cap, 1) + int((~allowed).sum()))
     ranked = []
-    for ids, scores in index.search_layers([(p.vectors, p.weights) for p in probes], shortlist):  # = index.search per layer
+    for ids, scores in index.search_layers([(p.vectors, p.weights) for p in probes], shortlist, config.int8_first_scan):  # = index.search per layer
         keep = allowed[ids]
         ranked.append((ids[keep], scores[keep]))
     entropies = [normalised_entropy(scores, config.spread.temperature) for _, scores in ranked]
