@@ -154,8 +154,8 @@ def run_server(name: str = "kvmem", process: bool = False, **store_overrides: An
 
 
 @contextlib.contextmanager
-def _server_process(data_dir: Path, config: ServiceConfig, extra: Sequence[str] = (), popen: list | None = None) -> Iterator[int]:
-    port_file = data_dir / "port"
+def _server_process(data_dir: Path, config: ServiceConfig, extra: Sequence[str] = (), popen: list | None = None, port_name: str = "port") -> Iterator[int]:
+    port_file = data_dir / port_name  # another name lets a second server run beside the first on the same store
     port_file.unlink(missing_ok=True)  # a server started before in this directory left its port
     overrides = [f"store.{key}={value}" for key, value in vars(config.store).items() if key != "data_dir"]
     command = [

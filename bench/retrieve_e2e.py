@@ -25,6 +25,8 @@ kernel drops it under pressure.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -105,52 +107,61 @@ def call(client: Client, kind: str, session_id: str, vectors) -> tuple[float, in
 
 
 def run_length(spec: ModelSpec, tokens: int, calls: int, settings: RetrievalSettings, kinds: Sequence[str] = KINDS, baseline: bool = False) -> list[dict]:
-    """Rows per call kind; with ``baseline``, then the "vectors" call again on a server started
-    right after with ``retrieval.int8_first_scan=false`` (the exact scan of every block), as a row
-    of kind "vectors, exact scan"."""
+    """Rows per call kind; with ``baseline``, the "vectors" calls alternate with the same call on a
+    second server of the same store started with ``retrieval.int8_first_scan=false`` (the exact
+    scan of every block), kept as a row of kind "vectors, exact scan"."""
     with disk_tempdir("kvmem-bench-retrieve-") as data_dir:
         store_config = replace(StoreConfig(), data_dir=data_dir / "store")
         started = time.perf_counter()
         kv_bytes = write_session(store_config, spec, "long", tokens, seed=tokens)
         write_s = time.perf_counter() - started
+        os.sync()  # the session's GBs reach the disk now, not as write-back during the timed calls
         config = ServiceConfig(server=ServerConfig(host="127.0.0.1", port=0, max_message_bytes=256 << 20), store=store_config,
                                retrieval=replace(settings, index_on_save=False))
         processes: list = []
         extra = [f"model.cache_dir={REPO / '.cache' / 'models'}", f"retrieval.index_cache_bytes={settings.index_cache_bytes}"]
-        with _server_process(data_dir, config, extra, processes) as port:
-            pid = processes[0].pid
-            with Client(f"127.0.0.1:{port}", timeout=3600.0, max_message_bytes=256 << 20) as client:
-                client.wait_ready(60)
-                generator = torch.Generator().manual_seed(1)
-                vectors = [torch.randn(9, 8, spec.head_dim, generator=generator) for _ in range(spec.num_layers)]
-                client.get("long")  # loads nothing but the record
-                at_start = memory_kb(pid)
-                build_s, _ = call(client, "vectors", "long", vectors)  # builds the index (reads the session once, layer by layer)
-                after_index = memory_kb(pid)
-                rows = []
-                anon_peak = after_index["RssAnon"]
-                for kind in kinds:
-                    call(client, kind, "long", vectors)  # warm: the model's first pass, page cache
-                    timed = []
-                    for _ in range(calls):
-                        timed.append(call(client, kind, "long", vectors))
-                        anon_peak = max(anon_peak, memory_kb(pid)["RssAnon"])
-                    seconds, reads = zip(*timed)
-                    ms = np.asarray(seconds) * 1000
-                    rows.append({"tokens": tokens, "kind": kind, "calls": calls, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-                                 "mean_ms": float(ms.mean()), "bytes_read": int(np.mean(reads))})
-                peak = memory_kb(pid)
-                tier = next((t.bytes_used for t in client.stats().tiers if t.name == "cpu"), 0)  # blocks the CPU tier holds (bounded by its capacity)
         exact_rows = []
-        if baseline:
-            with _server_process(data_dir, config, [*extra, "retrieval.int8_first_scan=false"]) as port:
-                with Client(f"127.0.0.1:{port}", timeout=3600.0, max_message_bytes=256 << 20) as client:
-                    client.wait_ready(60)
-                    call(client, "vectors", "long", vectors)  # loads the stored index
-                    call(client, "vectors", "long", vectors)  # warm
-                    ms = np.asarray([call(client, "vectors", "long", vectors)[0] for _ in range(calls)]) * 1000
-                    exact_rows.append({"tokens": tokens, "kind": "vectors, exact scan", "calls": calls, "p50_ms": float(np.percentile(ms, 50)),
-                                       "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "bytes_read": 0})
+        with contextlib.ExitStack() as stack:
+            port = stack.enter_context(_server_process(data_dir, config, extra, processes))
+            pid = processes[0].pid
+            client = stack.enter_context(Client(f"127.0.0.1:{port}", timeout=3600.0, max_message_bytes=256 << 20))
+            client.wait_ready(60)
+            generator = torch.Generator().manual_seed(1)
+            vectors = [torch.randn(9, 8, spec.head_dim, generator=generator) for _ in range(spec.num_layers)]
+            client.get("long")  # loads nothing but the record
+            at_start = memory_kb(pid)
+            build_s, _ = call(client, "vectors", "long", vectors)  # builds the index (reads the session once, layer by layer)
+            after_index = memory_kb(pid)
+            exact = None
+            if baseline:  # a second server on the same store, scanning every block exactly; its calls alternate with the first's
+                exact_port = stack.enter_context(_server_process(data_dir, config, [*extra, "retrieval.int8_first_scan=false"], port_name="port-exact"))
+                exact = stack.enter_context(Client(f"127.0.0.1:{exact_port}", timeout=3600.0, max_message_bytes=256 << 20))
+                exact.wait_ready(60)
+                call(exact, "vectors", "long", vectors)  # loads the index the first server stored
+            rows = []
+            anon_peak = after_index["RssAnon"]
+            for kind in kinds:
+                call(client, kind, "long", vectors)  # warm: the model's first pass, page cache
+                paired = exact is not None and kind == "vectors"
+                if paired:
+                    call(exact, kind, "long", vectors)
+                timed, baseline_ms = [], []
+                for number in range(calls):
+                    if paired and number % 2:
+                        baseline_ms.append(call(exact, kind, "long", vectors)[0] * 1000)
+                    timed.append(call(client, kind, "long", vectors))
+                    if paired and not number % 2:
+                        baseline_ms.append(call(exact, kind, "long", vectors)[0] * 1000)
+                    anon_peak = max(anon_peak, memory_kb(pid)["RssAnon"])
+                seconds, reads = zip(*timed)
+                ms = np.asarray(seconds) * 1000
+                rows.append({"tokens": tokens, "kind": kind, "calls": calls, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+                             "mean_ms": float(ms.mean()), "bytes_read": int(np.mean(reads))})
+                if paired:
+                    exact_rows.append({"tokens": tokens, "kind": "vectors, exact scan", "calls": calls, "p50_ms": float(np.percentile(baseline_ms, 50)),
+                                       "p99_ms": float(np.percentile(baseline_ms, 99)), "mean_ms": float(np.mean(baseline_ms)), "bytes_read": 0})
+            peak = memory_kb(pid)
+            tier = next((t.bytes_used for t in client.stats().tiers if t.name == "cpu"), 0)  # blocks the CPU tier holds (bounded by its capacity)
         index = index_bytes(spec, tokens, settings.block_tokens, settings.representatives)
         for row in rows:
             row.update({"session_bytes": kv_bytes, "write_s": write_s, "index_build_s": build_s, "index_bytes": index,
@@ -184,7 +195,7 @@ def print_table(rows: list[dict]) -> str:
         a, b = next(r for r in rows if r["tokens"] == small), next(r for r in rows if r["tokens"] == large)
         lines.append(f"peak anonymous RSS less the index and the CPU tier: {a['peak_less_index_mb']:.0f} MB at {small // 1000}k, {b['peak_less_index_mb']:.0f} MB at {large // 1000}k "
                      f"({b['peak_less_index_mb'] / a['peak_less_index_mb']:.2f}x) for sessions {b['session_bytes'] / a['session_bytes']:.0f}x larger")
-    for base in exact:  # the same call on a server scanning every block exactly, started right after
+    for base in exact:  # the same calls, alternating, on a second server scanning every block exactly
         ours = next(r for r in rows if r["tokens"] == base["tokens"] and r["kind"] == "vectors")
         lines.append(f"{base['tokens'] // 1000}k vectors, exact scan of every block: p50 {base['p50_ms']:.1f} / p99 {base['p99_ms']:.1f} ms; "
                      f"with the int8 first scan {ours['p50_ms']:.1f} / {ours['p99_ms']:.1f} ms ({base['p50_ms'] / ours['p50_ms']:.2f}x / {base['p99_ms'] / ours['p99_ms']:.2f}x)")
