@@ -7,8 +7,9 @@ exactly (retrieval/flat_search.py); this benchmark runs both paths on the same i
 probes, request by request in turn, in one process:
 
 * indexes in the Retrieve layout (SmolLM2: 30 layers, 3 KV heads of 64; 64-token blocks, 4
-  representatives), at 128k, 256k and 1M tokens (the int8 scan runs where a 2k budget's
-  shortlist is at most a 16th of the blocks: from 256k), of two kinds of vectors: independent random ones
+  representatives), at 256k, 512k and 1M tokens (the int8 scan runs where a 2k budget's
+  shortlist is at most a 32nd of the blocks: from 512k; the 256k rows force it, to show why not
+  there), of two kinds of vectors: independent random ones
   and "outlier" ones (a few dimensions 30x the rest, long runs of similar tokens: keys as a
   transformer makes them);
 * probes of 24 vectors per head: independent, or near-identical (their rounding errors add up
@@ -20,8 +21,8 @@ probes, request by request in turn, in one process:
   the largest |approximate - exact| block score over every block seen, as a share of the margin
   the scan allows (it must stay under 1 for the shortlist to be exact; docs/retrieval.md).
 
-    python -m bench.coarse_scan           # 128k, 256k and 1M, 20 requests per kind (about 10 minutes)
-    python -m bench.coarse_scan --quick   # 256k, 6 layers, a few requests (CI smoke)
+    python -m bench.coarse_scan           # 256k, 512k and 1M, 20 requests per kind (about 12 minutes)
+    python -m bench.coarse_scan --quick   # 512k, 6 layers, a few requests (CI smoke)
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import torch
 from bench.common import RESULTS_DIR, environment, format_table, pin_threads, write_result
 from retrieval.actqkv import BudgetSpread
 from retrieval.block_index import BlockIndex, BlockIndexConfig
-from retrieval.flat_search import coarse_scores, layer_scores
+from retrieval.flat_search import COARSE_MIN_RATIO, COARSE_MIN_VECTORS, coarse_scores, layer_scores
 
 HEADS, DIM, PROBES = 3, 64, 24
 CONFIG = BlockIndexConfig(block_tokens=64, representatives=4)  # Retrieve's index ([retrieval] defaults)
@@ -74,7 +75,7 @@ def build(tokens: int, layers: int, kind: str, seed: int) -> BlockIndex:
             index.add_with_ids(unit_vectors(kind, count, rng), np.arange(count, dtype=np.int64))
             heads.append(index)
         indexes.append(heads)
-    return BlockIndex(CONFIG, tokens, DIM, indexes)
+    return BlockIndex(CONFIG, tokens, DIM, indexes, coarse_min_vectors=0, coarse_min_ratio=16)  # forced where the default would scan exactly
 
 
 def probes(layers: int, correlated: bool, generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -122,7 +123,7 @@ def run(tokens: int, layers: int, kind: str, correlated: bool, requests: int) ->
     exact_ms, int8_ms = np.asarray(times["exact"]), np.asarray(times["int8"])
     return {
         "tokens": tokens, "layers": layers, "vectors": kind, "probes": "near-identical" if correlated else "independent", "requests": requests, "k": k,
-        "blocks": tokens // CONFIG.block_tokens, "exact_p50_ms": float(np.percentile(exact_ms, 50)), "exact_p99_ms": float(np.percentile(exact_ms, 99)),
+        "blocks": tokens // CONFIG.block_tokens, "int8_by_default": tokens // CONFIG.block_tokens >= COARSE_MIN_RATIO * k and tokens // CONFIG.block_tokens * CONFIG.per_block >= COARSE_MIN_VECTORS, "exact_p50_ms": float(np.percentile(exact_ms, 50)), "exact_p99_ms": float(np.percentile(exact_ms, 99)),
         "int8_p50_ms": float(np.percentile(int8_ms, 50)), "int8_p99_ms": float(np.percentile(int8_ms, 99)),
         "speedup_p50": float(np.percentile(exact_ms, 50) / np.percentile(int8_ms, 50)),
         "rescored_per_layer": float(np.sum(rescored) / max(1, len(times["int8"]) + 1) / layers), "layers_missing_a_block": missed, "layers_reordered": reordered,
@@ -132,9 +133,9 @@ def run(tokens: int, layers: int, kind: str, correlated: bool, requests: int) ->
 
 def print_table(rows: list[dict]) -> str:
     table = format_table(
-        ["tokens", "vectors", "probes", "k", "exact p50 ms", "exact p99 ms", "int8 p50 ms", "int8 p99 ms", "exact/int8 p50", "rescored blocks/layer",
+        ["tokens", "int8 by default", "vectors", "probes", "k", "exact p50 ms", "exact p99 ms", "int8 p50 ms", "int8 p99 ms", "exact/int8 p50", "rescored blocks/layer",
          "layers missing a block", "layers ordered otherwise", "score difference", "worst error / margin"],
-        [[r["tokens"], r["vectors"], r["probes"], r["k"], round(r["exact_p50_ms"], 1), round(r["exact_p99_ms"], 1), round(r["int8_p50_ms"], 1),
+        [[r["tokens"], "yes" if r["int8_by_default"] else "no (forced here)", r["vectors"], r["probes"], r["k"], round(r["exact_p50_ms"], 1), round(r["exact_p99_ms"], 1), round(r["int8_p50_ms"], 1),
           round(r["int8_p99_ms"], 1), f"{r['speedup_p50']:.2f}x", f"{r['rescored_per_layer']:.0f} of {r['blocks']}",
           f"{r['layers_missing_a_block']} of {r['layers_compared']}", r["layers_reordered"], f"{r['largest_score_difference']:.1e}", round(r["worst_error_share_of_margin"], 2)] for r in rows],
         title=f"Block search per request ({rows[0]['layers']} layers x {HEADS} KV heads, 64-token blocks, 4 representatives, 2k budget): exact float32 scan vs int8 first scan",
@@ -145,13 +146,13 @@ def print_table(rows: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="256k tokens, 6 layers, 3 requests per kind (CI smoke)")
+    parser.add_argument("--quick", action="store_true", help="512k tokens, 6 layers, 3 requests per kind (CI smoke)")
     parser.add_argument("--requests", type=int, default=0, help="timed requests per row (default 20)")
-    parser.add_argument("--lengths", default="", help="comma-separated token counts (default 131072,262144,1048576)")
+    parser.add_argument("--lengths", default="", help="comma-separated token counts (default 262144,524288,1048576)")
     args = parser.parse_args(argv)
     pin_threads()
     faiss.omp_set_num_threads(1)  # as the server sets it
-    lengths, layers = ([262144], 6) if args.quick else ([131072, 262144, 1048576], 30)
+    lengths, layers = ([524288], 6) if args.quick else ([262144, 524288, 1048576], 30)
     lengths = [int(x) for x in args.lengths.split(",") if x] or lengths
     requests = args.requests or (3 if args.quick else 20)
     rows = []

@@ -31,7 +31,7 @@ import torch
 
 from kvstore.errors import CorruptData, InvalidRequest
 from retrieval.rope import Rope
-from retrieval.flat_search import COARSE_MIN_VECTORS, CoarseCodes, DeviceVectors, coarse_then_exact, search_layers
+from retrieval.flat_search import COARSE_MIN_RATIO, COARSE_MIN_VECTORS, CoarseCodes, DeviceVectors, coarse_then_exact, search_layers
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,8 @@ class BlockIndex:
     num_tokens: tokens covered; blocks: int64 [nb, 2] token ranges; faiss id = block * R + r.
     """
 
-    def __init__(self, config: BlockIndexConfig, num_tokens: int, head_dim: int, indexes: list[list[faiss.Index]], coarse_min_vectors: int = COARSE_MIN_VECTORS):
+    def __init__(self, config: BlockIndexConfig, num_tokens: int, head_dim: int, indexes: list[list[faiss.Index]], coarse_min_vectors: int = COARSE_MIN_VECTORS,
+                 coarse_min_ratio: float = COARSE_MIN_RATIO):
         self.config = config
         self.num_tokens = num_tokens
         self.head_dim = head_dim
@@ -106,7 +107,7 @@ class BlockIndex:
         self.blocks = block_ranges(num_tokens, config.block_tokens)
         self._flat: dict[int, list[np.ndarray] | None] = {}  # per layer: views of flat indexes' vectors (search)
         self._device = DeviceVectors(torch.device("cuda")) if torch.cuda.is_available() else None  # CUDA: a GPU copy of the vectors (search_layers), made on first use
-        self._coarse = CoarseCodes(self._flat_vectors, config.per_block, coarse_min_vectors)  # CPU: int8 codes of large layers for a first scan, made on first use
+        self._coarse = CoarseCodes(self._flat_vectors, config.per_block, coarse_min_vectors, coarse_min_ratio)  # CPU: int8 codes of large layers for a first scan, made on first use
 
     @property
     def num_layers(self) -> int:

@@ -17,7 +17,7 @@ cheaply as exactness allows:
 * on CUDA, a copy of every layer's vectors is kept on the GPU (once per index) and all layers'
   heads are scored in a few batched products.
 
-Large layers (``COARSE_MIN_VECTORS`` and up, on CPU, when the shortlist is at most a 16th of the
+Large layers (``COARSE_MIN_VECTORS`` and up, on CPU, when the shortlist is at most a 32nd of the
 blocks) are scanned in two steps instead: an int8
 copy of the vectors (``CoarseCodes``, a quarter of their bytes) is scored against int8 probes by
 one integer product per head (``torch._int_mm``: VNNI on this EPYC, about 4x the float product),
@@ -51,8 +51,8 @@ import numpy as np
 import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # products per batched CUDA call (bounds its transient memory)
-COARSE_MIN_VECTORS = 1 << 14  # per (layer, head): from here (256k tokens at 4 representatives, 16k with every key) an int8 scan may go first on CPU
-COARSE_MIN_RATIO = 16  # and only where the shortlist is at most 1/16 of the blocks: rescoring k blocks exactly costs ~a quarter of scanning them all (bench/coarse_scan.py: 0.85x at 128k, 1.2x at 256k, 2.1x at 1M tokens for a 2k budget)
+COARSE_MIN_VECTORS = 1 << 15  # per (layer, head): from here (512k tokens at 4 representatives, 32k with every key) an int8 scan may go first on CPU
+COARSE_MIN_RATIO = 32  # and only where the shortlist is at most 1/32 of the blocks: rescoring k blocks exactly costs ~a quarter of scanning them all (bench/coarse_scan.py; at 256k, 1/18, the search gained 1.1-1.3x in process but nothing end to end: bench/retrieve_e2e.py)
 COARSE_SIGMAS = 5.0  # shortlist margin in standard deviations of the int8 rounding error (module docstring)
 
 
@@ -127,10 +127,12 @@ class CoarseCodes:
     R elementwise maxima of contiguous rows), steps float32 [D] (v_d ~ codes_d * steps_d) and
     the largest squared norm of a code row (the probe rounding's error bound)."""
 
-    def __init__(self, flat_of: Callable[[int], list[np.ndarray] | None], per_block: int, min_vectors: int = COARSE_MIN_VECTORS):
+    def __init__(self, flat_of: Callable[[int], list[np.ndarray] | None], per_block: int, min_vectors: int = COARSE_MIN_VECTORS,
+                 min_ratio: float = COARSE_MIN_RATIO):
         self._flat_of = flat_of  # layer -> its per-head float32 [nb * R, D] views, None when not flat
         self.per_block = per_block
         self.min_vectors = min_vectors  # layers with fewer vectors per head are scanned exactly
+        self.min_ratio = min_ratio  # and so are searches whose shortlist is more than 1/min_ratio of the blocks
         self._layers: dict[int, list[tuple[torch.Tensor, np.ndarray, float]]] = {}
         self._lock = threading.Lock()
 
@@ -183,7 +185,7 @@ def coarse_then_exact(vectors: list[np.ndarray], coarse: "CoarseCodes | None", l
 
     vectors: per head float32 [nb * R, D]; query: unit float32 [H, n, D]; weights: float32 [n]."""
     nb = vectors[0].shape[0] // per_block
-    codes = coarse.layer(layer) if coarse is not None and COARSE_MIN_RATIO * k <= nb else None  # made on first use
+    codes = coarse.layer(layer) if coarse is not None and coarse.min_ratio * k <= nb else None  # made on first use
     if codes is None:
         return top_blocks(layer_scores(vectors, query, weights, per_block), k)
     approx, margin = coarse_scores(codes, query, weights, per_block)

@@ -135,7 +135,7 @@ def test_the_accelerator_path_selects_the_same_blocks():
 
 def _with_coarse_scan(index: BlockIndex, min_vectors: int = 0) -> BlockIndex:
     """The same indexes with the int8 first scan from ``min_vectors`` vectors per head (0: every layer)."""
-    return BlockIndex(index.config, index.num_tokens, index.head_dim, index.indexes, coarse_min_vectors=min_vectors)
+    return BlockIndex(index.config, index.num_tokens, index.head_dim, index.indexes, coarse_min_vectors=min_vectors, coarse_min_ratio=4)
 
 
 def _outlier_keys(tokens, layers, heads, dim, seed):
