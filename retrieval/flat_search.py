@@ -20,7 +20,7 @@ cheaply as exactness allows:
 Large layers (``COARSE_MIN_VECTORS`` and up, on CPU, when the shortlist is at most a 32nd of the
 blocks) are scanned in two steps instead: an int8
 copy of the vectors (``CoarseCodes``, a quarter of their bytes) is scored against int8 probes by
-one integer product per head (``torch._int_mm``: VNNI on this EPYC, about 4x the float product),
+one integer product per head (``torch._int_mm``: VNNI on this EPYC, 3-4x the float product),
 and only the blocks whose approximate score lies within ``COARSE_SIGMAS`` standard deviations of
 the rounding error of the k-th best (``coarse_then_exact``) are scored again exactly, from the
 float32 vectors. The rounding error is known: codes are rounded per dimension (steps s_d) and
@@ -30,8 +30,9 @@ with standard deviation sqrt(sum_ij |w_i w_j cov_ij|), cov_ij = sum_d q_id q_jd 
 close to one another err alike and their errors add up, independent ones cancel. The probes'
 own rounding adds |sum_i |w_i| r_i| * |code| / sqrt(D) (a code of the largest norm at a random
 angle). The margin is ``COARSE_SIGMAS`` = 5 of these, averaged over heads; on random and
-outlier-dimension keys, with independent and near-identical probes, the largest error over 4k
-blocks measured under 2 of them (bench/coarse_scan.py measures it on every run). The k
+outlier-dimension keys, with independent and near-identical probes, the largest error seen over
+every block of 2,520 layers was 2.2 of them (0.44 of the margin; bench/coarse_scan.py measures it
+on every run). The k
 best by approximation are scored exactly first; the k-th of those exact scores bounds the true
 k-th best from below, so only blocks whose approximate score comes within the margin of it are
 scored too. Ranking and ties are then the exact path's; what is given up is a proof: a block
