@@ -47,7 +47,7 @@ def test_the_cache_holds_at_most_its_bytes(store_config):
             save(store, f"s{i}", range(200), random_layers(TOY_SPEC, 200, seed=i))
             store.get("t", f"s{i}")
             assert store.records.bytes <= 6000
-        assert 0 < len(store.records._entries) < 12
+        assert 0 < len(store.records) < 12
         assert all(store.get("t", f"s{i}").num_tokens == 200 for i in range(12))  # evicted ones decode again
     finally:
         store.close()
