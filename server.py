@@ -373,7 +373,7 @@ class KVMemServicer:
         index_config = self._block_index_config()
         result = retrieve(self.store, self.host.use, tenant, request.session_id, config, index_config, question_ids=ids, query_vectors=vectors,
                           question_text=request.query_text, index_cache=self.index_cache, include_kv=request.include_kv,
-                          rope=self.host.rope(), window=self.host.window(), record=record)
+                          rope=self.host.rope(), window=self.host.window())
         selection, kv = result.selection, result.kv
         if self.metrics is not None:
             self.metrics.retrieval.labels(config.method).observe(time.perf_counter() - started)

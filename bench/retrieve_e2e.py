@@ -39,7 +39,7 @@ from bench.common import RESULTS_DIR, _server_process, disk_tempdir, environment
 from kvmem.client import Client
 from kvmem.config import RetrievalSettings, ServerConfig, ServiceConfig
 from kvstore.pieces import DTYPE_CODES
-from retrieval.flat_search import COARSE_MIN_VECTORS
+from retrieval.flat_search import COARSE_MIN_VECTORS, CoarseCodes
 from kvstore.spec import ModelSpec
 from kvstore.store import SessionStore, StoreConfig
 
@@ -92,7 +92,7 @@ def index_bytes(spec: ModelSpec, tokens: int, block_tokens: int, representatives
     """The vectors (and ids) the server's faiss indexes hold for a session, plus the int8 codes of
     the first scan where a layer has that many vectors (BlockIndex.nbytes, on CPU)."""
     vectors = -(-tokens // block_tokens) * representatives
-    codes = vectors * spec.head_dim + spec.head_dim * 4 if vectors >= COARSE_MIN_VECTORS else 0
+    codes = CoarseCodes.encoded_bytes(vectors, spec.head_dim) if vectors >= COARSE_MIN_VECTORS else 0
     return spec.num_layers * spec.num_kv_heads * (vectors * (spec.head_dim * 4 + 8) + codes)
 
 

@@ -69,7 +69,7 @@ class RetrievalSettings:
     recent_tokens: int = 256  # always-kept last tokens (at most a quarter of the budget)
     text_search: bool = True  # SearchText with the bundled all-MiniLM-L6-v2 (loaded on first use)
     index_cache_bytes: int = 1 << 30  # block indexes kept in memory between requests (LRU; a 256k-token session's is ~460 MB with its int8 codes)
-    int8_first_scan: bool = True  # Retrieve on indexes of 16k+ vectors per head: int8 scan, then exact scores near the cut (same blocks, 1.1-1.3x faster at 256k, 2x at 1M: bench/coarse_scan.py)
+    int8_first_scan: bool = True  # Retrieve on indexes of 32k+ vectors per head (512k+ tokens at a 2k budget): int8 scan, then exact scores near the cut (same blocks, 1.5-1.7x faster at 512k, ~2x at 1M: bench/coarse_scan.py)
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ class BlockIndex:
                 if isinstance(inner, faiss.IndexHNSWFlat):
                     links = index.ntotal * 2 * self.config.hnsw_neighbors * 4
                 elif self._device is None and isinstance(inner, faiss.IndexFlat) and index.ntotal >= self._coarse.min_vectors:
-                    links = index.ntotal * self.head_dim + self.head_dim * 4  # the int8 codes of the first scan (made on first search)
+                    links = CoarseCodes.encoded_bytes(index.ntotal, self.head_dim)  # the int8 codes of the first scan
                 total += index.ntotal * (self.head_dim * 4 + 8) + links  # vectors + their ids
         return total + self.blocks.nbytes
 

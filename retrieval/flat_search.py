@@ -161,7 +161,12 @@ class CoarseCodes:
 
     @property
     def nbytes(self) -> int:
-        return sum(codes.numel() + steps.nbytes for heads in list(self._layers.values()) for codes, steps, _ in heads)
+        return sum(self.encoded_bytes(*codes.shape) for heads in list(self._layers.values()) for codes, _, _ in heads)
+
+    @staticmethod
+    def encoded_bytes(count: int, dim: int) -> int:
+        """Bytes of one head's codes for ``count`` vectors of ``dim``: int8 codes and a float32 step per dimension."""
+        return count * dim + dim * 4
 
     @staticmethod
     def _encode(vectors: np.ndarray, per_block: int) -> tuple[torch.Tensor, np.ndarray, float]:

@@ -177,8 +177,7 @@ class Retrieved:
 
 def retrieve(store: SessionStore, use_model: Callable[[], Any], tenant: str, session_id: str, config: RetrievalConfig, index_config: BlockIndexConfig,
              question_ids: torch.Tensor | None = None, query_vectors: list[torch.Tensor] | None = None, question_text: str = "",
-             index_cache: Any = None, include_kv: bool = False, rope: Rope | None = None, window: int = 0,
-             record: SessionRecord | None = None) -> Retrieved:
+             index_cache: Any = None, include_kv: bool = False, rope: Rope | None = None, window: int = 0) -> Retrieved:
     """Select blocks of a stored session for a question (token ids or text, run through the model)
     or for caller-supplied position-free query vectors (per layer [Hq, n, D]).
 
@@ -187,9 +186,8 @@ def retrieve(store: SessionStore, use_model: Callable[[], Any], tenant: str, ses
     window, and ``include_kv`` reads each layer's chunks for its own selected tokens. ``use_model()`` is a context manager
     yielding (model, tokenizer) (the server's model lock); it is held only for the probe pass, so
     searching and reading run beside other requests' model work (and with query vectors, plus the
-    model's ``rope`` and ``window``, it is never taken). ``record``: the session's record when the
-    caller has just read it (a 256k-token session's record takes ~4 ms to decode)."""
-    record = record if record is not None and (record.tenant, record.session_id) == (tenant, session_id) else store.get(tenant, session_id)
+    model's ``rope`` and ``window``, it is never taken)."""
+    record = store.get(tenant, session_id)
     if record.has_bias:
         raise FailedPrecondition("retrieval runs on plain sessions; this one is compacted (it has attention biases)")
     if config.budget_tokens > record.num_tokens:  # before any index is built or stored
