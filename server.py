@@ -98,7 +98,10 @@ def _reference_queries(message: pb.ReferenceQueries, spec) -> list | None:
     for index, data in enumerate(message.layers):
         if len(data) != expected:
             raise InvalidRequest(f"reference queries, layer {index}: {len(data)} bytes, expected {expected} (float32 [{heads}, {count}, {spec.head_dim}])")
-        tensors.append(torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(heads, count, spec.head_dim).copy()))
+        tensor = torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(heads, count, spec.head_dim).copy())
+        if not torch.isfinite(tensor).all():  # as kvmem/reference_stream.py refuses them in streamed references
+            raise InvalidRequest(f"reference queries, layer {index}: queries contain NaN or Inf")
+        tensors.append(tensor)
     return tensors
 
 

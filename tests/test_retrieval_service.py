@@ -247,6 +247,8 @@ def test_retrieve_bad_requests(real_client):
         (dict(budget_tokens=256, text="q", method="psychic"), grpc.StatusCode.INVALID_ARGUMENT, "unknown retrieval method"),
         (dict(budget_tokens=256, query_vectors=[torch.randn(9, 4, 32)] * 30), grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
         (dict(budget_tokens=256, query_vectors=[torch.randn(9, 4, 64)] * 29), grpc.StatusCode.INVALID_ARGUMENT, "layers"),
+        (dict(budget_tokens=256, query_vectors=[torch.full((9, 4, 64), float("nan"))] * 30), grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+        (dict(budget_tokens=256, query_vectors=[torch.randn(9, 4, 64)] * 29 + [torch.full((9, 4, 64), float("inf"))]), grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
     ]
     for kwargs, code, message in cases:
         with pytest.raises(errors.KvmemError) as info:
