@@ -20,7 +20,7 @@ cheaply as exactness allows:
 Large layers (``COARSE_MIN_VECTORS`` and up, on CPU, when the shortlist is at most a 32nd of the
 blocks) are scanned in two steps instead: an int8
 copy of the vectors (``CoarseCodes``, a quarter of their bytes) is scored against int8 probes by
-one integer product per head (``torch._int_mm``: VNNI on this EPYC, 3-4x the float product),
+one integer product per head (``torch._int_mm``: VNNI on this EPYC),
 and only the blocks whose approximate score lies within ``COARSE_SIGMAS`` standard deviations of
 the rounding error of the k-th best (``coarse_then_exact``) are scored again exactly, from the
 float32 vectors. The rounding error is known: codes are rounded per dimension (steps s_d) and
@@ -53,7 +53,7 @@ import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # products per batched CUDA call (bounds its transient memory)
 COARSE_MIN_VECTORS = 1 << 15  # per (layer, head): from here (512k tokens at 4 representatives, 32k with every key) an int8 scan may go first on CPU
-COARSE_MIN_RATIO = 32  # and only where the shortlist is at most 1/32 of the blocks: rescoring k blocks exactly costs ~a quarter of scanning them all (bench/coarse_scan.py; at 256k, 1/18, the search gained 1.1-1.3x in process but nothing end to end: bench/retrieve_e2e.py)
+COARSE_MIN_RATIO = 32  # and only where the shortlist is at most 1/32 of the blocks: the k blocks rescored exactly cost the same at every length (bench/coarse_scan.py; at 256k, 1/18, the search gained 1.1-1.3x in process but nothing end to end: bench/retrieve_e2e.py)
 COARSE_SIGMAS = 5.0  # shortlist margin in standard deviations of the int8 rounding error (module docstring)
 
 
